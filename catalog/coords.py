@@ -62,7 +62,7 @@ def as_coordinates(
             i = int(np.flatnonzero(bad)[0])
             raise InvalidCoordinateError(
                 f"{int(bad.sum())} of {lat_a.size} coordinates are NaN or out of range; "
-                f"first at index {i}: lat={lat_a[i]!r}, lon={lon_a[i]!r}. Valid: "
+                f"first at index {i}: lat={float(lat_a[i])}, lon={float(lon_a[i])}. Valid: "
                 "-90 <= lat <= 90 and -180 <= lon <= 180 degrees; drop or fix these rows"
             )
     return lat_a, lon_a
