@@ -48,6 +48,9 @@ def as_coordinates(
         lon_a = np.ascontiguousarray(np.atleast_1d(np.asarray(lon, dtype=np.float64)))
     except (TypeError, ValueError) as exc:
         raise InvalidCoordinateError(f"coordinates must be numbers in degrees: {exc}") from None
+    # Arrow and memory-mapped inputs arrive read-only; torch and in-place users need writable.
+    lat_a = lat_a if lat_a.flags.writeable else lat_a.copy()
+    lon_a = lon_a if lon_a.flags.writeable else lon_a.copy()
     if lat_a.ndim != 1 or lon_a.ndim != 1:
         raise InvalidCoordinateError(
             f"lat and lon must be 1-D, got shapes {lat_a.shape} and {lon_a.shape}"

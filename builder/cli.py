@@ -1,0 +1,57 @@
+"""Builder commands of the ``hexatlas`` CLI (dispatched from :mod:`catalog.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["configure_encode", "configure_models", "run_encode", "run_models"]
+
+
+def _add_encoder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="geoclip", help="encoder name (see 'hexatlas models') or module:callable")
+    parser.add_argument("--checkpoint", help="local weights file instead of the published ones")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a checkpoint that needs full unpickling (can run code from the file)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float64", "float16", "bfloat16"],
+                        help="compute dtype of the network (default float32)")
+    parser.add_argument("--batch-size", type=int, default=None, help="points per forward pass")
+
+
+def configure_models(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "SatCLIP weights come from the Hugging Face Hub (or --checkpoint); GeoCLIP's from its wheel."
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from builder.encoders import encoder_spec, list_encoders
+
+    for name in list_encoders():
+        spec = encoder_spec(name)
+        print(f"{name:<22} {spec.dim if spec else '?':>4}  {spec.summary if spec else 'plugin (hexatlas.encoders)'}")
+    return 0
+
+
+def configure_encode(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="points as .csv or .parquet")
+    parser.add_argument("--output", required=True, help="output .parquet: the input columns plus 'embedding'")
+    parser.add_argument("--lat-col", default="lat", help="latitude column, degrees (default: lat)")
+    parser.add_argument("--lon-col", default="lon", help="longitude column, degrees (default: lon)")
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    _add_encoder_options(parser)
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from builder.points import encode_file
+
+    start = time.perf_counter()
+    table = encode_file(
+        args.input, args.output, args.model, lat_col=args.lat_col, lon_col=args.lon_col, batch_size=args.batch_size,
+        progress=False if args.no_progress else None, checkpoint=args.checkpoint, device=args.device,
+        dtype=args.dtype, trust_checkpoint=args.trust_checkpoint,
+    )
+    dim = table.schema.field("embedding").type.list_size
+    print(f"wrote {table.num_rows:,} {dim}-d embeddings ({args.model}) to {args.output} "
+          f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0

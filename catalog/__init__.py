@@ -1,0 +1,51 @@
+"""The atlas format: errors, coordinates, provenance and table I/O shared by builder and query.
+
+Needs only the standard library, numpy and pyarrow.
+"""
+
+from __future__ import annotations
+
+from catalog.coords import as_coordinates, invalid_mask
+from catalog.errors import (
+    AtlasBusyError,
+    AtlasCorruptError,
+    AtlasNotFoundError,
+    CheckpointError,
+    HexatlasError,
+    InputFileError,
+    InvalidArgumentError,
+    InvalidCoordinateError,
+    MissingDependencyError,
+    UnknownColumnError,
+    UnknownEncoderError,
+    UnknownResolutionError,
+    UnsafeCheckpointError,
+    WeightsChecksumError,
+    WeightsNotFoundError,
+)
+from catalog.provenance import Provenance, sha256_file
+from catalog.tables import read_points, write_parquet
+
+__all__ = [
+    "AtlasBusyError",
+    "AtlasCorruptError",
+    "AtlasNotFoundError",
+    "CheckpointError",
+    "HexatlasError",
+    "InputFileError",
+    "InvalidArgumentError",
+    "InvalidCoordinateError",
+    "MissingDependencyError",
+    "Provenance",
+    "UnknownColumnError",
+    "UnknownEncoderError",
+    "UnknownResolutionError",
+    "UnsafeCheckpointError",
+    "WeightsChecksumError",
+    "WeightsNotFoundError",
+    "as_coordinates",
+    "invalid_mask",
+    "read_points",
+    "sha256_file",
+    "write_parquet",
+]

@@ -1,0 +1,80 @@
+"""The ``hexatlas`` command: a thin dispatcher over the packages' own command modules.
+
+Each command lives with the package that does the work (``builder.cli`` for the jobs that
+need torch, ``query.cli`` for reading atlases) and is imported only when it is run, so
+``hexatlas lookup`` never pays for, or needs, PyTorch. A command module provides
+``configure_<command>(parser)`` and ``run_<command>(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from catalog.errors import HexatlasError
+
+__all__ = ["main"]
+
+# command -> (module, one-line summary); the module is imported only when its command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("builder.cli", "list the location encoders that can be loaded"),
+    "encode": ("builder.cli", "embed the points of a CSV or Parquet file with a location encoder"),
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hexatlas")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="hexatlas",
+        description="Precomputed location embeddings on the H3 grid.",
+        epilog=f"commands:\n{listing}\n\nRun 'hexatlas COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hexatlas {_version()}")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] not in COMMANDS:
+        top.parse_args(argv[:1] or ["--help"])  # prints help, version or the usage error and exits
+    command, rest = argv[0], argv[1:]
+    module_name, summary = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=f"hexatlas {command}", description=summary[0].upper() + summary[1:] + ".")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    if "-v" in rest or "--verbose" in rest:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        module = importlib.import_module(module_name)
+        getattr(module, f"configure_{command}")(parser)
+        args = parser.parse_args(rest)
+        return int(getattr(module, f"run_{command}")(args) or 0)
+    except HexatlasError as exc:
+        print(f"hexatlas {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permissions: the user's environment, not a bug
+        print(f"hexatlas {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hexatlas {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The encoder registry: listing without heavy imports, plugins, and errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from builder.encoders import encoder_spec, list_encoders, load_encoder
+from catalog.errors import InvalidArgumentError, UnknownEncoderError
+
+
+def test_listing_imports_nothing_heavy() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from builder.encoders import list_encoders
+        names = list_encoders()
+        assert "geoclip" in names and "satclip-vit16-l40" in names, names
+        heavy = [m for m in ("torch", "huggingface_hub", "builder.encoders.satclip") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_registry_names_and_dimensions() -> None:
+    names = list_encoders()
+    expected = {f"satclip-{v}-l{lv}" for v in ("resnet18", "resnet50", "vit16") for lv in (10, 40)}
+    assert expected | {"geoclip", "satclip"} <= set(names)
+    assert encoder_spec("geoclip").dim == 512
+    assert encoder_spec("satclip").options == (("variant", "satclip-vit16-l40"),)
+
+
+def test_unknown_model_lists_the_choices() -> None:
+    with pytest.raises(UnknownEncoderError, match=r"unknown encoder 'satclip-vit99'.*geoclip.*module:callable"):
+        load_encoder("satclip-vit99")
+    with pytest.raises(UnknownEncoderError, match="cannot import encoder module 'no_such_pkg'"):
+        load_encoder("no_such_pkg:load")
+    with pytest.raises(UnknownEncoderError, match="has no callable 'nope'"):
+        load_encoder("tests.data.toy_encoder:nope")
+    with pytest.raises(UnknownEncoderError, match="lacks name, dim, provenance, encode"):
+        load_encoder("tests.data.toy_encoder:broken")
+
+
+def _expected_toy(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    la, lo = np.radians(lat), np.radians(lon)
+    xyz = np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=1)
+    return xyz @ (np.arange(12.0).reshape(4, 3) / 10).T
+
+
+def test_module_callable_plugin() -> None:
+    enc = load_encoder("tests.data.toy_encoder:load", device="cpu", batch_size=3)
+    lat, lon = np.array([0.0, 45.0, -90.0, 10.0]), np.array([0.0, 90.0, 180.0, -170.0])
+    assert enc.name == "toy" and enc.dim == 4 and enc.batch_size == 3
+    np.testing.assert_allclose(enc.encode(lat=lat, lon=lon), _expected_toy(lat, lon), atol=1e-6)
+
+
+def test_entry_point_plugin(tmp_path, monkeypatch) -> None:
+    dist = tmp_path / "toy_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[hexatlas.encoders]\ntoy = tests.data.toy_encoder:load\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "toy" in list_encoders()
+    enc = load_encoder("toy", device="cpu")
+    np.testing.assert_allclose(enc.encode(lat=[30.0], lon=[60.0]), _expected_toy(np.array([30.0]), np.array([60.0])),
+                               atol=1e-6)
+
+
+def test_bad_device_and_batch_size() -> None:
+    with pytest.raises(InvalidArgumentError, match="unknown device 'gpu0'"):
+        load_encoder("tests.data.toy_encoder:load", device="gpu0")
+    enc = load_encoder("tests.data.toy_encoder:load", device="cpu")
+    with pytest.raises(InvalidArgumentError, match="batch_size must be positive"):
+        enc.encode(lat=[0.0], lon=[0.0], batch_size=-1)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_requested_without_gpu_is_a_clear_error() -> None:
+    with pytest.raises(InvalidArgumentError, match="no CUDA GPU"):
+        load_encoder("tests.data.toy_encoder:load", device="cuda")
+
+
+def test_auto_device_is_cuda_when_available() -> None:
+    import torch
+
+    enc = load_encoder("tests.data.toy_encoder:load")
+    assert enc.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

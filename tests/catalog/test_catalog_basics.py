@@ -1,0 +1,96 @@
+"""catalog: coordinate validation, point tables, atomic writes, provenance, errors."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import catalog
+from catalog.coords import as_coordinates, invalid_mask
+from catalog.errors import (
+    HexatlasError,
+    InputFileError,
+    InvalidCoordinateError,
+    UnknownColumnError,
+    UnknownEncoderError,
+)
+from catalog.provenance import Provenance, sha256_file
+from catalog.tables import atomic_path, coordinate_columns, embedding_array, read_points, write_parquet
+
+
+def test_errors_are_also_builtin_errors() -> None:
+    assert issubclass(InvalidCoordinateError, ValueError) and issubclass(InvalidCoordinateError, HexatlasError)
+    assert issubclass(UnknownEncoderError, LookupError) and issubclass(InputFileError, OSError)
+    assert set(catalog.__all__) <= set(dir(catalog))
+
+
+def test_invalid_mask_flags_nan_inf_and_range() -> None:
+    lat = np.array([0, 90, -90.0001, np.nan, 10, np.inf, 45])
+    lon = np.array([0, 180, 0, 0, -180.5, 0, -180])
+    assert invalid_mask(lat, lon).tolist() == [False, False, True, True, True, True, False]
+
+
+def test_as_coordinates_scalars_lists_and_errors() -> None:
+    lat, lon = as_coordinates(lat=10, lon=[20])
+    assert lat.dtype == np.float64 and lat.shape == (1,) and lon.tolist() == [20.0]
+    ro = np.array([1.0, 2.0])
+    ro.flags.writeable = False
+    assert as_coordinates(lat=ro, lon=ro)[0].flags.writeable
+    with pytest.raises(InvalidCoordinateError, match=r"2 of 3 coordinates.*index 1: lat=nan"):
+        as_coordinates(lat=[0, np.nan, 100], lon=[0, 0, 0])
+    with pytest.raises(InvalidCoordinateError, match="1-D"):
+        as_coordinates(lat=[[1.0]], lon=[[1.0]])
+    with pytest.raises(InvalidCoordinateError, match="numbers in degrees"):
+        as_coordinates(lat=["north"], lon=[0])
+    lat, _ = as_coordinates(lat=[np.nan], lon=[0], allow_invalid=True)
+    assert np.isnan(lat[0])
+
+
+def test_read_points_and_coordinate_columns(tmp_path) -> None:
+    (tmp_path / "p.csv").write_text("id,LAT,Lon\n1,10.5,20\n2,,30\n")
+    table = read_points(tmp_path / "p.csv")
+    assert table.num_rows == 2
+    with pytest.raises(InvalidCoordinateError, match="index 1"):
+        coordinate_columns(table)
+    lat, lon = coordinate_columns(table, allow_invalid=True)
+    assert lat[0] == 10.5 and np.isnan(lat[1]) and lon.tolist() == [20.0, 30.0]
+    with pytest.raises(UnknownColumnError, match=r"no longitude column 'lng'.*'id', 'LAT', 'Lon'"):
+        coordinate_columns(table, lon_col="lng")
+    with pytest.raises(InputFileError, match="expected a .csv or .parquet"):
+        read_points(tmp_path / "p.xlsx")
+    with pytest.raises(InputFileError, match="does not exist"):
+        read_points(tmp_path / "missing.csv")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InputFileError, match="cannot read"):
+        read_points(tmp_path / "bad.parquet")
+
+
+def test_write_parquet_is_atomic_and_keeps_metadata(tmp_path) -> None:
+    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
+    table = pa.table({"cell": pa.array([1, 2, 3], pa.uint64()), "embedding": embedding_array(emb)})
+    write_parquet(table, tmp_path / "sub" / "t.parquet", metadata={"k": "v"})
+    back = pq.read_table(tmp_path / "sub" / "t.parquet")
+    assert back.schema.metadata[b"k"] == b"v"
+    np.testing.assert_array_equal(np.stack(back.column("embedding").to_numpy(zero_copy_only=False)), emb)
+
+    target = tmp_path / "keep.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "sub"]
+
+
+def test_provenance_round_trip_and_validation(tmp_path) -> None:
+    (tmp_path / "w").write_bytes(b"abc")
+    digest = sha256_file(tmp_path / "w")
+    assert digest == hashlib.sha256(b"abc").hexdigest()
+    prov = Provenance(model="m", dim=3, source="s", revision=None, sha256=digest, coordinate_order="lon,lat",
+                      licence="MIT", paper="p", config={"L": 10})
+    assert Provenance.from_dict({**prov.to_dict(), "future_field": 1}) == prov
+    with pytest.raises(ValueError, match="coordinate_order"):
+        Provenance(model="m", dim=3, source="s", revision=None, sha256="", coordinate_order="xy", licence="", paper="")
