@@ -102,7 +102,7 @@ def load_weights(source: Any, *, what: str, trust_checkpoint: bool = False) -> A
         if trust_checkpoint:
             raise CheckpointError(f"{what} is not a readable PyTorch file: {exc}") from None
         # torch raises UnpicklingError both for disallowed globals and for garbage; tell them apart.
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "global" in str(exc).lower():  # "Unsupported global" / "not an allowed global"
             raise UnsafeCheckpointError(
                 f"{what} contains objects that a safe load (weights_only=True) refuses, and unpickling "
                 "them could run code from the file. If you trust where it came from, pass "

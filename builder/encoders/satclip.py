@@ -110,7 +110,12 @@ def _download(variant: str) -> tuple[Path, str, str | None]:
             "pip install 'hexatlas[build]'; or pass checkpoint=PATH (CLI: --checkpoint PATH)"
         ) from None
     try:
-        path = Path(hf_hub_download(repo_id=repo_id, filename=filename))
+        # The cache first: no network round trip (and no retries) when the file is there.
+        path = Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: fall through to the download
+        path = None
+    try:
+        path = path or Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as exc:  # noqa: BLE001 - the hub raises many types for "not available"
         raise WeightsNotFoundError(
             f"cannot get {filename} from the Hugging Face Hub repo {repo_id} and it is not in the "
