@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-__all__ = ["configure_encode", "configure_models", "run_encode", "run_models"]
+__all__ = ["configure_build", "configure_encode", "configure_models", "run_build", "run_encode", "run_models"]
 
 
 def _add_encoder_options(parser: argparse.ArgumentParser) -> None:
@@ -15,8 +15,6 @@ def _add_encoder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a checkpoint that needs full unpickling (can run code from the file)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float64", "float16", "bfloat16"],
-                        help="compute dtype of the network (default float32)")
     parser.add_argument("--batch-size", type=int, default=None, help="points per forward pass")
 
 
@@ -34,6 +32,8 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def configure_encode(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default=None, choices=["float32", "float64", "float16", "bfloat16"],
+                        help="compute dtype of the network (default float32)")
     parser.add_argument("--input", required=True, help="points as .csv or .parquet")
     parser.add_argument("--output", required=True, help="output .parquet: the input columns plus 'embedding'")
     parser.add_argument("--lat-col", default="lat", help="latitude column, degrees (default: lat)")
@@ -54,4 +54,28 @@ def run_encode(args: argparse.Namespace) -> int:
     dim = table.schema.field("embedding").type.list_size
     print(f"wrote {table.num_rows:,} {dim}-d embeddings ({args.model}) to {args.output} "
           f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def configure_build(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="atlas directory (the dataset goes to OUTPUT/<model>/)")
+    parser.add_argument("--resolutions", default="0-3", help="H3 resolutions: a range 0-5, a list 3,5, or both")
+    parser.add_argument("--land-only", action="store_true", help="keep only cells that touch land")
+    parser.add_argument("--precision", default="float16", choices=["float16", "float32", "int8"],
+                        help="storage of the embeddings (default float16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this model")
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    _add_encoder_options(parser)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from builder.build import build
+
+    summary = build(
+        args.model, resolutions=args.resolutions, output=args.output, checkpoint=args.checkpoint,
+        land_only=args.land_only, device=args.device, precision=args.precision, batch_size=args.batch_size,
+        overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
+        progress=False if args.no_progress else None,
+    )
+    print(f"built {summary}", file=sys.stderr)
     return 0

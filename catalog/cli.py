@@ -22,6 +22,8 @@ __all__ = ["main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("builder.cli", "list the location encoders that can be loaded"),
     "encode": ("builder.cli", "embed the points of a CSV or Parquet file with a location encoder"),
+    "build": ("builder.cli", "build (or resume) an atlas: an encoder over the global H3 grid"),
+    "validate": ("query.cli", "recompute an atlas's checksums and counts; exit 1 on any problem"),
 }
 
 

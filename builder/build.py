@@ -1,0 +1,588 @@
+"""The atlas build: evaluate an encoder at every H3 cell centre and publish the results.
+
+Stages, each measured: enumerate (cells and centres of a shard), encode, write (Parquet),
+then per resolution zarr and index, then the manifest. Shards are independent; each is
+written to a temporary name, renamed, and only then recorded as done under ``_build/``, so a
+build killed at any moment and started again with the same arguments redoes at most the
+shards in flight. The manifest is written last: until it exists the dataset is unfinished
+and the query layer refuses it. One build per dataset at a time (an OS file lock, released
+even on SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from builder.grid import Shard, cell_centers, parse_resolutions, plan_shards, shard_cells
+from catalog import manifest as fmt
+from catalog.errors import AtlasBusyError, AtlasCorruptError, InvalidArgumentError
+from catalog.tables import embedding_array, write_parquet
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from builder.encoders._base import Encoder
+
+__all__ = ["BuildConfig", "BuildSummary", "build"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("float16", "float32", "int8")
+ROW_GROUP_CELLS = 8192  # small row groups let DuckDB prune a point lookup to ~one group
+ZARR_CHUNK_CELLS = 4096
+ENCODE_CHUNK = 65536  # cells per encode call: the progress bar's granularity
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to build; validated on construction. See :func:`build` for the fields."""
+
+    model: str
+    resolutions: tuple[int, ...]
+    output: Path
+    checkpoint: str | None = None
+    land_only: bool = False
+    device: str = "auto"
+    precision: str = "float16"
+    batch_size: int | None = None
+    overwrite: bool = False
+    trust_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resolutions", parse_resolutions(self.resolutions))
+        object.__setattr__(self, "output", Path(self.output))
+        if self.precision not in PRECISIONS:
+            raise InvalidArgumentError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise InvalidArgumentError(f"batch_size must be positive, got {self.batch_size}")
+
+    def identity(self, provenance_sha256: str) -> dict[str, Any]:
+        """What must match for a resumed build to continue the same work."""
+        return {
+            "model": self.model, "weights_sha256": provenance_sha256, "resolutions": list(self.resolutions),
+            "land_only": self.land_only, "precision": self.precision,
+        }
+
+
+@dataclass
+class BuildSummary:
+    """What a build did: where, how many cells, how many bytes, seconds and cells/s per stage."""
+
+    dataset: Path
+    cells: dict[int, int]
+    bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    resumed_shards: int = 0
+
+    def __str__(self) -> str:
+        total = sum(self.cells.values())
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        per_res = ", ".join(f"r{r}: {n:,}" for r, n in sorted(self.cells.items()))
+        resumed = f"; {self.resumed_shards} shards reused from an earlier run" if self.resumed_shards else ""
+        return f"{total:,} cells ({per_res}), {self.bytes / 1e6:,.1f} MB in {self.dataset}; {stages}{resumed}"
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _exclusive(dataset: Path) -> Iterator[None]:
+    """Hold the dataset's build lock; the OS releases it when the process dies."""
+    import fcntl
+
+    dataset.mkdir(parents=True, exist_ok=True)
+    with open(dataset / "_build.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AtlasBusyError(
+                f"another build is writing {str(dataset)!r}; wait for it to finish (or stop it) and run again"
+            ) from None
+        yield
+
+
+class Quantizer:
+    """Per-dimension affine int8 quantisation: ``value = q * scale + offset``."""
+
+    def __init__(self, scale: NDArray[np.float32], offset: NDArray[np.float32]) -> None:
+        self.scale, self.offset = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
+
+    @classmethod
+    def calibrate(cls, encoder: Encoder) -> Quantizer:
+        """Range of each dimension over the res-2 cell centres and 20,000 random points, +5%."""
+        cells = shard_cells(Shard(2))
+        lat, lon = cell_centers(cells)
+        rng = np.random.default_rng(0)
+        z = rng.uniform(-1, 1, 20_000)
+        lat = np.concatenate([lat, np.degrees(np.arcsin(z))])
+        lon = np.concatenate([lon, rng.uniform(-180, 180, 20_000)])
+        emb = encoder.encode(lat=lat, lon=lon)
+        lo, hi = emb.min(0), emb.max(0)
+        margin = 0.05 * (hi - lo) + 1e-6
+        lo, hi = lo - margin, hi + margin
+        return cls((hi - lo) / 254.0, (hi + lo) / 2.0)
+
+    def encode(self, values: NDArray[np.float32]) -> NDArray[np.int8]:
+        q = np.rint((values - self.offset) / self.scale)
+        return np.clip(q, -127, 127).astype(np.int8)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"scale": self.scale.tolist(), "offset": self.offset.tolist()}
+
+
+def _store(values: NDArray[np.float32], precision: str, quantizer: Quantizer | None) -> NDArray[Any]:
+    if precision == "int8":
+        assert quantizer is not None
+        return quantizer.encode(values)
+    return values.astype(np.float16 if precision == "float16" else np.float32, copy=False)
+
+
+class _BuildState:
+    """The ``_build/`` directory: build identity and which shards and stages are done."""
+
+    def __init__(self, dataset: Path) -> None:
+        self.dir = dataset / fmt.BUILD_DIR
+        self.done_dir = self.dir / "done"
+
+    def start(self, identity: dict[str, Any]) -> dict[str, Any] | None:
+        """Record or check the identity; returns the saved state of an earlier run, if any."""
+        path = self.dir / "build.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            diff = {k: (saved["identity"].get(k), v) for k, v in identity.items() if saved["identity"].get(k) != v}
+            if diff:
+                detail = "; ".join(f"{k}: earlier {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                raise InvalidArgumentError(
+                    f"an unfinished build with other arguments is in {str(self.dir.parent)!r} ({detail}); run it again "
+                    "with the same arguments to resume, or pass --overwrite (Python: overwrite=True) to start over"
+                )
+            return saved
+        self.done_dir.mkdir(parents=True, exist_ok=True)
+        return None
+
+    def save(self, identity: dict[str, Any], extra: dict[str, Any]) -> None:
+        fmt.write_json(self.dir / "build.json", {"identity": identity, **extra})
+
+    def done(self, name: str) -> dict[str, Any] | None:
+        path = self.done_dir / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted(self.done_dir.glob("res=*.json"))]
+
+    def mark(self, name: str, record: dict[str, Any]) -> None:
+        fmt.write_json(self.done_dir / f"{name}.json", record)
+
+
+def _step_name(shard: Shard) -> str:
+    return f"res={shard.res}_shard={shard.key}"
+
+
+def build(
+    model: str = "geoclip",
+    *,
+    resolutions: str | int | tuple[int, ...] = "0-3",
+    output: str | Path = "atlas",
+    checkpoint: str | None = None,
+    land_only: bool = False,
+    device: str = "auto",
+    precision: str = "float16",
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    trust_checkpoint: bool = False,
+    progress: bool | None = None,
+    encoder: Encoder | None = None,
+) -> BuildSummary:
+    """Build (or resume) one model's dataset in an atlas directory.
+
+    Parameters
+    ----------
+    model : str
+        Encoder name (see :func:`builder.encoders.list_encoders`) or ``module:callable``.
+    resolutions : str, int or sequence of int
+        ``"0-5"``, ``"3,5"`` or a list: H3 resolutions to build.
+    output : path
+        The atlas directory; the dataset goes to ``output/<model>/``. Other models' datasets
+        in the same directory are left alone.
+    land_only : bool
+        Keep only cells that touch land (see :mod:`builder.landmask`).
+    precision : {"float16", "float32", "int8"}
+        Storage of the embeddings; int8 stores per-dimension scale and offset.
+    overwrite : bool
+        Replace a finished dataset, or an unfinished one built with other arguments.
+    encoder : Encoder, optional
+        An already-loaded encoder (then ``model``, ``checkpoint``, ``device`` are ignored).
+
+    Returns
+    -------
+    BuildSummary
+
+    Raises
+    ------
+    AtlasBusyError
+        Another build is writing the same dataset.
+    InvalidArgumentError
+        A finished dataset exists (without ``overwrite``), or an unfinished one has other
+        arguments.
+    """
+    from builder.encoders import load_encoder
+
+    config = BuildConfig(
+        model=model, resolutions=resolutions, output=output, checkpoint=checkpoint, land_only=land_only,
+        device=device, precision=precision, batch_size=batch_size, overwrite=overwrite,
+        trust_checkpoint=trust_checkpoint,
+    )
+    timer = _Timer()
+    with timer("load model"):
+        if encoder is None:
+            encoder = load_encoder(config.model, checkpoint=config.checkpoint, device=config.device,
+                                   batch_size=config.batch_size, trust_checkpoint=config.trust_checkpoint)
+    dataset = config.output / fmt.dataset_name(encoder.name)
+    with _exclusive(dataset):
+        return _build_locked(config, encoder, dataset, timer, progress)
+
+
+def _clear(dataset: Path) -> None:
+    for child in dataset.iterdir():
+        if child.name == "_build.lock":
+            continue
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Path, timer: _Timer,
+                  progress: bool | None) -> BuildSummary:
+    identity = config.identity(encoder.provenance.sha256)
+    if (dataset / fmt.MANIFEST).is_file() and not config.overwrite:
+        raise InvalidArgumentError(
+            f"{str(dataset)!r} already holds a finished {encoder.name} dataset; pass --overwrite (Python: "
+            "overwrite=True) to rebuild it, or choose another --output"
+        )
+    if config.overwrite:
+        _clear(dataset)
+    state = _BuildState(dataset)
+    saved = state.start(identity)
+    quantizer = None
+    if config.precision == "int8":
+        if saved and "quantization" in saved:
+            quantizer = Quantizer(**saved["quantization"])
+        else:
+            with timer("calibrate"):
+                quantizer = Quantizer.calibrate(encoder)
+    state.save(identity, {"quantization": quantizer.to_dict()} if quantizer else {})
+    _remove_stale_temporaries(dataset)
+
+    shards = plan_shards(config.resolutions)
+    done = {s: state.done(_step_name(s)) for s in shards}
+    todo = [s for s in shards if done[s] is None or not (dataset / done[s]["file"]["path"]).is_file()]
+    resumed = len(shards) - len(todo)
+    land = _land_cells(config) if config.land_only else {}
+    _run_shards(todo, encoder, dataset, config, quantizer, land, state, timer, progress)
+
+    cells: dict[int, int] = {}
+    res_info: dict[str, Any] = {}
+    files: list[dict[str, Any]] = []
+    for res in config.resolutions:
+        records = [state.done(_step_name(s)) for s in shards if s.res == res]
+        cells[res] = sum(r["rows"] for r in records)
+        files += [r["file"] for r in records]
+        info = {"cells": cells[res], "shards": len(records), "parquet": [r["file"]["path"] for r in records]}
+        with timer("zarr"):
+            info["zarr"], zarr_files = _finish_zarr(dataset, res, info["parquet"], state, quantizer)
+        with timer("index"):
+            info["index"] = _finish_index(dataset, res, info["parquet"], state, quantizer)
+        files += zarr_files + [fmt.file_record(dataset, info["index"]["path"])]
+        res_info[str(res)] = info
+
+    manifest = {
+        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "dataset": dataset.name,
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "provenance": encoder.provenance.to_dict(), "precision": config.precision,
+        "quantization": quantizer.to_dict() if quantizer else None,
+        "resolutions": res_info, "files": sorted(files, key=lambda r: r["path"]),
+        "build": {**asdict(config), "output": str(config.output), "land_only": config.land_only,
+                  "land_mask": _land_mask_description() if config.land_only else None,
+                  "device": str(encoder.device), "compute_dtype": str(encoder.dtype).removeprefix("torch.")},
+        "software": _versions(), "timings_s": {k: round(v, 3) for k, v in timer.seconds.items()},
+    }
+    fmt.write_json(dataset / fmt.STAC, fmt.stac_collection(manifest))
+    fmt.write_json(dataset / fmt.MANIFEST, manifest)  # the publish step: last, atomic
+    shutil.rmtree(state.dir, ignore_errors=True)
+    return BuildSummary(dataset, cells, sum(f["bytes"] for f in files), dict(timer.seconds), resumed)
+
+
+def _remove_stale_temporaries(dataset: Path) -> None:
+    # Left by a killed run: half-written files never renamed into place.
+    for path in list(dataset.rglob("*.tmp")) + list(dataset.rglob("*.tmpdir")):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _land_cells(config: BuildConfig) -> dict[int, NDArray[np.uint64]]:
+    from builder.landmask import land_cells
+
+    return {res: land_cells(res) for res in config.resolutions}
+
+
+def _land_mask_description() -> str:
+    from builder.landmask import MASK_DESCRIPTION
+
+    return MASK_DESCRIPTION
+
+
+def _enumerate(shard: Shard, land: dict[int, NDArray[np.uint64]]) -> tuple[NDArray[np.uint64], NDArray, NDArray]:
+    cells = shard_cells(shard)
+    if shard.res in land:
+        keep = land[shard.res]
+        pos = np.minimum(np.searchsorted(keep, cells), len(keep) - 1)
+        cells = cells[keep[pos] == cells]
+    lat, lon = cell_centers(cells)
+    return cells, lat, lon
+
+
+def _run_shards(todo: list[Shard], encoder: Encoder, dataset: Path, config: BuildConfig, quantizer: Quantizer | None,
+                land: dict[int, NDArray[np.uint64]], state: _BuildState, timer: _Timer, progress: bool | None) -> None:
+    """Encode shards with enumeration of the next shard and writing of the last overlapped."""
+    from tqdm.auto import tqdm
+
+    from builder.grid import shard_size
+
+    if land:
+        done_rows = sum(r["rows"] for r in state.records() if r.get("res") in land)
+        total = sum(len(c) for c in land.values()) - done_rows
+    else:
+        total = sum(shard_size(s) for s in todo)
+    metadata = {
+        "hexatlas.provenance": encoder.provenance.to_json(), "hexatlas.precision": config.precision,
+        **({"hexatlas.quantization": json.dumps(quantizer.to_dict())} if quantizer else {}),
+    }
+    disable = not progress if progress is not None else None
+    with tqdm(total=total, unit="cell", desc=f"build {encoder.name}", disable=disable, smoothing=0.1) as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="enumerate") as enum_pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
+        pending_write: Future[None] | None = None
+        next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, todo[0], land) if todo else None
+        for i, shard in enumerate(todo):
+            cells, lat, lon = next_cells.result()
+            if i + 1 < len(todo):
+                next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, todo[i + 1], land)
+            emb = np.empty((cells.size, encoder.dim), dtype=np.float32)
+            with timer("encode"):
+                for start in range(0, cells.size, ENCODE_CHUNK):
+                    stop = min(start + ENCODE_CHUNK, cells.size)
+                    emb[start:stop] = encoder.encode(lat=lat[start:stop], lon=lon[start:stop])
+                    bar.update(stop - start)
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = write_pool.submit(
+                _timed, timer, "write", _write_shard, dataset, shard, cells, lat, lon,
+                _store(emb, config.precision, quantizer), metadata, state,
+            )
+        if pending_write is not None:
+            pending_write.result()
+
+
+def _timed(timer: _Timer, stage: str, fn: Any, *args: Any) -> Any:
+    with timer(stage):
+        return fn(*args)
+
+
+def _write_shard(dataset: Path, shard: Shard, cells: NDArray[np.uint64], lat: NDArray, lon: NDArray,
+                 stored: NDArray[Any], metadata: dict[str, str], state: _BuildState) -> None:
+    rel = fmt.parquet_relpath(shard.res, shard.key)
+    table = pa.table({
+        "cell": pa.array(cells, pa.uint64()), "lat": pa.array(lat), "lon": pa.array(lon),
+        "embedding": embedding_array(stored),
+    })
+    write_parquet(table, dataset / rel, metadata={**metadata, "hexatlas.res": str(shard.res)},
+                  row_group_size=ROW_GROUP_CELLS, write_statistics=True)
+    state.mark(_step_name(shard), {"res": shard.res, "rows": int(cells.size), "file": fmt.file_record(dataset, rel)})
+
+
+def read_embeddings(dataset: Path, parquet: list[str],
+                    columns: tuple[str, ...] = ("cell", "lat", "lon", "embedding")) -> pa.Table:
+    """Concatenate a resolution's shard files (already in cell order)."""
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables(pq.read_table(dataset / rel, columns=list(columns)) for rel in parquet)
+
+
+def _dense(table: pa.Table, quantizer: Quantizer | None) -> NDArray[np.float32]:
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    values = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    if quantizer is not None:
+        return values.astype(np.float32) * quantizer.scale + quantizer.offset
+    return values.astype(np.float32, copy=False)
+
+
+def _finish_zarr(dataset: Path, res: int, parquet: list[str], state: _BuildState,
+                 quantizer: Quantizer | None) -> tuple[str, list[dict[str, Any]]]:
+    """Write ``zarr/res=<r>.zarr`` from the Parquet shards, once; returns its path and files."""
+    import xarray as xr
+
+    rel = fmt.zarr_relpath(res)
+    record = state.done(f"zarr-res={res}")
+    if record is None or not (dataset / rel).is_dir():
+        tmp = dataset / f"{rel}.tmpdir"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        first = True
+        for table in _zarr_blocks(dataset, parquet):
+            values = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
+            values = values.reshape(table.num_rows, -1)
+            ds = xr.Dataset(
+                {"embedding": (("cell_ids", "dim"), values)},
+                coords={
+                    "cell_ids": ("cell_ids", table.column("cell").to_numpy(), {"grid_name": "h3", "level": res}),
+                    "lat": ("cell_ids", table.column("lat").to_numpy()),
+                    "lon": ("cell_ids", table.column("lon").to_numpy()),
+                },
+                attrs={"hexatlas_res": res, **({"quantization": json.dumps(quantizer.to_dict())} if quantizer else {})},
+            )
+            if first:
+                chunks = {"chunks": (ZARR_CHUNK_CELLS, values.shape[1])}
+                encoding = {"embedding": chunks, **{c: {"chunks": (ZARR_CHUNK_CELLS,)} for c in ("cell_ids", "lat", "lon")}}
+                ds.to_zarr(tmp, mode="w", encoding=encoding, zarr_format=2, consolidated=True)
+                first = False
+            else:
+                ds.to_zarr(tmp, append_dim="cell_ids", zarr_format=2, consolidated=True)
+        if first:
+            raise AtlasCorruptError(f"resolution {res} has no cells to write")
+        shutil.rmtree(dataset / rel, ignore_errors=True)
+        os.replace(tmp, dataset / rel)
+        files = [fmt.file_record(dataset, p.relative_to(dataset).as_posix())
+                 for p in sorted((dataset / rel).rglob("*")) if p.is_file()]
+        state.mark(f"zarr-res={res}", {"files": files})
+        record = {"files": files}
+    return rel, record["files"]
+
+
+def _zarr_blocks(dataset: Path, parquet: list[str], block_cells: int = 1 << 20) -> Iterator[pa.Table]:
+    """The shards' rows regrouped into blocks of whole Zarr chunks (the last may be partial).
+
+    Few large appends instead of one per shard, none of which rewrites a chunk.
+    """
+    buffered: list[pa.Table] = []
+    rows = 0
+    for rel in parquet:
+        table = read_embeddings(dataset, [rel])
+        buffered.append(table)
+        rows += table.num_rows
+        if rows >= block_cells:
+            merged = pa.concat_tables(buffered)
+            cut = rows - rows % ZARR_CHUNK_CELLS
+            yield merged.slice(0, cut)
+            buffered, rows = [merged.slice(cut)], rows - cut
+    if rows:
+        yield pa.concat_tables(buffered)
+
+
+def _finish_index(dataset: Path, res: int, parquet: list[str], state: _BuildState,
+                  quantizer: Quantizer | None) -> dict[str, Any]:
+    """Build ``index/res=<r>.faiss`` once and measure its recall@10; returns its description."""
+    from catalog.vector_index import EXACT_MAX_CELLS, ivf_lists, normalize, reranked_search, require_faiss
+
+    record = state.done(f"index-res={res}")
+    rel = fmt.index_relpath(res)
+    if record is not None and (dataset / rel).is_file():
+        return record
+    faiss = require_faiss()
+    table = read_embeddings(dataset, parquet, columns=("cell", "embedding"))
+    vectors = normalize(_dense(table, quantizer))
+    ids = table.column("cell").to_numpy().astype(np.int64)  # H3 indexes < 2**63
+    n, dim = vectors.shape
+    start = time.perf_counter()
+    if n <= EXACT_MAX_CELLS:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        params: dict[str, Any] = {"type": "IDMap2,Flat", "metric": "inner_product", "exact": True}
+        index.add_with_ids(vectors, ids)
+        recall, rerank, nprobe = 1.0, 1, None
+    else:
+        nlist = ivf_lists(n)
+        index = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        index.train(vectors[rng.choice(n, min(n, 40 * nlist), replace=False)])
+        index.add_with_ids(vectors, ids)
+        recall, rerank, nprobe = _tune_ivf(faiss, index, vectors, ids, rng, reranked_search)
+        if nprobe is None:
+            log.warning("IVF%d reached recall@10 %.3f < 0.95 at res %d; keeping an exact index", nlist, recall, res)
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+            index.add_with_ids(vectors, ids)
+            params = {"type": "IDMap2,Flat", "metric": "inner_product", "exact": True}
+            recall, rerank = 1.0, 1
+        else:
+            params = {"type": f"IVF{nlist},SQ8", "metric": "inner_product", "exact": False, "nlist": nlist,
+                      "nprobe": nprobe}
+            faiss.extract_index_ivf(index).nprobe = nprobe
+    params.update({"rerank": rerank, "recall_at_10": round(recall, 4), "build_s": round(time.perf_counter() - start, 2),
+                   "normalized": True, "path": rel, "cells": n})
+    (dataset / rel).parent.mkdir(parents=True, exist_ok=True)
+    tmp = dataset / f"{rel}.tmp"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, dataset / rel)
+    state.mark(f"index-res={res}", params)
+    return params
+
+
+def _tune_ivf(faiss: Any, index: Any, vectors: NDArray[np.float32], ids: NDArray[np.int64],
+              rng: np.random.Generator, reranked_search: Any) -> tuple[float, int, int | None]:
+    """Smallest nprobe whose re-ranked recall@10 against exact search reaches 0.95.
+
+    A result counts as a hit when its exact score reaches the true 10th score (so ties
+    between equally similar cells are not misses). Returns nprobe None when no setting
+    reaches the target; the caller then keeps an exact index.
+    """
+    k, rerank = 10, 4
+    queries = vectors[rng.choice(len(vectors), 250, replace=False)]
+    kth = np.concatenate([  # exact k-th best score per query, 25 queries at a time to bound memory
+        -np.partition(-(block @ vectors.T), k - 1, axis=1)[:, k - 1] for block in np.split(queries, 10)
+    ])
+    order = np.argsort(ids)
+    sorted_ids = ids[order]
+
+    def lookup(cand: NDArray[np.int64]) -> NDArray[np.float32]:
+        return vectors[order[np.searchsorted(sorted_ids, cand)]]
+
+    ivf = faiss.extract_index_ivf(index)
+    recall = 0.0
+    for nprobe in (4, 8, 16, 32, 64, 128, 256):
+        ivf.nprobe = nprobe
+        found_scores, _ = reranked_search(index, queries, k, lookup, rerank=rerank)
+        recall = float(np.mean(found_scores >= kth[:, None] - 1e-6))
+        if recall >= 0.95:
+            return recall, rerank, nprobe
+    return recall, rerank, None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("hexatlas", "torch", "h3", "pyarrow", "numpy", "xarray", "zarr", "faiss-cpu", "faiss-gpu-cu12",
+                 "global-land-mask"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
+    return out

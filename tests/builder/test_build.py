@@ -1,0 +1,189 @@
+"""The atlas build: every cell exactly once, outputs readable by their tools, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from builder.build import _exclusive, build
+from builder.grid import cell_centers, cell_count
+from catalog.cli import main
+from catalog.errors import AtlasBusyError, InvalidArgumentError, UnknownResolutionError
+from catalog.manifest import read_manifest, validate_dataset
+from tests.data.toy_encoder import load as load_toy
+
+TOY = "tests.data.toy_encoder:load"
+
+
+def _read(dataset, res):
+    table = pq.read_table(dataset / "parquet" / f"res={res}")
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return table.column("cell").to_numpy(), table.column("lat").to_numpy(), table.column("lon").to_numpy(), emb
+
+
+@pytest.fixture(scope="module")
+def toy_atlas(tmp_path_factory):
+    out = tmp_path_factory.mktemp("atlas")
+    summary = build(TOY, resolutions="0-2", output=out, device="cpu", precision="float32", progress=False)
+    return out, summary
+
+
+def test_every_cell_exactly_once_at_its_centre(toy_atlas) -> None:
+    out, summary = toy_atlas
+    dataset = out / "toy"
+    assert summary.dataset == dataset and summary.cells == {r: cell_count(r) for r in (0, 1, 2)}
+    enc = load_toy(device="cpu")
+    for res in (0, 1, 2):
+        cells, lat, lon, emb = _read(dataset, res)
+        assert len(cells) == 2 + 120 * 7**res == len(np.unique(cells))
+        assert (np.diff(cells.astype(np.int64)) > 0).all()  # sorted by cell
+        exp_lat, exp_lon = cell_centers(cells)
+        np.testing.assert_array_equal(lat, exp_lat)
+        np.testing.assert_array_equal(emb, enc.encode(lat=exp_lat, lon=exp_lon))
+
+
+def test_manifest_stac_zarr_and_index(toy_atlas) -> None:
+    import faiss
+    import xarray as xr
+
+    out, _ = toy_atlas
+    dataset = out / "toy"
+    manifest = read_manifest(dataset)
+    assert manifest["provenance"]["model"] == "toy" and manifest["precision"] == "float32"
+    assert manifest["resolutions"]["2"]["cells"] == 5882
+    assert {"encode", "write", "zarr", "index"} <= set(manifest["timings_s"])
+    assert manifest["software"]["h3"] and manifest["build"]["resolutions"] == [0, 1, 2]
+    assert all(len(rec["sha256"]) == 64 and rec["bytes"] > 0 for rec in manifest["files"])
+    stac = json.loads((dataset / "collection.json").read_text())
+    assert stac["type"] == "Collection" and stac["summaries"]["h3:resolution"] == [0, 1, 2]
+    assert stac["assets"]["zarr-res2"]["href"] == "./zarr/res=2.zarr"
+
+    ds = xr.open_zarr(dataset / manifest["resolutions"]["2"]["zarr"])
+    assert ds.cell_ids.attrs == {"grid_name": "h3", "level": 2}
+    cells, _, _, emb = _read(dataset, 2)
+    np.testing.assert_array_equal(ds.cell_ids.values, cells)
+    np.testing.assert_array_equal(ds.embedding.values, emb)
+
+    info = manifest["resolutions"]["1"]["index"]
+    assert info["exact"] and info["recall_at_10"] == 1.0
+    index = faiss.read_index(str(dataset / info["path"]))
+    cells, _, _, emb = _read(dataset, 1)
+    q = emb[:5] / np.linalg.norm(emb[:5], axis=1, keepdims=True)
+    _, found = index.search(q, 1)
+    assert found[:, 0].tolist() == cells[:5].astype(np.int64).tolist()
+
+
+def test_validate_names_missing_extra_and_altered_files(toy_atlas, tmp_path, capsys) -> None:
+    import shutil
+
+    out, _ = toy_atlas
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert main(["validate", str(copy)]) == 0
+    assert "ok" in capsys.readouterr().out
+    dataset = copy / "toy"
+    shard = dataset / "parquet/res=1/shard=all/part-0.parquet"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (dataset / "zarr/res=0.zarr/.zattrs").unlink()
+    (dataset / "parquet/res=2/stray.parquet").write_bytes(b"x")
+    problems = validate_dataset(dataset)
+    assert "altered file (sha256 differs): parquet/res=1/shard=all/part-0.parquet" in problems
+    assert "missing file: zarr/res=0.zarr/.zattrs" in problems
+    assert "extra file: parquet/res=2/stray.parquet" in problems
+    assert main(["validate", str(copy)]) == 1
+    assert "altered file" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("precision", "tolerance", "dtype"), [("float16", 2e-3, "halffloat"), ("int8", 1e-2, "int8")])
+def test_reduced_precision(tmp_path, precision, tolerance, dtype) -> None:
+    build(TOY, resolutions=1, output=tmp_path, device="cpu", precision=precision, progress=False)
+    dataset = tmp_path / "toy"
+    table = pq.read_table(dataset / "parquet/res=1")
+    assert str(table.schema.field("embedding").type.value_type) == dtype
+    cells, lat, lon, stored = _read(dataset, 1)
+    manifest = read_manifest(dataset)
+    if precision == "int8":
+        q = manifest["quantization"]
+        stored = stored * np.array(q["scale"], np.float32) + np.array(q["offset"], np.float32)
+        assert json.loads(table.schema.metadata[b"hexatlas.quantization"]) == q
+    exact = load_toy(device="cpu").encode(lat=lat, lon=lon)
+    assert np.abs(stored - exact).max() < tolerance * np.abs(exact).max()
+
+
+def test_refuses_to_clobber_and_resumes_only_same_arguments(tmp_path) -> None:
+    build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)
+    with pytest.raises(InvalidArgumentError, match="already holds a finished toy dataset.*--overwrite"):
+        build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)
+    summary = build(TOY, resolutions="1", output=tmp_path, device="cpu", progress=False, overwrite=True)
+    assert summary.cells == {1: 842} and list(read_manifest(tmp_path / "toy")["resolutions"]) == ["1"]
+    # an unfinished build with other arguments is not silently mixed with a new one
+    (tmp_path / "toy" / "manifest.json").unlink()
+    (tmp_path / "toy" / "_build" / "done").mkdir(parents=True)
+    (tmp_path / "toy" / "_build" / "build.json").write_text(json.dumps({"identity": {"precision": "int8"}}))
+    with pytest.raises(InvalidArgumentError, match="precision: earlier 'int8', now 'float16'"):
+        build(TOY, resolutions="1", output=tmp_path, device="cpu", progress=False)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(UnknownResolutionError, match="0..15"):
+        build(TOY, resolutions="14-16", output="unused")
+    with pytest.raises(InvalidArgumentError, match="use a range like 0-5"):
+        build(TOY, resolutions="zero", output="unused")
+    with pytest.raises(InvalidArgumentError, match="float16, float32, int8"):
+        build(TOY, resolutions="0", output="unused", precision="float8")
+
+
+def test_a_second_build_at_the_same_time_is_refused(tmp_path) -> None:
+    with _exclusive(tmp_path / "toy"):
+        with pytest.raises(AtlasBusyError, match="another build is writing"):
+            build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)
+
+
+def test_crash_mid_build_then_resume(tmp_path, monkeypatch) -> None:
+    import builder.build as b
+
+    calls = {"n": 0}
+    real = b._write_shard
+
+    def crashing(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args)
+
+    monkeypatch.setattr(b, "_write_shard", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=False)
+    assert not (tmp_path / "toy" / "manifest.json").exists()
+    monkeypatch.setattr(b, "_write_shard", real)
+    summary = build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=False)
+    assert summary.resumed_shards == 2 and summary.cells == {0: 122, 5: cell_count(5)}
+    cells = pq.read_table(tmp_path / "toy" / "parquet/res=5", columns=["cell"]).column("cell").to_numpy()
+    assert len(cells) == len(np.unique(cells)) == cell_count(5)
+    assert validate_dataset(tmp_path / "toy") == []
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume(tmp_path) -> None:
+    out = tmp_path / "atlas"
+    argv = [sys.executable, "-m", "catalog.cli", "build", "--model", TOY, "--resolutions", "0,5",
+            "--output", str(out), "--device", "cpu", "--no-progress"]
+    for delay in (2.0, 4.0):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert subprocess.run(argv, capture_output=True).returncode == 0
+    cells = pq.read_table(out / "toy" / "parquet/res=5", columns=["cell"]).column("cell").to_numpy()
+    assert len(cells) == len(np.unique(cells)) == cell_count(5)
+    assert validate_dataset(out / "toy") == []
