@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -256,6 +256,8 @@ def build(
         device=device, precision=precision, batch_size=batch_size, overwrite=overwrite,
         trust_checkpoint=trust_checkpoint,
     )
+    if encoder is not None:
+        config = replace(config, model=encoder.name)
     timer = _Timer()
     with timer("load model"):
         if encoder is None:

@@ -173,7 +173,6 @@ def test_crash_mid_build_then_resume(tmp_path, monkeypatch) -> None:
     assert validate_dataset(tmp_path / "toy") == []
 
 
-@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume(tmp_path) -> None:
     out = tmp_path / "atlas"
     argv = [sys.executable, "-m", "catalog.cli", "build", "--model", TOY, "--resolutions", "0,5",

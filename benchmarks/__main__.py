@@ -1,0 +1,29 @@
+"""``python -m benchmarks [--quick] [--only encoders]``: print the benchmark table (markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from benchmarks._common import machine, markdown
+
+SUITES = ["encoders", "builder"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer points: a smoke run, noisier numbers")
+    parser.add_argument("--only", choices=SUITES, action="append", help="run only these suites")
+    args = parser.parse_args()
+    rows = []
+    for suite in args.only or SUITES:
+        print(f"running {suite} ...", file=sys.stderr)
+        rows += importlib.import_module(f"benchmarks.{suite}").run(quick=args.quick)
+    print(f"Machine: {machine()}\n")
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Atlas build throughput (issue 3): per-stage and end-to-end cells/s against encode-only.
+
+For each model, the encode-only rate is measured on the same cell centres in the same run;
+the end-to-end rate covers everything after the model is loaded (enumerate, encode, write
+Parquet, Zarr, FAISS index, manifest). Bytes per cell are measured per storage precision.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._common import Row, best_rate
+from builder.build import build
+from builder.encoders import load_encoder
+from builder.grid import Shard, cell_centers, cell_count, parse_resolutions, shard_cells
+
+
+def _models(tmp: Path, quick: bool) -> list[tuple[str, object, str]]:
+    from tests.data.satclip_checkpoint import make_checkpoint
+
+    ckpt = make_checkpoint(tmp / "satclip-l40.ckpt", legendre_polys=40)
+    satclip = load_encoder("satclip-vit16-l40", checkpoint=ckpt, device="cpu")
+    geoclip = load_encoder("geoclip", device="cpu")
+    return [
+        ("SatCLIP L=40 (random weights)", satclip, "0-3" if quick else "0-5"),
+        ("GeoCLIP", geoclip, "0-3" if quick else "0-4"),
+    ]
+
+
+def run(quick: bool = False) -> list[Row]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for label, encoder, resolutions in _models(tmp, quick):
+            res = parse_resolutions(resolutions)
+            n = sum(cell_count(r) for r in res)
+            lat, lon = cell_centers(shard_cells(Shard(min(max(res), 4))))
+            encode_only = best_rate(lambda: encoder.encode(lat=lat, lon=lon), len(lat), repeats=1)
+            start = time.perf_counter()
+            summary = build(encoder=encoder, resolutions=resolutions, output=tmp / "atlas", progress=False,
+                            overwrite=True)
+            seconds = time.perf_counter() - start
+            case = f"{label}, res {resolutions} ({n:,} cells), float16"
+            rows.append(Row("build end-to-end", case, n / seconds, "cells/s", "encode only", encode_only,
+                            ">= 0.70x of encode only"))
+            for stage in ("enumerate", "encode", "write", "zarr", "index"):
+                rows.append(Row(f"build stage: {stage}", case, n / summary.seconds[stage], "cells/s",
+                                "encode only", encode_only))
+        # storage per cell, per precision: one model, one resolution
+        for precision in ("float32", "float16", "int8"):
+            summary = build(encoder=encoder, resolutions="2" if quick else "3", output=tmp / "sizes", progress=False,
+                            overwrite=True, precision=precision)
+            cells = sum(summary.cells.values())
+            parquet = sum(p.stat().st_size for p in (summary.dataset / "parquet").rglob("*.parquet"))
+            rows.append(Row("bytes per cell", f"GeoCLIP {precision}, Parquet + Zarr + index", summary.bytes / cells,
+                            "B", "Parquet alone", parquet / cells))
+    return rows

@@ -1,0 +1,87 @@
+"""Encoder throughput (issue 2): points/s per model and dtype against same-run baselines.
+
+Baselines:
+- SatCLIP: the naive per-harmonic float64 evaluation the official code does
+  (``tests.data.satclip_reference``), on the same random-weight checkpoint.
+- every model: the bare matrix-multiply cost of its layers (the same addmm chain on random
+  inputs, no features, no activations): the floor a fused implementation approaches.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks._common import Row, best_rate
+from builder.encoders import load_encoder
+
+BATCH = 4096
+
+
+def _points(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-90, 90, n), rng.uniform(-180, 180, n)
+
+
+def bare_matmul_rate(shapes: list[tuple[int, int]], dtype: torch.dtype, *, batch: int = BATCH, batches: int = 8) -> float:
+    """Points/s of just the layers' matrix multiplies (with bias) at ``batch`` rows."""
+    gen = torch.Generator().manual_seed(0)
+    # nn.Linear's (out, in) layout: the fastest of the layouts on CPU BLAS, so the strictest floor.
+    weights = [(torch.randn(o, i, generator=gen).to(dtype), torch.randn(o, generator=gen).to(dtype)) for i, o in shapes]
+    inputs = {i: torch.randn(batch, i, generator=gen).to(dtype) for i, _ in shapes}
+
+    def run() -> None:
+        with torch.inference_mode():
+            for _ in range(batches):
+                for (i, _), (w, b) in zip(shapes, weights):
+                    torch.nn.functional.linear(inputs[i], w, b)
+
+    return best_rate(run, batch * batches)
+
+
+def encode_rate(encoder, n: int) -> float:
+    lat, lon = _points(n)
+    return best_rate(lambda: encoder.encode(lat=lat, lon=lon, batch_size=BATCH), n)
+
+
+def satclip_rows(quick: bool = False) -> list[Row]:
+    from tests.data import satclip_reference
+    from tests.data.satclip_checkpoint import make_checkpoint
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for legendre, target in ((10, ">= 60,000 points/s (float32)"), (40, ">= 25,000 points/s (float32)")):
+            path = make_checkpoint(Path(tmp) / f"l{legendre}.ckpt", legendre_polys=legendre)
+            ckpt = torch.load(path, weights_only=True)
+            n_naive = (4_000 if legendre == 40 else 20_000) // (4 if quick else 1)
+            lat, lon = _points(n_naive)
+            naive = best_rate(lambda: satclip_reference.embed(lat, lon, ckpt), n_naive, repeats=1)
+            shapes = [(legendre**2, 256), (256, 256), (256, 256)]
+            for dtype in ("float32", "bfloat16", "float64"):
+                enc = load_encoder(f"satclip-vit16-l{legendre}", checkpoint=path, device="cpu", dtype=dtype)
+                rate = encode_rate(enc, 50_000 if quick else 200_000)
+                case = f"SatCLIP L={legendre} {dtype}"
+                rows.append(Row("encode", case, rate, "pts/s", "naive per-harmonic (float64)", naive,
+                                target if dtype == "float32" else ""))
+                bare = bare_matmul_rate(shapes, getattr(torch, dtype))
+                rows.append(Row("encode", case, rate, "pts/s", "bare matmul of its layers", bare))
+    return rows
+
+
+def geoclip_rows(quick: bool = False) -> list[Row]:
+    rows = []
+    capsule = [(512, 1024), (1024, 1024), (1024, 1024), (1024, 512)]
+    for dtype in ("float32", "bfloat16"):
+        enc = load_encoder("geoclip", device="cpu", dtype=dtype)
+        rate = encode_rate(enc, 20_000 if quick else 60_000)
+        bare = bare_matmul_rate(capsule * 3, getattr(torch, dtype), batches=4)
+        rows.append(Row("encode", f"GeoCLIP {dtype}", rate, "pts/s", "bare matmul of its layers", bare,
+                        "within 15% of bare matmul" if dtype == "float32" else ""))
+    return rows
+
+
+def run(quick: bool = False) -> list[Row]:
+    return satclip_rows(quick) + geoclip_rows(quick)
