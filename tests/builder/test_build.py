@@ -186,3 +186,17 @@ def test_sigkill_at_any_moment_then_resume(tmp_path) -> None:
     cells = pq.read_table(out / "toy" / "parquet/res=5", columns=["cell"]).column("cell").to_numpy()
     assert len(cells) == len(np.unique(cells)) == cell_count(5)
     assert validate_dataset(out / "toy") == []
+
+
+def test_land_only_keeps_exactly_the_land_cells(tmp_path) -> None:
+    pytest.importorskip("global_land_mask")
+    from builder.landmask import land_cells
+
+    summary = build(TOY, resolutions="1-2", output=tmp_path, device="cpu", land_only=True, progress=False)
+    for res in (1, 2):
+        cells, _, _, _ = _read(tmp_path / "toy", res)
+        np.testing.assert_array_equal(cells, land_cells(res))
+        assert summary.cells[res] == len(land_cells(res)) < cell_count(res)
+    manifest = read_manifest(tmp_path / "toy")
+    assert manifest["build"]["land_only"] and "global-land-mask" in manifest["build"]["land_mask"]
+    assert validate_dataset(tmp_path / "toy") == []
