@@ -517,36 +517,44 @@ def _finish_index(dataset: Path, res: int, parquet: list[str], state: _BuildStat
     ids = table.column("cell").to_numpy().astype(np.int64)  # H3 indexes < 2**63
     n, dim = vectors.shape
     start = time.perf_counter()
-    if n <= EXACT_MAX_CELLS:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        params: dict[str, Any] = {"type": "IDMap2,Flat", "metric": "inner_product", "exact": True}
-        index.add_with_ids(vectors, ids)
-        recall, rerank, nprobe = 1.0, 1, None
-    else:
+    index = None
+    if n > EXACT_MAX_CELLS:
         nlist = ivf_lists(n)
-        index = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        index.train(vectors[rng.choice(n, min(n, 40 * nlist), replace=False)])
-        index.add_with_ids(vectors, ids)
+        index = _train_and_add(faiss, faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT),
+                               vectors[rng.choice(n, min(n, 40 * nlist), replace=False)], vectors, ids)
         recall, rerank, nprobe = _tune_ivf(faiss, index, vectors, ids, rng, reranked_search)
         if nprobe is None:
             log.warning("IVF%d reached recall@10 %.3f < 0.95 at res %d; keeping an exact index", nlist, recall, res)
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-            index.add_with_ids(vectors, ids)
-            params = {"type": "IDMap2,Flat", "metric": "inner_product", "exact": True}
-            recall, rerank = 1.0, 1
+            index = None
         else:
-            params = {"type": f"IVF{nlist},SQ8", "metric": "inner_product", "exact": False, "nlist": nlist,
-                      "nprobe": nprobe}
             faiss.extract_index_ivf(index).nprobe = nprobe
-    params.update({"rerank": rerank, "recall_at_10": round(recall, 4), "build_s": round(time.perf_counter() - start, 2),
-                   "normalized": True, "path": rel, "cells": n})
+            params: dict[str, Any] = {"type": f"IVF{nlist},SQ8", "exact": False, "nlist": nlist, "nprobe": nprobe}
+    if index is None:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        index.add_with_ids(vectors, ids)
+        params, recall, rerank = {"type": "IDMap2,Flat", "exact": True}, 1.0, 1
+    params.update({"metric": "inner_product", "rerank": rerank, "recall_at_10": round(recall, 4),
+                   "build_s": round(time.perf_counter() - start, 2), "normalized": True, "path": rel, "cells": n})
     (dataset / rel).parent.mkdir(parents=True, exist_ok=True)
     tmp = dataset / f"{rel}.tmp"
     faiss.write_index(index, str(tmp))
     os.replace(tmp, dataset / rel)
     state.mark(f"index-res={res}", params)
     return params
+
+
+def _train_and_add(faiss: Any, index: Any, sample: NDArray[np.float32], vectors: NDArray[np.float32],
+                   ids: NDArray[np.int64]) -> Any:
+    """Train an IVF index and add the vectors, on the GPUs when faiss-gpu sees any."""
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        gpu_index = faiss.index_cpu_to_all_gpus(index)
+        gpu_index.train(sample)
+        gpu_index.add_with_ids(vectors, ids)
+        return faiss.index_gpu_to_cpu(gpu_index)
+    index.train(sample)
+    index.add_with_ids(vectors, ids)
+    return index
 
 
 def _tune_ivf(faiss: Any, index: Any, vectors: NDArray[np.float32], ids: NDArray[np.int64],

@@ -94,11 +94,9 @@ def _block_size(res: int) -> int:
 
 
 def _cells_of(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> NDArray[np.uint64]:
-    import h3.api.numpy_int as h3i
+    from catalog.cells import latlng_to_cells
 
-    # ~1 us per point through h3's C core; callers deduplicate points first.
-    return np.unique(np.fromiter((h3i.latlng_to_cell(a, o, res) for a, o in zip(lat.tolist(), lon.tolist())),
-                                 dtype=np.uint64, count=len(lat)))
+    return np.unique(latlng_to_cells(lat, lon, res))
 
 
 def _coastal_blocks(blocks: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:

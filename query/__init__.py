@@ -1,8 +1,14 @@
-"""The torch-free query layer over built atlases (lookups, SQL joins, similar places).
+"""The torch-free query layer: open an atlas, look embeddings up, join, search, SQL.
 
-Its public API is added with the query-layer issue; it never imports torch or ``builder``.
+Needs duckdb, pyarrow, numpy, h3 and (for similar-place search) faiss; never imports torch
+or ``builder``.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from query.atlas import Atlas, open_atlas
+from query.sql import QueryError
+
+open = open_atlas  # noqa: A001 - the documented entry point is query.open(path)
+
+__all__ = ["Atlas", "QueryError", "open", "open_atlas"]

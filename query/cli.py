@@ -3,10 +3,188 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["configure_validate", "run_validate"]
+import pyarrow as pa
+
+__all__ = [f"{verb}_{cmd}" for cmd in ("info", "lookup", "join", "similar", "sql", "validate")
+           for verb in ("configure", "run")]
+
+FORMATS = ("table", "json", "csv")
+
+
+def _atlas_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("atlas", help="atlas directory (or one dataset directory)")
+
+
+def _format_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+
+
+def _place_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--res", type=int, default=None, help="H3 resolution (default: the finest built)")
+    parser.add_argument("--model", default=None, help="dataset, when the atlas holds several models")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def emit(table: pa.Table, fmt: str, *, out: Any = None) -> None:
+    """Print an Arrow table as an aligned table, JSON records or CSV (lists as JSON text)."""
+    out = out or sys.stdout
+    rows = table.to_pylist()
+    if fmt == "json":
+        json.dump([{k: _plain(v) for k, v in r.items()} for r in rows], out)
+        out.write("\n")
+        return
+    def cell(v: Any, width_limit: bool) -> str:
+        if isinstance(v, list):
+            text = json.dumps(_plain(v))
+            return text if not width_limit or len(v) <= 4 else json.dumps(_plain(v[:4]))[:-1] + f", ... ({len(v)} values)]"
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        if isinstance(v, int) and v > 2**52:  # H3 cells read best in hex
+            return f"{v:x}"
+        return "" if v is None else str(v)
+    if fmt == "csv":
+        import csv
+
+        writer = csv.writer(out)
+        writer.writerow(table.column_names)
+        writer.writerows([cell(v, False) if not isinstance(v, int) else v for v in r.values()] for r in rows)
+        return
+    texts = [[cell(v, True) for v in r.values()] for r in rows]
+    widths = [max([len(n)] + [len(t[i]) for t in texts]) for i, n in enumerate(table.column_names)]
+    out.write("  ".join(n.ljust(w) for n, w in zip(table.column_names, widths)).rstrip() + "\n")
+    for t in texts:
+        out.write("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() + "\n")
+
+
+def configure_info(parser: argparse.ArgumentParser) -> None:
+    _atlas_arg(parser)
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import query
+
+    info = query.open(args.atlas).info()
+    if args.format == "json":
+        print(json.dumps(info, indent=1))
+        return 0
+    for name, d in info.items():
+        prov = d["provenance"]
+        print(f"{name}: {d['model']} {d['dim']}-d, {d['precision']}{', land only' if d['land_only'] else ''}, "
+              f"built {d['created']}")
+        print(f"  weights: {prov['source']} (sha256 {prov['sha256'][:12]}...), {prov['licence']}")
+        for r, ri in d["resolutions"].items():
+            print(f"  res {r}: {ri['cells']:,} cells, index {ri['index']} (recall@10 {ri['recall_at_10']})")
+    return 0
+
+
+def configure_lookup(parser: argparse.ArgumentParser) -> None:
+    _atlas_arg(parser)
+    parser.add_argument("--lat", type=float, required=True, nargs="+", help="latitude(s), degrees")
+    parser.add_argument("--lon", type=float, required=True, nargs="+", help="longitude(s), degrees")
+    parser.add_argument("--interpolate", action="store_true", help="blend the three nearest cell centres")
+    _place_args(parser)
+    _format_arg(parser)
+
+
+def run_lookup(args: argparse.Namespace) -> int:
+    import query
+
+    table = query.open(args.atlas).join(pa.table({"lat": args.lat, "lon": args.lon}) if len(args.lat) == len(args.lon)
+                                        else _mismatch(args), res=args.res, model=args.model,
+                                        interpolate=args.interpolate)
+    emit(table, args.format)
+    return 0
+
+
+def _mismatch(args: argparse.Namespace) -> pa.Table:
+    from catalog.errors import InvalidCoordinateError
+
+    raise InvalidCoordinateError(f"--lat has {len(args.lat)} values but --lon has {len(args.lon)}")
+
+
+def configure_join(parser: argparse.ArgumentParser) -> None:
+    _atlas_arg(parser)
+    parser.add_argument("--input", required=True, help="points as .csv or .parquet")
+    parser.add_argument("--output", required=True, help=".parquet (embedding as a list column) or .csv")
+    parser.add_argument("--lat-col", default="lat")
+    parser.add_argument("--lon-col", default="lon")
+    parser.add_argument("--interpolate", action="store_true", help="blend the three nearest cell centres")
+    parser.add_argument("--on-invalid", choices=("raise", "null"), default="raise",
+                        help="bad coordinates: fail (default) or give null cell and embedding")
+    _place_args(parser)
+
+
+def run_join(args: argparse.Namespace) -> int:
+    import query
+    from catalog.errors import InvalidArgumentError
+    from catalog.tables import atomic_path, write_parquet
+
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise InvalidArgumentError(f"output {args.output!r} must be .parquet or .csv")
+    table = query.open(args.atlas).join(args.input, lat_col=args.lat_col, lon_col=args.lon_col, res=args.res,
+                                        model=args.model, interpolate=args.interpolate, on_invalid=args.on_invalid)
+    if suffix == ".parquet":
+        write_parquet(table, args.output)
+    else:
+        with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as fh:
+            emit(table, "csv", out=fh)
+    print(f"wrote {table.num_rows:,} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def configure_similar(parser: argparse.ArgumentParser) -> None:
+    _atlas_arg(parser)
+    parser.add_argument("--lat", type=float)
+    parser.add_argument("--lon", type=float)
+    parser.add_argument("--cell", help="H3 cell (hex) instead of --lat/--lon")
+    parser.add_argument("-k", "--k", type=int, default=10, help="how many results (default 10)")
+    parser.add_argument("--bbox", help="keep results inside min_lon,min_lat,max_lon,max_lat")
+    parser.add_argument("--exclude-within-km", type=float, help="drop results this close to the query place")
+    _place_args(parser)
+    _format_arg(parser)
+
+
+def run_similar(args: argparse.Namespace) -> int:
+    import query
+    from catalog.errors import InvalidArgumentError
+
+    bbox = None
+    if args.bbox:
+        try:
+            bbox = tuple(float(v) for v in args.bbox.split(","))
+        except ValueError:
+            raise InvalidArgumentError(f"--bbox {args.bbox!r}: give four numbers min_lon,min_lat,max_lon,max_lat") from None
+    table = query.open(args.atlas).similar(lat=args.lat, lon=args.lon, cell=args.cell, k=args.k, res=args.res,
+                                           model=args.model, bbox=bbox, exclude_within_km=args.exclude_within_km)
+    emit(table, args.format)
+    return 0
+
+
+def configure_sql(parser: argparse.ArgumentParser) -> None:
+    _atlas_arg(parser)
+    parser.add_argument("query", help="SQL over the view 'embeddings' (cell, res, lat, lon, embedding)")
+    _format_arg(parser)
+
+
+def run_sql(args: argparse.Namespace) -> int:
+    import query
+
+    emit(query.open(args.atlas).sql(args.query), args.format)
+    return 0
 
 
 def configure_validate(parser: argparse.ArgumentParser) -> None:

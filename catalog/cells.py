@@ -1,0 +1,42 @@
+"""H3 cell ids: the one place that converts between coordinates, uint64 ids and hex strings."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["cell_to_hex", "cells_to_latlng", "hex_to_cell", "latlng_to_cells"]
+
+
+def latlng_to_cells(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> NDArray[np.uint64]:
+    """H3 cells (uint64) holding each point (degrees) at resolution ``res``; shape (n,)."""
+    import h3.api.numpy_int as h3i
+
+    # h3-py has no array API: one C call per point (~1 us) through a generator, no lists.
+    return np.fromiter((h3i.latlng_to_cell(a, o, res) for a, o in zip(lat.tolist(), lon.tolist())),
+                       dtype=np.uint64, count=len(lat))
+
+
+def cells_to_latlng(cells: NDArray[np.uint64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Centres of cells in degrees: (lat, lon), float64 arrays of shape (n,)."""
+    import h3.api.numpy_int as h3i
+
+    flat = np.fromiter((v for c in np.asarray(cells, np.uint64).tolist() for v in h3i.cell_to_latlng(c)),
+                       dtype=np.float64, count=2 * len(cells)).reshape(-1, 2)
+    return np.ascontiguousarray(flat[:, 0]), np.ascontiguousarray(flat[:, 1])
+
+
+def cell_to_hex(cell: int) -> str:
+    return f"{int(cell):x}"
+
+
+def hex_to_cell(text: str | int) -> int:
+    """An H3 cell from its hex string (``"831fb4fffffffff"``) or integer form."""
+    from catalog.errors import InvalidArgumentError
+
+    if isinstance(text, (int, np.integer)):
+        return int(text)
+    try:
+        return int(str(text).strip().lower().removeprefix("0x"), 16)
+    except ValueError:
+        raise InvalidArgumentError(f"{text!r} is not an H3 cell (hex string like 831fb4fffffffff)") from None

@@ -1,0 +1,469 @@
+"""Reading an atlas without PyTorch: lookups, joins, similar places and SQL.
+
+Embeddings of one resolution are served from a decoded copy in the user's cache
+(``$HEXATLAS_CACHE``, else ``~/.cache/hexatlas``): a sorted uint64 cell array and a
+(n, dim) matrix in the stored precision, memory-mapped. It is made once per dataset and
+resolution from the Parquet files (checked against the manifest's sha256) and makes a lookup
+a binary search plus a row read. The atlas itself is only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from numpy.typing import ArrayLike, NDArray
+
+from catalog.cells import cells_to_latlng, hex_to_cell, latlng_to_cells
+from catalog.coords import as_coordinates, invalid_mask
+from catalog.errors import (
+    AtlasCorruptError,
+    AtlasNotFoundError,
+    InvalidArgumentError,
+    InvalidCoordinateError,
+    UnknownEncoderError,
+    UnknownResolutionError,
+)
+from catalog.manifest import BUILD_DIR, MANIFEST, read_manifest
+from catalog.tables import coordinate_columns, embedding_array, read_points
+
+__all__ = ["Atlas", "open_atlas"]
+
+EARTH_RADIUS_KM = 6371.0088
+ON_INVALID = ("raise", "null")
+
+
+def open_atlas(path: str | os.PathLike[str]) -> Atlas:
+    """Open an atlas directory (one dataset per model) or a single dataset directory.
+
+    Raises
+    ------
+    AtlasNotFoundError
+        Nothing at ``path``.
+    AtlasCorruptError
+        No finished dataset (an unfinished build, or not an atlas), or an incompatible format.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise AtlasNotFoundError(f"no atlas at {str(root)!r}")
+    if (root / MANIFEST).is_file():
+        dirs = [root]
+    elif root.is_dir():
+        dirs = sorted(p for p in root.iterdir() if (p / MANIFEST).is_file())
+        if not dirs:
+            unfinished = [p.name for p in root.iterdir() if (p / BUILD_DIR).exists()]
+            hint = (f"; unfinished builds: {', '.join(unfinished)} (run the same 'hexatlas build' again to resume)"
+                    if unfinished else "")
+            raise AtlasCorruptError(f"{str(root)!r} holds no finished hexatlas dataset{hint}")
+    else:
+        raise AtlasNotFoundError(f"{str(root)!r} is not an atlas directory")
+    return Atlas({d.name: (d, read_manifest(d)) for d in dirs})
+
+
+@dataclass(frozen=True)
+class _Resolution:
+    """One resolution of one dataset, decoded: sorted cells and their embeddings."""
+
+    cells: NDArray[np.uint64]
+    values: NDArray[Any]  # (n, dim): float16, float32 or int8 as stored
+    scale: NDArray[np.float32] | None
+    offset: NDArray[np.float32] | None
+
+    def rows(self, cells: NDArray[np.uint64]) -> NDArray[np.int64]:
+        """Row of each cell, -1 where the atlas does not hold it."""
+        pos = np.searchsorted(self.cells, cells)
+        pos_c = np.minimum(pos, len(self.cells) - 1)
+        return np.where(self.cells[pos_c] == cells, pos_c, -1)
+
+    def vectors(self, rows: NDArray[np.int64]) -> NDArray[np.float32]:
+        out = np.asarray(self.values[rows], dtype=np.float32)
+        if self.scale is not None:
+            out = out * self.scale + self.offset
+        return out
+
+
+class Atlas:
+    """An opened atlas: use :func:`query.open`. Every method is read-only and thread-safe."""
+
+    def __init__(self, datasets: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+        self._datasets = datasets
+        self._loaded: dict[tuple[str, int], _Resolution] = {}
+        self._indexes: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- description
+    @property
+    def models(self) -> list[str]:
+        """Names of the datasets (one per model)."""
+        return sorted(self._datasets)
+
+    def resolutions(self, model: str | None = None) -> list[int]:
+        """Built resolutions of a model, ascending."""
+        return sorted(int(r) for r in self._manifest(model)["resolutions"])
+
+    def dim(self, model: str | None = None) -> int:
+        return int(self._manifest(model)["provenance"]["dim"])
+
+    def info(self) -> dict[str, Any]:
+        """A plain-JSON summary: per model its provenance, precision and per-resolution counts."""
+        out = {}
+        for name, (path, manifest) in sorted(self._datasets.items()):
+            out[name] = {
+                "path": str(path), "model": manifest["provenance"]["model"], "dim": manifest["provenance"]["dim"],
+                "precision": manifest["precision"], "created": manifest["created"],
+                "land_only": manifest["build"]["land_only"],
+                "resolutions": {r: {"cells": i["cells"], "index": i["index"]["type"],
+                                    "recall_at_10": i["index"]["recall_at_10"]}
+                                for r, i in sorted(manifest["resolutions"].items(), key=lambda kv: int(kv[0]))},
+                "provenance": manifest["provenance"],
+            }
+        return out
+
+    def __repr__(self) -> str:
+        parts = [f"{m} (res {','.join(map(str, self.resolutions(m)))})" for m in self.models]
+        return f"Atlas({'; '.join(parts)})"
+
+    def _name(self, model: str | None) -> str:
+        if model is None:
+            if len(self._datasets) == 1:
+                return next(iter(self._datasets))
+            raise UnknownEncoderError(f"this atlas holds several models; choose one with model=: {', '.join(self.models)}")
+        if model in self._datasets:
+            return model
+        by_model = [n for n, (_, m) in self._datasets.items() if m["provenance"]["model"] == model]
+        if by_model:
+            return by_model[0]
+        raise UnknownEncoderError(f"model {model!r} is not in this atlas; it holds: {', '.join(self.models)}")
+
+    def _manifest(self, model: str | None) -> dict[str, Any]:
+        return self._datasets[self._name(model)][1]
+
+    def _res(self, res: int | None, model: str | None) -> int:
+        built = self.resolutions(model)
+        if res is None:
+            return built[-1]
+        if not isinstance(res, (int, np.integer)) or int(res) not in built:
+            raise UnknownResolutionError(
+                f"resolution {res!r} is not in this atlas for {self._name(model)}; built: {', '.join(map(str, built))}"
+            )
+        return int(res)
+
+    # ----------------------------------------------------------------- data access
+    def _data(self, model: str | None, res: int) -> _Resolution:
+        name = self._name(model)
+        key = (name, res)
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = _decoded(*self._datasets[name], res)
+            return self._loaded[key]
+
+    def _embed(self, lat: NDArray[np.float64], lon: NDArray[np.float64], res: int, model: str | None,
+               interpolate: bool) -> tuple[NDArray[np.uint64], NDArray[np.float32]]:
+        """Cells and embeddings of valid points; rows of points outside the atlas are NaN."""
+        data = self._data(model, res)
+        cells = latlng_to_cells(lat, lon, res)
+        if not interpolate:
+            rows = data.rows(cells)
+            out = data.vectors(np.maximum(rows, 0))
+            out[rows < 0] = np.nan
+            return cells, out
+        return cells, _interpolate(data, lat, lon, cells, res)
+
+    def lookup(self, lat: ArrayLike, lon: ArrayLike, *, res: int | None = None, model: str | None = None,
+               interpolate: bool = False, on_invalid: str = "raise") -> NDArray[np.float32]:
+        """Embeddings at points.
+
+        Parameters
+        ----------
+        lat, lon : array-like of float, shape (n,) or scalars
+            Degrees.
+        res : int, optional
+            H3 resolution; defaults to the finest built.
+        interpolate : bool
+            Blend the three nearest cell centres by inverse distance, so that a point between
+            centres gets a smooth embedding, instead of its cell's embedding.
+        on_invalid : {"raise", "null"}
+            NaN/out-of-range coordinates (and points in cells a land-only atlas lacks) raise,
+            or give a row of NaN with "null".
+
+        Returns
+        -------
+        numpy.ndarray, float32, shape (n, dim)
+        """
+        if on_invalid not in ON_INVALID:
+            raise InvalidArgumentError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
+        res = self._res(res, model)
+        lat_a, lon_a = as_coordinates(lat=lat, lon=lon, allow_invalid=on_invalid == "null")
+        bad = invalid_mask(lat_a, lon_a)
+        out = np.full((lat_a.size, self.dim(model)), np.nan, dtype=np.float32)
+        _, emb = self._embed(lat_a[~bad], lon_a[~bad], res, model, interpolate)
+        out[~bad] = emb
+        if on_invalid == "raise":
+            _raise_if_missing(out, lat_a, lon_a, res)
+        return out
+
+    def join(self, points: Any, *, lat_col: str = "lat", lon_col: str = "lon", res: int | None = None,
+             model: str | None = None, interpolate: bool = False, on_invalid: str = "raise") -> pa.Table:
+        """Add ``cell`` (uint64) and ``embedding`` (fixed-size list of float32) to a point table.
+
+        ``points``: a pyarrow Table, a pandas or polars DataFrame, or a Parquet/CSV path.
+        Rows with invalid coordinates raise, or get null cell and embedding with
+        ``on_invalid="null"``.
+        """
+        if on_invalid not in ON_INVALID:
+            raise InvalidArgumentError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
+        table = _as_table(points)
+        for name in ("cell", "embedding"):
+            if name in table.column_names:
+                raise InvalidArgumentError(f"the points already have a {name!r} column; rename or drop it first")
+        res = self._res(res, model)
+        lat, lon = coordinate_columns(table, lat_col=lat_col, lon_col=lon_col, allow_invalid=on_invalid == "null")
+        bad = invalid_mask(lat, lon)
+        emb = np.full((lat.size, self.dim(model)), np.nan, dtype=np.float32)
+        cells = np.zeros(lat.size, dtype=np.uint64)
+        cells[~bad], emb[~bad] = self._embed(lat[~bad], lon[~bad], res, model, interpolate)
+        if on_invalid == "raise":
+            _raise_if_missing(emb, lat, lon, res)
+        missing = np.isnan(emb[:, 0])
+        valid = pa.array(~missing)
+        cell_col = pa.array(cells, pa.uint64(), mask=missing)
+        emb_col = embedding_array(emb)
+        if missing.any():
+            emb_col = pa.FixedSizeListArray.from_arrays(emb_col.values, emb_col.type.list_size, mask=pa.compute.invert(valid))
+        return table.append_column("cell", cell_col).append_column("embedding", emb_col)
+
+    # ----------------------------------------------------------------- search
+    def _index(self, model: str | None, res: int) -> tuple[Any, dict[str, Any]]:
+        from catalog.vector_index import require_faiss
+
+        name = self._name(model)
+        path, manifest = self._datasets[name]
+        info = manifest["resolutions"][str(res)]["index"]
+        with self._lock:
+            if (name, res) not in self._indexes:
+                faiss = require_faiss()
+                index = faiss.read_index(str(path / info["path"]))
+                if not info["exact"]:
+                    faiss.extract_index_ivf(index).nprobe = info["nprobe"]
+                self._indexes[(name, res)] = index
+            return self._indexes[(name, res)], info
+
+    def similar(self, *, lat: float | None = None, lon: float | None = None, cell: int | str | None = None,
+                vector: ArrayLike | None = None, k: int = 10, res: int | None = None, model: str | None = None,
+                bbox: tuple[float, float, float, float] | None = None,
+                exclude_within_km: float | None = None) -> pa.Table:
+        """The ``k`` cells most similar to a place, a cell or a vector, by cosine similarity.
+
+        Give exactly one of ``lat``/``lon``, ``cell`` or ``vector``. ``bbox`` = (min_lon,
+        min_lat, max_lon, max_lat) keeps results inside; ``exclude_within_km`` drops results
+        closer than that to the query place. The index proposes candidates; they are
+        re-ranked by exact cosine similarity against the stored embeddings.
+
+        Returns
+        -------
+        pyarrow.Table
+            ``cell`` (uint64), ``lat``, ``lon`` (cell centre), ``score`` (cosine), best first.
+        """
+        from catalog.vector_index import normalize
+
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
+        given = [name for name, v in (("lat/lon", lat if lat is not None else lon), ("cell", cell),
+                                      ("vector", vector)) if v is not None]
+        if len(given) != 1:
+            raise InvalidArgumentError(f"give exactly one of lat= and lon=, cell= or vector=; got {', '.join(given) or 'none'}")
+        res = self._res(res, model)
+        data = self._data(model, res)
+        origin = None
+        if vector is not None:
+            query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+            if query.shape[1] != self.dim(model) or not np.isfinite(query).all():
+                raise InvalidArgumentError(f"vector must hold {self.dim(model)} finite numbers, got shape {query.shape[1:]}")
+        elif cell is not None:
+            cid = hex_to_cell(cell)
+            row = data.rows(np.array([cid], dtype=np.uint64))[0]
+            if row < 0:
+                raise InvalidArgumentError(f"cell {cid:x} is not in this atlas at resolution {res}")
+            query = data.vectors(np.array([row]))
+            origin = tuple(x[0] for x in cells_to_latlng(np.array([cid], dtype=np.uint64)))
+        else:
+            if lat is None or lon is None:
+                raise InvalidArgumentError("give both lat= and lon=")
+            query = self.lookup([lat], [lon], res=res, model=model)
+            origin = (float(lat), float(lon))
+        if exclude_within_km is not None and origin is None:
+            raise InvalidArgumentError("exclude_within_km needs a place (lat/lon or cell), not a vector")
+        if bbox is not None and (len(bbox) != 4 or not bbox[0] <= bbox[2] or not bbox[1] <= bbox[3]):
+            raise InvalidArgumentError(f"bbox must be (min_lon, min_lat, max_lon, max_lat), got {bbox!r}")
+        query = normalize(query)
+        index, info = self._index(model, res)
+
+        def exact(ids: NDArray[np.int64]) -> NDArray[np.float32]:
+            return normalize(data.vectors(data.rows(ids.astype(np.uint64))))
+
+        return _filtered_search(index, info, query, k, exact, data, bbox, exclude_within_km, origin)
+
+    # ----------------------------------------------------------------- SQL
+    def connect(self) -> Any:
+        """A DuckDB connection with the ``embeddings`` view(s) and h3 SQL functions.
+
+        Views: ``embeddings`` (the only or first model) and ``embeddings_<model>`` for each:
+        ``cell UBIGINT, res INTEGER, lat DOUBLE, lon DOUBLE, embedding FLOAT[]``. Functions
+        named as in DuckDB's h3 extension: ``h3_latlng_to_cell(lat, lng, res)``,
+        ``h3_cell_to_lat``, ``h3_cell_to_lng``, ``h3_cell_to_parent``, ``h3_cell_to_resolution``.
+        """
+        from query.sql import connect
+
+        return connect(self)
+
+    def sql(self, text: str) -> pa.Table:
+        """Run SQL on :meth:`connect`'s connection and return an Arrow table."""
+        from query.sql import run_sql
+
+        return run_sql(self.connect(), text)
+
+    def _parquet_glob(self, name: str) -> str:
+        path, manifest = self._datasets[name]
+        return str(path / "parquet" / "res=*" / "shard=*" / "*.parquet")
+
+
+def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> None:
+    bad = invalid_mask(lat, lon)
+    if bad.any():
+        as_coordinates(lat=lat, lon=lon)  # raises with the first bad index
+    missing = np.isnan(emb[:, 0])
+    if missing.any():
+        i = int(np.flatnonzero(missing)[0])
+        raise InvalidCoordinateError(
+            f"{int(missing.sum())} of {len(lat)} points fall in cells this atlas does not hold at resolution {res} "
+            f"(a land-only atlas has no open-ocean cells); first at index {i}: lat={lat[i]}, lon={lon[i]}. "
+            "Pass on_invalid='null' to get NaN rows instead"
+        )
+
+
+def _as_table(points: Any) -> pa.Table:
+    if isinstance(points, pa.Table):
+        return points
+    if isinstance(points, (str, os.PathLike)):
+        return read_points(points)
+    if hasattr(points, "to_arrow") and type(points).__module__.startswith("polars"):
+        return points.to_arrow()
+    if type(points).__module__.startswith("pandas"):
+        return pa.Table.from_pandas(points, preserve_index=False)
+    if isinstance(points, pa.RecordBatch):
+        return pa.Table.from_batches([points])
+    raise InvalidArgumentError(
+        f"cannot join onto {type(points).__name__}; give a pyarrow Table, a pandas or polars DataFrame, "
+        "or a .parquet/.csv path"
+    )
+
+
+def _haversine_km(lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: ArrayLike) -> NDArray[np.float64]:
+    """Great-circle distance in km between points in degrees (numpy broadcasting)."""
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dl = np.radians(np.asarray(lon2) - np.asarray(lon1))
+    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
+
+
+def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.float64], cells: NDArray[np.uint64],
+                 res: int) -> NDArray[np.float32]:
+    """Inverse-distance blend of the three nearest stored cell centres to each point.
+
+    The three nearest centres to a point are always among its cell and that cell's
+    neighbours. A point on a centre gets exactly that centre's embedding.
+    """
+    import h3.api.numpy_int as h3i
+
+    n = len(cells)
+    disks = np.zeros((n, 7), dtype=np.uint64)
+    for i, c in enumerate(cells.tolist()):
+        disk = h3i.grid_disk(c, 1)  # 7 cells; 6 around a pentagon (the 7th repeats, masked below)
+        disks[i, : len(disk)], disks[i, len(disk):] = disk, disk[0]
+    rows = data.rows(disks.ravel()).reshape(n, 7)
+    c_lat, c_lon = cells_to_latlng(disks.ravel())
+    dist = _haversine_km(c_lat.reshape(n, 7), c_lon.reshape(n, 7), lat[:, None], lon[:, None])
+    duplicate = np.zeros((n, 7), dtype=bool)
+    duplicate[:, 1:] = disks[:, 1:] == disks[:, :1]
+    dist[(rows < 0) | duplicate] = np.inf
+    nearest = np.argsort(dist, axis=1)[:, :3]
+    d3 = np.take_along_axis(dist, nearest, axis=1)
+    r3 = np.take_along_axis(rows, nearest, axis=1)
+    weights = np.where(np.isfinite(d3), 1.0 / np.maximum(d3, 1e-9), 0.0)
+    weights[d3[:, 0] < 1e-6] = [1.0, 0.0, 0.0]
+    total = weights.sum(axis=1, keepdims=True)
+    weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+    vecs = data.vectors(np.maximum(r3, 0).ravel()).reshape(n, 3, -1)
+    out = np.einsum("nk,nkd->nd", weights, vecs).astype(np.float32)
+    out[total[:, 0] == 0] = np.nan
+    return out
+
+
+def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32], k: int, exact: Any,
+                     data: _Resolution, bbox: Any, exclude_km: float | None, origin: Any) -> pa.Table:
+    from catalog.vector_index import reranked_search
+
+    n = len(data.cells)
+    fetch = k
+    while True:
+        scores, ids = reranked_search(index, query, min(fetch, n), exact, rerank=info["rerank"])
+        keep = ids[0] >= 0
+        cells = ids[0][keep].astype(np.uint64)
+        scores = scores[0][keep]
+        lat, lon = cells_to_latlng(cells)
+        ok = np.ones(len(cells), dtype=bool)
+        if bbox is not None:
+            ok &= (lon >= bbox[0]) & (lat >= bbox[1]) & (lon <= bbox[2]) & (lat <= bbox[3])
+        if exclude_km is not None:
+            ok &= _haversine_km(lat, lon, origin[0], origin[1]) >= exclude_km
+        if ok.sum() >= k or fetch >= n:
+            sel = np.flatnonzero(ok)[:k]
+            return pa.table({"cell": pa.array(cells[sel], pa.uint64()), "lat": lat[sel], "lon": lon[sel],
+                             "score": pa.array(scores[sel], pa.float32())})
+        fetch *= 8
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("HEXATLAS_CACHE") or Path.home() / ".cache" / "hexatlas")
+
+
+def _decoded(path: Path, manifest: dict[str, Any], res: int) -> _Resolution:
+    """Memory-map (making it first if needed) the decoded copy of one resolution."""
+    import pyarrow.parquet as pq
+
+    info = manifest["resolutions"][str(res)]
+    digests = {rec["path"]: rec["sha256"] for rec in manifest["files"]}
+    key = hashlib.sha256(json.dumps([digests.get(p) for p in info["parquet"]]).encode()).hexdigest()[:24]
+    cache = _cache_dir() / key
+    quant = manifest.get("quantization")
+    scale = np.asarray(quant["scale"], np.float32) if quant else None
+    offset = np.asarray(quant["offset"], np.float32) if quant else None
+    if not (cache / "done").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tables = []
+        for rel in info["parquet"]:
+            if not (path / rel).is_file():
+                raise AtlasCorruptError(f"{path / rel} is missing; run 'hexatlas validate {path.parent}'")
+            tables.append(pq.read_table(path / rel, columns=["cell", "embedding"]))
+        table = pa.concat_tables(tables)
+        if table.num_rows != info["cells"]:
+            raise AtlasCorruptError(f"resolution {res} of {path} has {table.num_rows} rows, manifest says {info['cells']}")
+        col = table.column("embedding").combine_chunks()
+        values = col.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, col.type.list_size)
+        tmp = cache / f".tmp-{os.getpid()}-{threading.get_ident()}"
+        tmp.mkdir(exist_ok=True)
+        np.save(tmp / "cells.npy", table.column("cell").to_numpy())
+        np.save(tmp / "values.npy", values)
+        for name in ("cells.npy", "values.npy"):
+            os.replace(tmp / name, cache / name)
+        tmp.rmdir()
+        (cache / "done").write_text(str(path))
+    return _Resolution(np.load(cache / "cells.npy", mmap_mode="r"), np.load(cache / "values.npy", mmap_mode="r"),
+                       scale, offset)
