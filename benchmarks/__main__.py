@@ -8,7 +8,7 @@ import sys
 
 from benchmarks._common import machine, markdown
 
-SUITES = ["encoders", "builder"]
+SUITES = ["encoders", "builder", "query"]
 
 
 def main() -> int:

@@ -54,6 +54,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}{threads}"
 
 
+def _num(v: float) -> str:
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
+
+
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| benchmark | case | result | baseline (same run) | ratio | target |",
@@ -61,7 +67,7 @@ def markdown(rows: list[Row]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.group} | {r.case} | {r.value:,.0f} {r.unit} | {r.baseline_name}: {r.baseline_value:,.0f} {r.unit} "
+            f"| {r.group} | {r.case} | {_num(r.value)} {r.unit} | {r.baseline_name}: {_num(r.baseline_value)} {r.unit} "
             f"| {r.ratio:.2f}x | {r.target} |"
         )
     return "\n".join(lines)
