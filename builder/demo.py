@@ -1,9 +1,9 @@
 """``make demo``: build a GeoCLIP atlas for H3 resolutions 0-3 on this machine and show it.
 
 Run as ``python -m builder.demo --output DIR``. Builds (or resumes, or reuses) the atlas,
-validates it, then shows what it holds: a SQL join of well-known places onto the embeddings
-with DuckDB over the Parquet files (checked against encoding the places exactly), and the
-places most similar to each through the FAISS index.
+validates it, then shows it through the query layer: cells per resolution in SQL, a join of
+well-known places onto the atlas (with and without interpolation, against encoding the
+places exactly) and, for each place, the most similar cells elsewhere.
 """
 
 from __future__ import annotations
@@ -21,39 +21,32 @@ PLACES = [
 ]
 
 
-def _show(dataset: Path, res: int, encoder) -> None:
-    import duckdb
-    import faiss
-    import h3.api.numpy_int as h3i
+def _show(atlas_dir: Path, model: str, encoder) -> None:
     import pyarrow as pa
 
-    from catalog.manifest import read_manifest
+    import query
     from catalog.vector_index import normalize
+    from query.cli import emit
 
-    manifest = read_manifest(dataset)
+    atlas = query.open(atlas_dir)
+    res = atlas.resolutions(model)[-1]
+    print(f"\n{atlas!r}")
+    emit(atlas.sql("SELECT res, count(*) AS cells, min(lat) AS min_lat, max(lat) AS max_lat FROM embeddings "
+                   "GROUP BY res ORDER BY res"), "table")
     names, lat, lon = zip(*PLACES)
-    points = pa.table({
-        "name": names, "lat": lat, "lon": lon,
-        "cell": pa.array([h3i.latlng_to_cell(a, o, res) for a, o in zip(lat, lon)], pa.uint64()),
-    })
-    con = duckdb.connect()
-    con.register("places", points)
-    joined = con.sql(
-        f"SELECT p.name, p.lat, p.lon, e.cell, e.embedding FROM places p "
-        f"JOIN read_parquet('{dataset}/parquet/res={res}/*/*.parquet') e USING (cell) ORDER BY p.name"
-    ).to_arrow_table()
-    stored = np.stack(joined.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    exact = encoder.encode(lat=joined.column("lat").to_numpy(), lon=joined.column("lon").to_numpy())
-    cosine = np.sum(normalize(stored) * normalize(exact), axis=1)
-
-    index = faiss.read_index(str(dataset / manifest["resolutions"][str(res)]["index"]["path"]))
-    _, found = index.search(normalize(stored), 4)
-    print(f"\nPlaces joined onto the res-{res} embeddings in SQL (DuckDB over the Parquet files):")
-    print(f"{'place':<10} {'cell':>16}  {'cos(atlas, exact)':>17}  most similar cells (lat, lon)")
-    for i, name in enumerate(joined.column("name").to_pylist()):
-        near = [h3i.cell_to_latlng(np.uint64(c)) for c in found[i] if c != joined.column("cell")[i].as_py()][:3]
-        near_txt = "  ".join(f"({a:5.1f}, {o:6.1f})" for a, o in near)
-        print(f"{name:<10} {joined.column('cell')[i].as_py():>16x}  {cosine[i]:>17.3f}  {near_txt}")
+    joined = atlas.join(pa.table({"name": names, "lat": lat, "lon": lon}), model=model)
+    stored = np.stack(joined.column("embedding").to_numpy(zero_copy_only=False))
+    blended = atlas.lookup(lat, lon, model=model, interpolate=True)
+    exact = encoder.encode(lat=lat, lon=lon)
+    cos_cell = np.sum(normalize(stored) * normalize(exact), axis=1)
+    cos_blend = np.sum(normalize(blended) * normalize(exact), axis=1)
+    print(f"\nPlaces joined onto the res-{res} atlas; cosine similarity to the exact embedding of the cell's")
+    print("embedding and of the interpolated one; then the most similar cells more than 300 km away:")
+    print(f"{'place':<10} {'cell':>16} {'cell':>6} {'interp':>6}  similar places (lat, lon, cosine)")
+    for i, name in enumerate(names):
+        near = atlas.similar(lat=lat[i], lon=lon[i], k=3, model=model, exclude_within_km=300).to_pylist()
+        near_txt = "  ".join(f"({r['lat']:5.1f}, {r['lon']:6.1f}, {r['score']:.2f})" for r in near)
+        print(f"{name:<10} {joined.column('cell')[i].as_py():>16x} {cos_cell[i]:>6.3f} {cos_blend[i]:>6.3f}  {near_txt}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,14 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built {summary}")
         problems = validate_dataset(dataset)
         print(f"validate: {'ok' if not problems else '; '.join(problems)}")
-        from catalog.manifest import read_manifest
-
-        finest = max(int(r) for r in read_manifest(dataset)["resolutions"])
-        _show(dataset, finest, encoder)
+        _show(Path(args.output), dataset.name, encoder)
     except HexatlasError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
-    print(f"\nNext: hexatlas validate {args.output}   |   files: {dataset}/manifest.json, collection.json")
+    print(f"\nTry: hexatlas info {args.output}; hexatlas similar {args.output} --lat 48.85 --lon 2.35 -k 5; "
+          f"hexatlas sql {args.output} \"SELECT * FROM embeddings LIMIT 3\"")
     return 0
 
 
