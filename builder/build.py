@@ -65,6 +65,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "resolutions", parse_resolutions(self.resolutions))
         object.__setattr__(self, "output", Path(self.output))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", str(self.checkpoint))
         if self.precision not in PRECISIONS:
             raise InvalidArgumentError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.batch_size is not None and self.batch_size <= 0:

@@ -10,11 +10,14 @@ __all__ = ["cell_to_hex", "cells_to_latlng", "hex_to_cell", "latlng_to_cells"]
 
 def latlng_to_cells(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> NDArray[np.uint64]:
     """H3 cells (uint64) holding each point (degrees) at resolution ``res``; shape (n,)."""
-    import h3.api.numpy_int as h3i
-
-    # h3-py has no array API: one C call per point (~1 us) through a generator, no lists.
-    return np.fromiter((h3i.latlng_to_cell(a, o, res) for a, o in zip(lat.tolist(), lon.tolist())),
-                       dtype=np.uint64, count=len(lat))
+    # h3-py has no array API, so this is one C call per point. Its Cython core skips the
+    # public wrapper's per-call conversions: ~0.45 us a point instead of ~0.9 us.
+    try:
+        from h3._cy import latlng_to_cell as to_cell
+    except ImportError:  # a future h3-py may move it; the public API is always there
+        from h3.api.numpy_int import latlng_to_cell as to_cell
+    lat_l, lon_l = np.asarray(lat, np.float64).tolist(), np.asarray(lon, np.float64).tolist()
+    return np.fromiter(map(to_cell, lat_l, lon_l, [int(res)] * len(lat_l)), dtype=np.uint64, count=len(lat_l))
 
 
 def cells_to_latlng(cells: NDArray[np.uint64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:

@@ -78,7 +78,10 @@ class _Resolution:
 
     def rows(self, cells: NDArray[np.uint64]) -> NDArray[np.int64]:
         """Row of each cell, -1 where the atlas does not hold it."""
-        pos = np.searchsorted(self.cells, cells)
+        # Sorted keys make searchsorted walk the table once instead of jumping around it.
+        order = np.argsort(cells, kind="stable")
+        pos = np.empty(len(cells), dtype=np.int64)
+        pos[order] = np.searchsorted(self.cells, cells[order])
         pos_c = np.minimum(pos, len(self.cells) - 1)
         return np.where(self.cells[pos_c] == cells, pos_c, -1)
 
@@ -226,9 +229,12 @@ class Atlas:
         res = self._res(res, model)
         lat, lon = coordinate_columns(table, lat_col=lat_col, lon_col=lon_col, allow_invalid=on_invalid == "null")
         bad = invalid_mask(lat, lon)
-        emb = np.full((lat.size, self.dim(model)), np.nan, dtype=np.float32)
-        cells = np.zeros(lat.size, dtype=np.uint64)
-        cells[~bad], emb[~bad] = self._embed(lat[~bad], lon[~bad], res, model, interpolate)
+        if bad.any():
+            emb = np.full((lat.size, self.dim(model)), np.nan, dtype=np.float32)
+            cells = np.zeros(lat.size, dtype=np.uint64)
+            cells[~bad], emb[~bad] = self._embed(lat[~bad], lon[~bad], res, model, interpolate)
+        else:  # the common case: no masked copies of a (n, dim) matrix
+            cells, emb = self._embed(lat, lon, res, model, interpolate)
         if on_invalid == "raise":
             _raise_if_missing(emb, lat, lon, res)
         missing = np.isnan(emb[:, 0])
@@ -330,8 +336,7 @@ class Atlas:
         return run_sql(self.connect(), text)
 
     def _parquet_glob(self, name: str) -> str:
-        path, manifest = self._datasets[name]
-        return str(path / "parquet" / "res=*" / "shard=*" / "*.parquet")
+        return str(self._datasets[name][0] / "parquet" / "res=*" / "shard=*" / "*.parquet")
 
 
 def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> None:
