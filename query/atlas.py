@@ -177,7 +177,7 @@ class Atlas:
             out = data.vectors(np.maximum(rows, 0))
             out[rows < 0] = np.nan
             return cells, out
-        return cells, _interpolate(data, lat, lon, cells, res)
+        return cells, _interpolate(data, lat, lon, cells)
 
     def lookup(self, lat: ArrayLike, lon: ArrayLike, *, res: int | None = None, model: str | None = None,
                interpolate: bool = False, on_invalid: str = "raise") -> NDArray[np.float32]:
@@ -378,8 +378,8 @@ def _haversine_km(lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: Array
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
 
 
-def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.float64], cells: NDArray[np.uint64],
-                 res: int) -> NDArray[np.float32]:
+def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.float64],
+                 cells: NDArray[np.uint64]) -> NDArray[np.float32]:
     """Inverse-distance blend of the three nearest stored cell centres to each point.
 
     The three nearest centres to a point are always among its cell and that cell's
