@@ -101,18 +101,14 @@ def configure_lookup(parser: argparse.ArgumentParser) -> None:
 
 def run_lookup(args: argparse.Namespace) -> int:
     import query
+    from catalog.errors import InvalidCoordinateError
 
-    table = query.open(args.atlas).join(pa.table({"lat": args.lat, "lon": args.lon}) if len(args.lat) == len(args.lon)
-                                        else _mismatch(args), res=args.res, model=args.model,
+    if len(args.lat) != len(args.lon):
+        raise InvalidCoordinateError(f"--lat has {len(args.lat)} values but --lon has {len(args.lon)}")
+    table = query.open(args.atlas).join(pa.table({"lat": args.lat, "lon": args.lon}), res=args.res, model=args.model,
                                         interpolate=args.interpolate)
     emit(table, args.format)
     return 0
-
-
-def _mismatch(args: argparse.Namespace) -> pa.Table:
-    from catalog.errors import InvalidCoordinateError
-
-    raise InvalidCoordinateError(f"--lat has {len(args.lat)} values but --lon has {len(args.lon)}")
 
 
 def configure_join(parser: argparse.ArgumentParser) -> None:

@@ -255,3 +255,5 @@ def test_cli_commands(atlas_dir, tmp_path, capsys) -> None:
     assert "SQL failed" in capsys.readouterr().err
     assert main(["lookup", root, "--lat", "95", "--lon", "0", "--model", MODEL]) == 2
     assert main(["similar", root, "--lat", "1", "--lon", "1", "-k", "0", "--model", MODEL]) == 2
+    assert main(["lookup", root, "--lat", "1", "2", "--lon", "1", "--model", MODEL]) == 2
+    assert "--lat has 2 values but --lon has 1" in capsys.readouterr().err
