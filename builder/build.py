@@ -30,7 +30,7 @@ import pyarrow as pa
 from builder.grid import Shard, cell_centers, parse_resolutions, plan_shards, shard_cells
 from catalog import manifest as fmt
 from catalog.errors import AtlasBusyError, AtlasCorruptError, InvalidArgumentError
-from catalog.tables import embedding_array, write_parquet
+from catalog.tables import embedding_array, embedding_matrix, write_parquet
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -425,7 +425,7 @@ def _write_shard(dataset: Path, shard: Shard, cells: NDArray[np.uint64], lat: ND
     state.mark(_step_name(shard), {"res": shard.res, "rows": int(cells.size), "file": fmt.file_record(dataset, rel)})
 
 
-def read_embeddings(dataset: Path, parquet: list[str],
+def _read_shards(dataset: Path, parquet: list[str],
                     columns: tuple[str, ...] = ("cell", "lat", "lon", "embedding")) -> pa.Table:
     """Concatenate a resolution's shard files (already in cell order)."""
     import pyarrow.parquet as pq
@@ -434,9 +434,7 @@ def read_embeddings(dataset: Path, parquet: list[str],
 
 
 def _dense(table: pa.Table, quantizer: Quantizer | None) -> NDArray[np.float32]:
-    col = table.column("embedding").combine_chunks()
-    dim = col.type.list_size
-    values = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    values = embedding_matrix(table.column("embedding"))
     if quantizer is not None:
         return values.astype(np.float32) * quantizer.scale + quantizer.offset
     return values.astype(np.float32, copy=False)
@@ -455,8 +453,7 @@ def _finish_zarr(dataset: Path, res: int, parquet: list[str], state: _BuildState
         tmp.parent.mkdir(parents=True, exist_ok=True)
         first = True
         for table in _zarr_blocks(dataset, parquet):
-            values = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
-            values = values.reshape(table.num_rows, -1)
+            values = embedding_matrix(table.column("embedding"))
             ds = xr.Dataset(
                 {"embedding": (("cell_ids", "dim"), values)},
                 coords={
@@ -492,7 +489,7 @@ def _zarr_blocks(dataset: Path, parquet: list[str], block_cells: int = 1 << 20) 
     buffered: list[pa.Table] = []
     rows = 0
     for rel in parquet:
-        table = read_embeddings(dataset, [rel])
+        table = _read_shards(dataset, [rel])
         buffered.append(table)
         rows += table.num_rows
         if rows >= block_cells:
@@ -507,14 +504,14 @@ def _zarr_blocks(dataset: Path, parquet: list[str], block_cells: int = 1 << 20) 
 def _finish_index(dataset: Path, res: int, parquet: list[str], state: _BuildState,
                   quantizer: Quantizer | None) -> dict[str, Any]:
     """Build ``index/res=<r>.faiss`` once and measure its recall@10; returns its description."""
-    from catalog.vector_index import EXACT_MAX_CELLS, ivf_lists, normalize, reranked_search, require_faiss
+    from catalog.vector_index import EXACT_MAX_CELLS, ivf_lists, normalize, require_faiss
 
     record = state.done(f"index-res={res}")
     rel = fmt.index_relpath(res)
     if record is not None and (dataset / rel).is_file():
         return record
     faiss = require_faiss()
-    table = read_embeddings(dataset, parquet, columns=("cell", "embedding"))
+    table = _read_shards(dataset, parquet, columns=("cell", "embedding"))
     vectors = normalize(_dense(table, quantizer))
     ids = table.column("cell").to_numpy().astype(np.int64)  # H3 indexes < 2**63
     n, dim = vectors.shape
@@ -525,7 +522,7 @@ def _finish_index(dataset: Path, res: int, parquet: list[str], state: _BuildStat
         rng = np.random.default_rng(0)
         index = _train_and_add(faiss, faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT),
                                vectors[rng.choice(n, min(n, 40 * nlist), replace=False)], vectors, ids)
-        recall, rerank, nprobe = _tune_ivf(faiss, index, vectors, ids, rng, reranked_search)
+        recall, rerank, nprobe = _tune_ivf(faiss, index, vectors, ids, rng)
         if nprobe is None:
             log.warning("IVF%d reached recall@10 %.3f < 0.95 at res %d; keeping an exact index", nlist, recall, res)
             index = None
@@ -560,13 +557,15 @@ def _train_and_add(faiss: Any, index: Any, sample: NDArray[np.float32], vectors:
 
 
 def _tune_ivf(faiss: Any, index: Any, vectors: NDArray[np.float32], ids: NDArray[np.int64],
-              rng: np.random.Generator, reranked_search: Any) -> tuple[float, int, int | None]:
+              rng: np.random.Generator) -> tuple[float, int, int | None]:
     """Smallest nprobe whose re-ranked recall@10 against exact search reaches 0.95.
 
     A result counts as a hit when its exact score reaches the true 10th score (so ties
     between equally similar cells are not misses). Returns nprobe None when no setting
     reaches the target; the caller then keeps an exact index.
     """
+    from catalog.vector_index import reranked_search
+
     k, rerank = 10, 4
     queries = vectors[rng.choice(len(vectors), 100, replace=False)]  # exact search is the cost here
     exact_scores, _ = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)

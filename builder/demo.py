@@ -25,6 +25,8 @@ def _show(atlas_dir: Path, model: str, encoder) -> None:
     import pyarrow as pa
 
     import query
+    from catalog.cells import cell_to_hex
+    from catalog.tables import embedding_matrix
     from catalog.vector_index import normalize
     from query.cli import emit
 
@@ -35,7 +37,7 @@ def _show(atlas_dir: Path, model: str, encoder) -> None:
                    "GROUP BY res ORDER BY res"), "table")
     names, lat, lon = zip(*PLACES)
     joined = atlas.join(pa.table({"name": names, "lat": lat, "lon": lon}), model=model)
-    stored = np.stack(joined.column("embedding").to_numpy(zero_copy_only=False))
+    stored = embedding_matrix(joined.column("embedding"))
     blended = atlas.lookup(lat, lon, model=model, interpolate=True)
     exact = encoder.encode(lat=lat, lon=lon)
     cos_cell = np.sum(normalize(stored) * normalize(exact), axis=1)
@@ -46,7 +48,7 @@ def _show(atlas_dir: Path, model: str, encoder) -> None:
     for i, name in enumerate(names):
         near = atlas.similar(lat=lat[i], lon=lon[i], k=3, model=model, exclude_within_km=300).to_pylist()
         near_txt = "  ".join(f"({r['lat']:5.1f}, {r['lon']:6.1f}, {r['score']:.2f})" for r in near)
-        print(f"{name:<10} {joined.column('cell')[i].as_py():>16x} {cos_cell[i]:>6.3f} {cos_blend[i]:>6.3f}  {near_txt}")
+        print(f"{name:<10} {cell_to_hex(joined.column('cell')[i].as_py()):>16} {cos_cell[i]:>6.3f} {cos_blend[i]:>6.3f}  {near_txt}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,7 @@ def parse_resolutions(spec: str | int | Iterable[int]) -> tuple[int, ...]:
 
 @dataclass(frozen=True, order=True)
 class Shard:
-    """All cells of resolution ``res`` under ``parent`` (an H3 cell at ``parent_res``).
+    """All cells of resolution ``res`` under ``parent`` (an H3 cell at :func:`shard_resolution`).
 
     ``parent`` is None for a one-shard resolution. ``key`` names the shard in file paths.
     """
@@ -84,14 +84,6 @@ class Shard:
     @property
     def key(self) -> str:
         return "all" if self.parent is None else f"{self.parent:x}"
-
-    @property
-    def parent_res(self) -> int | None:
-        if self.parent is None:
-            return None
-        import h3.api.numpy_int as h3i
-
-        return int(h3i.get_resolution(np.uint64(self.parent)))
 
     def __str__(self) -> str:
         return f"res={self.res}/shard={self.key}"

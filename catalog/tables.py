@@ -18,7 +18,7 @@ from catalog.errors import InputFileError, InvalidCoordinateError, UnknownColumn
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-__all__ = ["atomic_path", "coordinate_columns", "embedding_array", "read_points", "write_parquet"]
+__all__ = ["atomic_path", "coordinate_columns", "embedding_array", "embedding_matrix", "read_points", "write_parquet"]
 
 POINT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -89,6 +89,17 @@ def embedding_array(values: NDArray[Any]) -> pa.FixedSizeListArray:
     """A (n, dim) numpy array as an Arrow fixed-size-list column, without copying."""
     values = np.ascontiguousarray(values)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> NDArray[Any]:
+    """A fixed-size-list embedding column as a (n, dim) numpy array in its stored dtype.
+
+    The inverse of :func:`embedding_array`; rows must not be null.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
 @contextlib.contextmanager

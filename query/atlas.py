@@ -32,7 +32,7 @@ from catalog.errors import (
     UnknownResolutionError,
 )
 from catalog.manifest import BUILD_DIR, MANIFEST, read_manifest
-from catalog.tables import coordinate_columns, embedding_array, read_points
+from catalog.tables import coordinate_columns, embedding_array, embedding_matrix, read_points
 
 __all__ = ["Atlas", "open_atlas"]
 
@@ -460,8 +460,7 @@ def _decoded(path: Path, manifest: dict[str, Any], res: int) -> _Resolution:
         table = pa.concat_tables(tables)
         if table.num_rows != info["cells"]:
             raise AtlasCorruptError(f"resolution {res} of {path} has {table.num_rows} rows, manifest says {info['cells']}")
-        col = table.column("embedding").combine_chunks()
-        values = col.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, col.type.list_size)
+        values = embedding_matrix(table.column("embedding"))
         tmp = cache / f".tmp-{os.getpid()}-{threading.get_ident()}"
         tmp.mkdir(exist_ok=True)
         np.save(tmp / "cells.npy", table.column("cell").to_numpy())

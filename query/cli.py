@@ -10,6 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from catalog.cells import cell_to_hex
+
 __all__ = [f"{verb}_{cmd}" for cmd in ("info", "lookup", "join", "similar", "sql", "validate")
            for verb in ("configure", "run")]
 
@@ -52,7 +54,7 @@ def emit(table: pa.Table, fmt: str, *, out: Any = None) -> None:
         if isinstance(v, float):
             return f"{v:.6g}"
         if isinstance(v, int) and v > 2**52:  # H3 cells read best in hex
-            return f"{v:x}"
+            return cell_to_hex(v)
         return "" if v is None else str(v)
     if fmt == "csv":
         import csv

@@ -61,13 +61,13 @@ def _cell_to_resolution(cell: pa.Array) -> pa.Array:
     return pa.array(((values >> np.uint64(52)) & np.uint64(15)).astype(np.int32), mask=_to_numpy(cell.is_null()))
 
 
-def _register_functions(con: Any) -> str:
-    """Load the h3 extension if installed, else register the UDFs; returns which."""
+def _register_functions(con: Any) -> None:
+    """Load the h3 extension if it is installed, else register the UDFs."""
     import duckdb
 
     try:
         con.execute("LOAD h3")
-        return "extension"
+        return
     except duckdb.Error:
         pass
     try:
@@ -81,7 +81,6 @@ def _register_functions(con: Any) -> str:
     con.create_function("h3_cell_to_lng", lambda c: _cell_to_latlng(c, 1), [UBIGINT], DOUBLE, **arrow)
     con.create_function("h3_cell_to_parent", _cell_to_parent, [UBIGINT, INTEGER], UBIGINT, **arrow)
     con.create_function("h3_cell_to_resolution", _cell_to_resolution, [UBIGINT], INTEGER, **arrow)
-    return "udf"
 
 
 def connect(atlas: Atlas) -> Any:

@@ -19,7 +19,7 @@ from catalog.errors import (
     UnknownEncoderError,
 )
 from catalog.provenance import Provenance, sha256_file
-from catalog.tables import atomic_path, coordinate_columns, embedding_array, read_points, write_parquet
+from catalog.tables import atomic_path, coordinate_columns, embedding_array, embedding_matrix, read_points, write_parquet
 
 
 def test_errors_are_also_builtin_errors() -> None:
@@ -76,6 +76,9 @@ def test_write_parquet_is_atomic_and_keeps_metadata(tmp_path) -> None:
     back = pq.read_table(tmp_path / "sub" / "t.parquet")
     assert back.schema.metadata[b"k"] == b"v"
     np.testing.assert_array_equal(np.stack(back.column("embedding").to_numpy(zero_copy_only=False)), emb)
+
+    sliced = pa.chunked_array([embedding_array(emb).slice(1), embedding_array(emb[:1])])
+    np.testing.assert_array_equal(embedding_matrix(sliced), np.concatenate([emb[1:], emb[:1]]))
 
     target = tmp_path / "keep.txt"
     target.write_text("old")
