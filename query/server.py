@@ -1,0 +1,380 @@
+"""``hexatlas serve``: a read-only HTTP/JSON API and a map page over an atlas.
+
+Built on FastAPI (the OpenAPI description is at ``/openapi.json``) and served by uvicorn.
+What it offers is what :class:`query.Atlas` offers, minus SQL: health, info, lookup (one
+point by GET, many by POST), similar-place search and the map layer the page draws. Every
+input is checked; a bad one gets a 4xx answer whose ``detail`` says what is wrong. Request
+bodies, batch lengths, ``k`` and concurrent connections are bounded (:class:`Limits`).
+
+Cells travel as hex strings (``"8a2a1072b59ffff"``): JSON numbers cannot hold a uint64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catalog.cells import cell_to_hex
+from catalog.errors import (
+    AtlasCorruptError,
+    HexatlasError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    UnknownEncoderError,
+    UnknownResolutionError,
+)
+
+try:
+    import orjson
+    from fastapi import FastAPI, Query, Request
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError as exc:
+    raise MissingDependencyError(f"hexatlas serve needs FastAPI: pip install 'hexatlas[serve]' ({exc})") from exc
+
+__all__ = ["Limits", "create_app", "serve", "configure_serve", "run_serve"]
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).with_name("web")
+# Front-end files the page loads, all from packages npm installs into web/node_modules
+# (query/web/package.json); the page fetches nothing from the internet.
+VENDOR_FILES = {
+    "deck.gl.min.js": "deck.gl/dist.min.js",
+    "h3-js.umd.js": "h3-js/dist/h3-js.umd.js",
+    "topojson-client.min.js": "topojson-client/dist/topojson-client.min.js",
+    "land-110m.json": "world-atlas/land-110m.json",
+}
+NPM_INSTALL = "npm ci --legacy-peer-deps --no-audit --no-fund --prefix {dir}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request, and the server as a whole, may ask for."""
+
+    max_body_bytes: int = 2 << 20
+    max_points: int = 10_000
+    max_k: int = 1_000
+    max_connections: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_points", "max_k", "max_connections"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise InvalidArgumentError(f"Limits.{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+def _status(exc: HexatlasError) -> int:
+    if isinstance(exc, (UnknownEncoderError, UnknownResolutionError)):
+        return 404
+    if isinstance(exc, AtlasCorruptError):
+        return 500
+    return 400
+
+
+class _BodyLimit:
+    """ASGI middleware: answer 413 to a body over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._reject(send)
+        if declared is not None:
+            return await self.app(scope, receive, send)
+        # A streamed body (no Content-Length): read it here, up to the limit, then replay it.
+        chunks, seen, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await self._reject(send)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:  # later reads wait for the disconnect, as the server's own receive does
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send: Any) -> None:
+        body = (f'{{"detail": "request body over {self.limit} bytes; send fewer points per request"}}').encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class Point(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lat: float = Field(description="latitude, degrees, -90..90")
+    lon: float = Field(description="longitude, degrees, -180..180")
+
+
+class LookupBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    points: list[Point] = Field(min_length=1, description="at most Limits.max_points (default 10,000)")
+    res: int | None = Field(None, description="H3 resolution (default: the finest built)")
+    model: str | None = Field(None, description="dataset, when the atlas holds several models")
+    interpolate: bool = Field(False, description="blend the three nearest cell centres")
+    on_invalid: str = Field("raise", pattern="^(raise|null)$",
+                            description="bad or missing points: 400 (raise) or null results (null)")
+
+
+class Embedding(BaseModel):
+    cell: str | None
+    embedding: list[float] | None
+
+
+class LookupOne(Embedding):
+    model: str
+    res: int
+    lat: float
+    lon: float
+
+
+class LookupMany(BaseModel):
+    model: str
+    res: int
+    results: list[Embedding]
+
+
+class Neighbour(BaseModel):
+    cell: str
+    lat: float
+    lon: float
+    score: float = Field(description="cosine similarity to the query")
+
+
+class SimilarResult(BaseModel):
+    model: str
+    res: int
+    results: list[Neighbour]
+
+
+class MapData(BaseModel):
+    model: str
+    res: int
+    cells: list[str]
+    colors: list[int] = Field(description="r, g, b per cell, flattened, 0..255")
+    explained_variance: list[float]
+
+
+def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
+    """The FastAPI application serving ``atlas`` (an :class:`query.Atlas` or a path)."""
+    import query
+    from query.mapping import map_layer
+
+    if not isinstance(atlas, query.Atlas):
+        atlas = query.open(atlas)
+    limits = limits or Limits()
+
+    def respond(payload: Any) -> Response:
+        # orjson writes numpy arrays directly: 10,000 x 512 floats in well under a second.
+        return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+    app = FastAPI(
+        title="hexatlas", version=_version(),
+        description="Read-only access to precomputed location embeddings on the H3 grid.",
+        docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; /openapi.json is served
+    )
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+    app.state.atlas, app.state.limits = atlas, limits
+    layers: dict[tuple[str, int], Any] = {}
+
+    @app.exception_handler(HexatlasError)
+    async def _domain_error(request: Request, exc: HexatlasError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=_status(exc))
+
+    @app.get("/v1/health", tags=["atlas"])
+    def health() -> dict[str, Any]:
+        """Liveness: the models served and whether the map page's front-end files are installed."""
+        return {"status": "ok", "models": atlas.models, "map_page": _missing_vendor() == []}
+
+    @app.get("/v1/info", tags=["atlas"])
+    def info() -> dict[str, Any]:
+        """Per model: provenance, dimension, precision, resolutions with cell counts and index."""
+        out = atlas.info()
+        for entry in out.values():
+            entry.pop("path", None)  # the server's file system is nobody's business
+        return out
+
+    @app.get("/v1/lookup", response_model=LookupOne, tags=["lookup"])
+    def lookup_one(lat: float = Query(description="latitude, degrees"),
+                   lon: float = Query(description="longitude, degrees"),
+                   res: int | None = None, model: str | None = None, interpolate: bool = False) -> Response:
+        """The embedding at one point."""
+        name = atlas._name(model)
+        r = atlas._res(res, name)
+        table = atlas.join(_points([lat], [lon]), res=r, model=name, interpolate=interpolate)
+        return respond({"model": name, "res": r, "lat": lat, "lon": lon,
+                        "cell": cell_to_hex(table.column("cell")[0].as_py()),
+                        "embedding": _matrix(table)[0]})
+
+    @app.post("/v1/lookup", response_model=LookupMany, tags=["lookup"])
+    def lookup_many(body: LookupBatch) -> Response:
+        """Embeddings at up to ``max_points`` points, in order."""
+        if len(body.points) > limits.max_points:
+            raise InvalidArgumentError(f"{len(body.points):,} points in one request; the limit is "
+                                       f"{limits.max_points:,}: split the batch")
+        name = atlas._name(body.model)
+        r = atlas._res(body.res, name)
+        table = atlas.join(_points([p.lat for p in body.points], [p.lon for p in body.points]), res=r,
+                           model=name, interpolate=body.interpolate, on_invalid=body.on_invalid)
+        cells = table.column("cell").to_pylist()
+        emb = _matrix(table)
+        results = [{"cell": None, "embedding": None} if c is None else {"cell": cell_to_hex(c), "embedding": e}
+                   for c, e in zip(cells, emb)]
+        return respond({"model": name, "res": r, "results": results})
+
+    @app.get("/v1/similar", response_model=SimilarResult, tags=["search"])
+    def similar(lat: float | None = None, lon: float | None = None,
+                cell: str | None = Query(None, description="H3 cell (hex) instead of lat/lon"),
+                k: int = Query(10, ge=1, le=limits.max_k), res: int | None = None, model: str | None = None,
+                bbox: str | None = Query(None, description="min_lon,min_lat,max_lon,max_lat"),
+                exclude_within_km: float | None = Query(None, ge=0)) -> Response:
+        """The ``k`` cells most similar to a place or a cell (cosine), best first."""
+        name = atlas._name(model)
+        r = atlas._res(res, name)
+        table = atlas.similar(lat=lat, lon=lon, cell=cell, k=k, res=r, model=name, bbox=_bbox(bbox),
+                              exclude_within_km=exclude_within_km)
+        rows = [{**row, "cell": cell_to_hex(row["cell"])} for row in table.to_pylist()]
+        return respond({"model": name, "res": r, "results": rows})
+
+    @app.get("/v1/map", response_model=MapData, tags=["map"])
+    def map_data(res: int | None = None, model: str | None = None) -> Response:
+        """One resolution's cells coloured by the first three principal components of the embeddings."""
+        name = atlas._name(model)
+        key = (name, atlas._res(res, name))
+        if key not in layers:
+            layers[key] = map_layer(atlas, key[1], name)
+        layer = layers[key]
+        return respond({"model": layer.model, "res": layer.res, "cells": [cell_to_hex(c) for c in layer.cells.tolist()],
+                        "colors": layer.rgb.ravel(), "explained_variance": list(layer.explained)})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> Response:
+        missing = _missing_vendor()
+        if missing:
+            return HTMLResponse(
+                "<h1>hexatlas: the map page's front-end packages are not installed</h1>"
+                f"<p>Missing: {', '.join(missing)}. Run <code>{NPM_INSTALL.format(dir=WEB_DIR)}</code> "
+                "(<code>make setup</code> does this), then reload. The API under /v1 works without them.</p>",
+                status_code=503)
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        if name in VENDOR_FILES:
+            path = WEB_DIR / "node_modules" / VENDOR_FILES[name]
+        elif name in ("app.js", "style.css"):
+            path = WEB_DIR / name
+        else:
+            return JSONResponse({"detail": f"no static file {name!r}"}, status_code=404)
+        if not path.is_file():
+            return JSONResponse({"detail": f"{name} is not installed: run {NPM_INSTALL.format(dir=WEB_DIR)}"},
+                                status_code=404)
+        return FileResponse(path)
+
+    return app
+
+
+def _points(lat: list[float], lon: list[float]) -> Any:
+    import pyarrow as pa
+
+    return pa.table({"lat": pa.array(lat, pa.float64()), "lon": pa.array(lon, pa.float64())})
+
+
+def _matrix(table: Any) -> list[Any]:
+    """The embedding column as a list of float32 rows (None for null rows)."""
+    from catalog.tables import embedding_matrix
+
+    column = table.column("embedding")
+    if column.null_count == 0:
+        return list(embedding_matrix(column))
+    return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
+
+
+def _bbox(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not all(np.isfinite(values)):
+        raise InvalidArgumentError(f"bbox {text!r}: give four numbers min_lon,min_lat,max_lon,max_lat")
+    return values
+
+
+def _missing_vendor() -> list[str]:
+    return [rel for rel in VENDOR_FILES.values() if not (WEB_DIR / "node_modules" / rel).is_file()]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hexatlas")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def serve(atlas: Any, *, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
+    """Serve ``atlas`` until interrupted. Binds to loopback unless ``host`` says otherwise."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MissingDependencyError("hexatlas serve needs uvicorn: pip install 'hexatlas[serve]'") from exc
+    limits = limits or Limits()
+    app = create_app(atlas, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=limits.max_connections)
+
+
+def configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("atlas", help="atlas directory (or one dataset directory)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max-points", type=int, default=Limits.max_points, help="most points per POST /v1/lookup")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import query
+
+    if not 0 < args.port < 65536:
+        raise InvalidArgumentError(f"--port must be 1..65535, got {args.port}")
+    atlas = query.open(args.atlas)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(f"hexatlas serve: warning: binding {args.host}: anyone who can reach this machine can read the atlas",
+              file=sys.stderr)
+    if _missing_vendor():
+        print(f"hexatlas serve: the map page needs its front-end packages: {NPM_INSTALL.format(dir=WEB_DIR)}",
+              file=sys.stderr)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {atlas!r} at http://{shown}:{args.port}/ (API under /v1, OpenAPI at /openapi.json); "
+          "Ctrl-C stops", file=sys.stderr)
+    serve(atlas, host=args.host, port=args.port, limits=Limits(max_points=args.max_points))
+    return 0
