@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = ["LocalStore", "ObjectStore", "Store", "is_remote", "open_store", "s3_
 
 REMOTE_SCHEMES = ("s3://",)
 _CHUNK = 1 << 20
+UPLOAD_THREADS = 16
 
 
 def is_remote(location: str | os.PathLike[str] | Store) -> bool:
@@ -337,9 +339,10 @@ class ObjectStore(Store):
             # Not atomic as a whole: the builder records the directory as done only after this
             # returns, and readers find it only through the manifest, which is written last.
             self.delete_tree(rel)
-            for path in sorted(Path(tmpdir).rglob("*")):
-                if path.is_file():
-                    self._upload(path, f"{rel}/{path.relative_to(tmpdir).as_posix()}")
+            files = [p for p in sorted(Path(tmpdir).rglob("*")) if p.is_file()]
+            # Zarr stores are many small objects: request latency, not bandwidth, is the cost
+            with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload") as pool:
+                list(pool.map(lambda p: self._upload(p, f"{rel}/{p.relative_to(tmpdir).as_posix()}"), files))
 
     def files(self, prefix: str = "") -> dict[str, int]:
         from pyarrow.fs import FileSelector, FileType
