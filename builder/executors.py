@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from catalog.errors import BuildFailedError, MissingDependencyError
+from catalog.errors import BuildFailedError, InvalidArgumentError, MissingDependencyError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from builder.encoders._base import Encoder
     from builder.grid import Shard
 
-__all__ = ["MAX_RETRIES", "EncoderSpec", "require_ray", "run_ray"]
+__all__ = ["MAX_RETRIES", "EncoderSpec", "require_ray", "run_ray", "task_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Enco
     try:
         if not todo:
             return
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and config.device != "cpu"
-        resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+        resources = task_resources(ray.cluster_resources(), config.device)
+        use_gpu = "num_gpus" in resources
         if not encoder_given:
             payload: Any = EncoderSpec(config.model, config.checkpoint, "cuda" if use_gpu else config.device,
                                        config.batch_size, config.trust_checkpoint)
@@ -162,6 +162,22 @@ def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Enco
     finally:
         if started_here:
             ray.shutdown()
+
+
+def task_resources(cluster: dict[str, float], device: str) -> dict[str, float]:
+    """What one shard task asks Ray for: a whole GPU where the cluster has any, else one CPU.
+
+    ``device="cpu"`` keeps tasks on CPUs even on a GPU cluster. One GPU per task, because a
+    shard's encoder batches fill a GPU and two models on one card only contend for it.
+    """
+    if device != "cpu" and cluster.get("GPU", 0) > 0:
+        return {"num_gpus": 1}
+    if device == "cuda":
+        raise InvalidArgumentError(
+            "device='cuda' (--device cuda) was asked for, but the Ray cluster has no GPUs; add GPU workers "
+            "or use --device auto"
+        )
+    return {"num_cpus": 1}
 
 
 def _cause(exc: BaseException) -> str:
