@@ -5,8 +5,13 @@ then per resolution zarr and index, then the manifest. Shards are independent; e
 written to a temporary name, renamed, and only then recorded as done under ``_build/``, so a
 build killed at any moment and started again with the same arguments redoes at most the
 shards in flight. The manifest is written last: until it exists the dataset is unfinished
-and the query layer refuses it. One build per dataset at a time (an OS file lock, released
-even on SIGKILL).
+and the query layer refuses it. One build per dataset at a time on a local disk (an OS file
+lock, released even on SIGKILL); object storage has no such lock (see :func:`_exclusive`).
+
+Shards run here (``executor="local"``: enumeration, encoding and writing overlapped in
+threads) or as Ray tasks (``executor="ray"``, :mod:`builder.executors`); both call the same
+per-shard steps and write the same files. The output is a local directory or an
+``s3://bucket/prefix`` (:mod:`catalog.storage`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import pyarrow as pa
 from builder.grid import Shard, cell_centers, parse_resolutions, plan_shards, shard_cells
 from catalog import manifest as fmt
 from catalog.errors import AtlasBusyError, AtlasCorruptError, InvalidArgumentError
+from catalog.storage import LocalStore, Store, is_remote, open_store
 from catalog.tables import embedding_array, embedding_matrix, write_parquet
 
 if TYPE_CHECKING:
@@ -37,11 +43,12 @@ if TYPE_CHECKING:
 
     from builder.encoders._base import Encoder
 
-__all__ = ["BuildConfig", "BuildSummary", "build"]
+__all__ = ["EXECUTORS", "BuildConfig", "BuildSummary", "ShardJob", "build", "process_shard"]
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("float16", "float32", "int8")
+EXECUTORS = ("local", "ray")
 ROW_GROUP_CELLS = 8192  # small row groups let DuckDB prune a point lookup to ~one group
 ZARR_CHUNK_CELLS = 4096
 ENCODE_CHUNK = 65536  # cells per encode call: the progress bar's granularity
@@ -53,7 +60,7 @@ class BuildConfig:
 
     model: str
     resolutions: tuple[int, ...]
-    output: Path
+    output: Path | str  # a local directory, or an s3:// URI kept as text
     checkpoint: str | None = None
     land_only: bool = False
     device: str = "auto"
@@ -61,10 +68,19 @@ class BuildConfig:
     batch_size: int | None = None
     overwrite: bool = False
     trust_checkpoint: bool = False
+    executor: str = "local"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resolutions", parse_resolutions(self.resolutions))
-        object.__setattr__(self, "output", Path(self.output))
+        remote = is_remote(os.fspath(self.output))
+        object.__setattr__(self, "output", os.fspath(self.output).rstrip("/") if remote else Path(self.output))
+        if self.executor not in EXECUTORS:
+            raise InvalidArgumentError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise InvalidArgumentError(
+                f"a Ray address ({self.ray_address!r}) needs executor='ray' (--executor ray)"
+            )
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", str(self.checkpoint))
         if self.precision not in PRECISIONS:
@@ -84,7 +100,7 @@ class BuildConfig:
 class BuildSummary:
     """What a build did: where, how many cells, how many bytes, seconds and cells/s per stage."""
 
-    dataset: Path
+    dataset: Path | str  # a local directory, or the s3:// URI of the dataset
     cells: dict[int, int]
     bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -112,10 +128,20 @@ class _Timer:
 
 
 @contextlib.contextmanager
-def _exclusive(dataset: Path) -> Iterator[None]:
-    """Hold the dataset's build lock; the OS releases it when the process dies."""
+def _exclusive(dataset: Path | Store) -> Iterator[None]:
+    """Hold the dataset's build lock; the OS releases it when the process dies.
+
+    Object storage has no lock that the OS releases on a crash, and pyarrow's S3 client
+    cannot make conditional writes, so an ``s3://`` dataset is not locked: a warning says
+    so, and keeping to one build per dataset is up to the user (or their scheduler).
+    """
     import fcntl
 
+    if isinstance(dataset, Store) and not dataset.is_local:
+        log.warning("%s is in object storage, which has no build lock: make sure no other build writes it now", dataset)
+        yield
+        return
+    dataset = dataset.root if isinstance(dataset, LocalStore) else Path(dataset)
     dataset.mkdir(parents=True, exist_ok=True)
     with open(dataset / "_build.lock", "a") as fh:
         try:
@@ -166,38 +192,43 @@ def _store(values: NDArray[np.float32], precision: str, quantizer: Quantizer | N
 class _BuildState:
     """The ``_build/`` directory: build identity and which shards and stages are done."""
 
-    def __init__(self, dataset: Path) -> None:
-        self.dir = dataset / fmt.BUILD_DIR
-        self.done_dir = self.dir / "done"
+    def __init__(self, dataset: Store) -> None:
+        self.store = dataset
+        self.dir = fmt.BUILD_DIR
+        self.done_dir = f"{fmt.BUILD_DIR}/done"
 
     def start(self, identity: dict[str, Any]) -> dict[str, Any] | None:
         """Record or check the identity; returns the saved state of an earlier run, if any."""
-        path = self.dir / "build.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
+        path = f"{self.dir}/build.json"
+        if self.store.exists(path):
+            saved = self.store.read_json(path)
             diff = {k: (saved["identity"].get(k), v) for k, v in identity.items() if saved["identity"].get(k) != v}
             if diff:
                 detail = "; ".join(f"{k}: earlier {a!r}, now {b!r}" for k, (a, b) in diff.items())
                 raise InvalidArgumentError(
-                    f"an unfinished build with other arguments is in {str(self.dir.parent)!r} ({detail}); run it again "
+                    f"an unfinished build with other arguments is in {str(self.store)!r} ({detail}); run it again "
                     "with the same arguments to resume, or pass --overwrite (Python: overwrite=True) to start over"
                 )
             return saved
-        self.done_dir.mkdir(parents=True, exist_ok=True)
         return None
 
     def save(self, identity: dict[str, Any], extra: dict[str, Any]) -> None:
-        fmt.write_json(self.dir / "build.json", {"identity": identity, **extra})
+        self.store.write_json(f"{self.dir}/build.json", {"identity": identity, **extra})
 
     def done(self, name: str) -> dict[str, Any] | None:
-        path = self.done_dir / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        path = f"{self.done_dir}/{name}.json"
+        return self.store.read_json(path) if self.store.exists(path) else None
+
+    def all_done(self) -> dict[str, dict[str, Any]]:
+        """Every done record by name, in one listing (one request per 1,000 on object storage)."""
+        names = [rel for rel in self.store.files(self.done_dir) if rel.endswith(".json")]
+        return {rel.rsplit("/", 1)[-1][: -len(".json")]: self.store.read_json(rel) for rel in sorted(names)}
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text()) for p in sorted(self.done_dir.glob("res=*.json"))]
+        return [r for name, r in self.all_done().items() if name.startswith("res=")]
 
     def mark(self, name: str, record: dict[str, Any]) -> None:
-        fmt.write_json(self.done_dir / f"{name}.json", record)
+        self.store.write_json(f"{self.done_dir}/{name}.json", record)
 
 
 def _step_name(shard: Shard) -> str:
@@ -218,6 +249,8 @@ def build(
     trust_checkpoint: bool = False,
     progress: bool | None = None,
     encoder: Encoder | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> BuildSummary:
     """Build (or resume) one model's dataset in an atlas directory.
 
@@ -227,9 +260,10 @@ def build(
         Encoder name (see :func:`builder.encoders.list_encoders`) or ``module:callable``.
     resolutions : str, int or sequence of int
         ``"0-5"``, ``"3,5"`` or a list: H3 resolutions to build.
-    output : path
-        The atlas directory; the dataset goes to ``output/<model>/``. Other models' datasets
-        in the same directory are left alone.
+    output : path or str
+        The atlas directory, or an ``s3://bucket/prefix`` (credentials and endpoint from the
+        standard AWS environment variables); the dataset goes to ``output/<model>/``. Other
+        models' datasets in the same place are left alone.
     land_only : bool
         Keep only cells that touch land (see :mod:`builder.landmask`).
     precision : {"float16", "float32", "int8"}
@@ -238,6 +272,13 @@ def build(
         Replace a finished dataset, or an unfinished one built with other arguments.
     encoder : Encoder, optional
         An already-loaded encoder (then ``model``, ``checkpoint``, ``device`` are ignored).
+        With ``executor="ray"`` it is put in Ray's object store and unpickled by the workers.
+    executor : {"local", "ray"}
+        Run the shards in this process, or as Ray tasks (one GPU per task where the cluster
+        has GPUs, else one CPU); needs ``pip install 'hexatlas[ray]'``.
+    ray_address : str, optional
+        The Ray cluster to join (``ray://host:10001``, ``host:6379`` or ``auto``); default:
+        an already initialised Ray, else ``$RAY_ADDRESS``, else a new local instance.
 
     Returns
     -------
@@ -246,7 +287,9 @@ def build(
     Raises
     ------
     AtlasBusyError
-        Another build is writing the same dataset.
+        Another build is writing the same (local) dataset.
+    BuildFailedError
+        Ray tasks failed after their retries; the finished shards are kept for a resume.
     InvalidArgumentError
         A finished dataset exists (without ``overwrite``), or an unfinished one has other
         arguments.
@@ -256,37 +299,31 @@ def build(
     config = BuildConfig(
         model=model, resolutions=resolutions, output=output, checkpoint=checkpoint, land_only=land_only,
         device=device, precision=precision, batch_size=batch_size, overwrite=overwrite,
-        trust_checkpoint=trust_checkpoint,
+        trust_checkpoint=trust_checkpoint, executor=executor, ray_address=ray_address,
     )
-    if encoder is not None:
+    encoder_given = encoder is not None
+    if encoder_given:
         config = replace(config, model=encoder.name)
     timer = _Timer()
     with timer("load model"):
         if encoder is None:
             encoder = load_encoder(config.model, checkpoint=config.checkpoint, device=config.device,
                                    batch_size=config.batch_size, trust_checkpoint=config.trust_checkpoint)
-    dataset = config.output / fmt.dataset_name(encoder.name)
+    dataset = open_store(config.output).child(fmt.dataset_name(encoder.name))
     with _exclusive(dataset):
-        return _build_locked(config, encoder, dataset, timer, progress)
+        return _build_locked(config, encoder, dataset, timer, progress, encoder_given)
 
 
-def _clear(dataset: Path) -> None:
-    for child in dataset.iterdir():
-        if child.name == "_build.lock":
-            continue
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Path, timer: _Timer,
-                  progress: bool | None) -> BuildSummary:
+def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: _Timer,
+                  progress: bool | None, encoder_given: bool = False) -> BuildSummary:
     identity = config.identity(encoder.provenance.sha256)
-    if (dataset / fmt.MANIFEST).is_file() and not config.overwrite:
+    if dataset.exists(fmt.MANIFEST) and not config.overwrite:
         raise InvalidArgumentError(
             f"{str(dataset)!r} already holds a finished {encoder.name} dataset; pass --overwrite (Python: "
             "overwrite=True) to rebuild it, or choose another --output"
         )
     if config.overwrite:
-        _clear(dataset)
+        dataset.delete_tree(keep=("_build.lock",))
     state = _BuildState(dataset)
     saved = state.start(identity)
     quantizer = None
@@ -297,28 +334,40 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Path, timer: _
             with timer("calibrate"):
                 quantizer = Quantizer.calibrate(encoder)
     state.save(identity, {"quantization": quantizer.to_dict()} if quantizer else {})
-    _remove_stale_temporaries(dataset)
+    if isinstance(dataset, LocalStore):
+        _remove_stale_temporaries(dataset.root)
 
     shards = plan_shards(config.resolutions)
-    done = {s: state.done(_step_name(s)) for s in shards}
-    todo = [s for s in shards if done[s] is None or not (dataset / done[s]["file"]["path"]).is_file()]
+    done_records = state.all_done()
+    present = set(dataset.files("parquet"))
+    todo = [s for s in shards
+            if (r := done_records.get(_step_name(s))) is None or r["file"]["path"] not in present]
     resumed = len(shards) - len(todo)
     land = _land_cells(config) if config.land_only else {}
-    _run_shards(todo, encoder, dataset, config, quantizer, land, state, timer, progress)
+    job = ShardJob(dataset, config.precision, quantizer.to_dict() if quantizer else None,
+                   _parquet_metadata(encoder, config.precision, quantizer))
+    if config.executor == "ray":
+        from builder.executors import run_ray
+
+        run_ray(todo, job, config, encoder, land, state, timer, progress, _total_cells(todo, land, state),
+                encoder_given=encoder_given)
+    else:
+        _run_shards(todo, encoder, job, land, state, timer, progress)
 
     cells: dict[int, int] = {}
     res_info: dict[str, Any] = {}
     files: list[dict[str, Any]] = []
+    done_records = state.all_done()
     for res in config.resolutions:
-        records = [state.done(_step_name(s)) for s in shards if s.res == res]
+        records = [done_records[_step_name(s)] for s in shards if s.res == res]
         cells[res] = sum(r["rows"] for r in records)
         files += [r["file"] for r in records]
         info = {"cells": cells[res], "shards": len(records), "parquet": [r["file"]["path"] for r in records]}
         with timer("zarr"):
             info["zarr"], zarr_files = _finish_zarr(dataset, res, info["parquet"], state, quantizer)
         with timer("index"):
-            info["index"] = _finish_index(dataset, res, info["parquet"], state, quantizer)
-        files += zarr_files + [fmt.file_record(dataset, info["index"]["path"])]
+            info["index"], index_file = _finish_index(dataset, res, info["parquet"], state, quantizer)
+        files += zarr_files + [index_file]
         res_info[str(res)] = info
 
     manifest = {
@@ -328,14 +377,16 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Path, timer: _
         "quantization": quantizer.to_dict() if quantizer else None,
         "resolutions": res_info, "files": sorted(files, key=lambda r: r["path"]),
         "build": {**asdict(config), "output": str(config.output), "land_only": config.land_only,
+                  "ray_address": None,  # where it ran is not part of the dataset
                   "land_mask": _land_mask_description() if config.land_only else None,
                   "device": str(encoder.device), "compute_dtype": str(encoder.dtype).removeprefix("torch.")},
         "software": _versions(), "timings_s": {k: round(v, 3) for k, v in timer.seconds.items()},
     }
-    fmt.write_json(dataset / fmt.STAC, fmt.stac_collection(manifest))
-    fmt.write_json(dataset / fmt.MANIFEST, manifest)  # the publish step: last, atomic
-    shutil.rmtree(state.dir, ignore_errors=True)
-    return BuildSummary(dataset, cells, sum(f["bytes"] for f in files), dict(timer.seconds), resumed)
+    dataset.write_json(fmt.STAC, fmt.stac_collection(manifest))
+    dataset.write_json(fmt.MANIFEST, manifest)  # the publish step: last, atomic
+    dataset.delete_tree(fmt.BUILD_DIR)
+    where = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
+    return BuildSummary(where, cells, sum(f["bytes"] for f in files), dict(timer.seconds), resumed)
 
 
 def _remove_stale_temporaries(dataset: Path) -> None:
@@ -366,24 +417,88 @@ def _enumerate(shard: Shard, land: dict[int, NDArray[np.uint64]]) -> tuple[NDArr
     return cells, lat, lon
 
 
-def _run_shards(todo: list[Shard], encoder: Encoder, dataset: Path, config: BuildConfig, quantizer: Quantizer | None,
-                land: dict[int, NDArray[np.uint64]], state: _BuildState, timer: _Timer, progress: bool | None) -> None:
-    """Encode shards with enumeration of the next shard and writing of the last overlapped."""
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class ShardJob:
+    """What writing a shard of one dataset needs besides the encoder; small and picklable.
 
+    ``dataset`` travels as its location: an ``s3://`` store is re-resolved from the
+    environment of the process that unpickles it, so credentials never ride with a task.
+    """
+
+    dataset: Store
+    precision: str
+    quantization: dict[str, list[float]] | None
+    metadata: dict[str, str]
+
+    def quantizer(self) -> Quantizer | None:
+        return Quantizer(**self.quantization) if self.quantization else None
+
+
+def _parquet_metadata(encoder: Encoder, precision: str, quantizer: Quantizer | None) -> dict[str, str]:
+    return {
+        "hexatlas.provenance": encoder.provenance.to_json(), "hexatlas.precision": precision,
+        **({"hexatlas.quantization": json.dumps(quantizer.to_dict())} if quantizer else {}),
+    }
+
+
+def _total_cells(todo: list[Shard], land: dict[int, NDArray[np.uint64]], state: _BuildState) -> int:
     from builder.grid import shard_size
 
     if land:
         done_rows = sum(r["rows"] for r in state.records() if r.get("res") in land)
-        total = sum(len(c) for c in land.values()) - done_rows
-    else:
-        total = sum(shard_size(s) for s in todo)
-    metadata = {
-        "hexatlas.provenance": encoder.provenance.to_json(), "hexatlas.precision": config.precision,
-        **({"hexatlas.quantization": json.dumps(quantizer.to_dict())} if quantizer else {}),
-    }
+        return sum(len(c) for c in land.values()) - done_rows
+    return sum(shard_size(s) for s in todo)
+
+
+def _encode(encoder: Encoder, lat: NDArray, lon: NDArray, on_chunk: Any = None) -> NDArray[np.float32]:
+    emb = np.empty((lat.size, encoder.dim), dtype=np.float32)
+    for start in range(0, lat.size, ENCODE_CHUNK):
+        stop = min(start + ENCODE_CHUNK, lat.size)
+        emb[start:stop] = encoder.encode(lat=lat[start:stop], lon=lon[start:stop])
+        if on_chunk is not None:
+            on_chunk(stop - start)
+    return emb
+
+
+def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
+                  land: dict[int, NDArray[np.uint64]] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+    """One shard, start to finish: enumerate, encode, write its Parquet file.
+
+    The unit of work of a distributed build (a Ray task runs exactly this). The file name
+    depends only on the shard and is published atomically, so running a shard twice (a
+    retried task) replaces the file with the same content instead of adding a second one.
+
+    Returns
+    -------
+    record : dict
+        The shard's done record: ``res``, ``rows`` and ``file`` (path, bytes, sha256).
+    seconds : dict
+        Seconds spent per stage (enumerate, encode, write).
+    """
+    timer = _Timer()
+    with timer("enumerate"):
+        cells, lat, lon = _enumerate(shard, land or {})
+    with timer("encode"):
+        emb = _encode(encoder, lat, lon)
+    with timer("write"):
+        record = _write_shard(job.dataset, shard, cells, lat, lon, _store(emb, job.precision, job.quantizer()),
+                              job.metadata)
+    return record, timer.seconds
+
+
+def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[int, NDArray[np.uint64]],
+                state: _BuildState, timer: _Timer, progress: bool | None) -> None:
+    """Encode shards in this process, with enumeration of the next shard and writing of the last overlapped."""
+    from tqdm.auto import tqdm
+
+    quantizer = job.quantizer()
     disable = not progress if progress is not None else None
-    with tqdm(total=total, unit="cell", desc=f"build {encoder.name}", disable=disable, smoothing=0.1) as bar, \
+
+    def write_and_mark(shard: Shard, *args: Any) -> None:
+        state.mark(_step_name(shard), _write_shard(job.dataset, shard, *args, job.metadata))
+
+    with tqdm(total=_total_cells(todo, land, state), unit="cell", desc=f"build {encoder.name}", disable=disable,
+              smoothing=0.1) as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="enumerate") as enum_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
         pending_write: Future[None] | None = None
@@ -392,17 +507,12 @@ def _run_shards(todo: list[Shard], encoder: Encoder, dataset: Path, config: Buil
             cells, lat, lon = next_cells.result()
             if i + 1 < len(todo):
                 next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, todo[i + 1], land)
-            emb = np.empty((cells.size, encoder.dim), dtype=np.float32)
             with timer("encode"):
-                for start in range(0, cells.size, ENCODE_CHUNK):
-                    stop = min(start + ENCODE_CHUNK, cells.size)
-                    emb[start:stop] = encoder.encode(lat=lat[start:stop], lon=lon[start:stop])
-                    bar.update(stop - start)
+                emb = _encode(encoder, lat, lon, bar.update)
             if pending_write is not None:
                 pending_write.result()
             pending_write = write_pool.submit(
-                _timed, timer, "write", _write_shard, dataset, shard, cells, lat, lon,
-                _store(emb, config.precision, quantizer), metadata, state,
+                _timed, timer, "write", write_and_mark, shard, cells, lat, lon, _store(emb, job.precision, quantizer),
             )
         if pending_write is not None:
             pending_write.result()
@@ -413,24 +523,28 @@ def _timed(timer: _Timer, stage: str, fn: Any, *args: Any) -> Any:
         return fn(*args)
 
 
-def _write_shard(dataset: Path, shard: Shard, cells: NDArray[np.uint64], lat: NDArray, lon: NDArray,
-                 stored: NDArray[Any], metadata: dict[str, str], state: _BuildState) -> None:
+def _write_shard(dataset: Store, shard: Shard, cells: NDArray[np.uint64], lat: NDArray, lon: NDArray,
+                 stored: NDArray[Any], metadata: dict[str, str]) -> dict[str, Any]:
+    """Write one shard's Parquet file (atomically, under its fixed name); returns its done record."""
     rel = fmt.parquet_relpath(shard.res, shard.key)
     table = pa.table({
         "cell": pa.array(cells, pa.uint64()), "lat": pa.array(lat), "lon": pa.array(lon),
         "embedding": embedding_array(stored),
     })
-    write_parquet(table, dataset / rel, metadata={**metadata, "hexatlas.res": str(shard.res)},
-                  row_group_size=ROW_GROUP_CELLS, write_statistics=True, use_dictionary=False)
-    state.mark(_step_name(shard), {"res": shard.res, "rows": int(cells.size), "file": fmt.file_record(dataset, rel)})
+    with dataset.staged(rel) as tmp:
+        write_parquet(table, tmp, metadata={**metadata, "hexatlas.res": str(shard.res)},
+                      row_group_size=ROW_GROUP_CELLS, write_statistics=True, use_dictionary=False)
+        record = fmt.file_record(Path(), rel, local=tmp)
+    return {"res": shard.res, "rows": int(cells.size), "file": record}
 
 
-def _read_shards(dataset: Path, parquet: list[str],
-                    columns: tuple[str, ...] = ("cell", "lat", "lon", "embedding")) -> pa.Table:
+def _read_shards(dataset: Store, parquet: list[str],
+                 columns: tuple[str, ...] = ("cell", "lat", "lon", "embedding")) -> pa.Table:
     """Concatenate a resolution's shard files (already in cell order)."""
     import pyarrow.parquet as pq
 
-    return pa.concat_tables(pq.read_table(dataset / rel, columns=list(columns)) for rel in parquet)
+    fs, root = dataset.filesystem()
+    return pa.concat_tables(pq.read_table(f"{root}/{rel}", columns=list(columns), filesystem=fs) for rel in parquet)
 
 
 def _dense(table: pa.Table, quantizer: Quantizer | None) -> NDArray[np.float32]:
@@ -440,48 +554,50 @@ def _dense(table: pa.Table, quantizer: Quantizer | None) -> NDArray[np.float32]:
     return values.astype(np.float32, copy=False)
 
 
-def _finish_zarr(dataset: Path, res: int, parquet: list[str], state: _BuildState,
+def _finish_zarr(dataset: Store, res: int, parquet: list[str], state: _BuildState,
                  quantizer: Quantizer | None) -> tuple[str, list[dict[str, Any]]]:
-    """Write ``zarr/res=<r>.zarr`` from the Parquet shards, once; returns its path and files."""
+    """Write ``zarr/res=<r>.zarr`` from the Parquet shards, once; returns its path and files.
+
+    The store is built in a local directory (beside the destination, or a temporary one for
+    object storage) and published when complete.
+    """
     import xarray as xr
 
     rel = fmt.zarr_relpath(res)
     record = state.done(f"zarr-res={res}")
-    if record is None or not (dataset / rel).is_dir():
-        tmp = dataset / f"{rel}.tmpdir"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        first = True
-        for table in _zarr_blocks(dataset, parquet):
-            values = embedding_matrix(table.column("embedding"))
-            ds = xr.Dataset(
-                {"embedding": (("cell_ids", "dim"), values)},
-                coords={
-                    "cell_ids": ("cell_ids", table.column("cell").to_numpy(), {"grid_name": "h3", "level": res}),
-                    "lat": ("cell_ids", table.column("lat").to_numpy()),
-                    "lon": ("cell_ids", table.column("lon").to_numpy()),
-                },
-                attrs={"hexatlas_res": res, **({"quantization": json.dumps(quantizer.to_dict())} if quantizer else {})},
-            )
+    if record is None or not dataset.exists(f"{rel}/.zmetadata"):
+        with dataset.staged_dir(rel) as tmp:
+            first = True
+            for table in _zarr_blocks(dataset, parquet):
+                values = embedding_matrix(table.column("embedding"))
+                ds = xr.Dataset(
+                    {"embedding": (("cell_ids", "dim"), values)},
+                    coords={
+                        "cell_ids": ("cell_ids", table.column("cell").to_numpy(), {"grid_name": "h3", "level": res}),
+                        "lat": ("cell_ids", table.column("lat").to_numpy()),
+                        "lon": ("cell_ids", table.column("lon").to_numpy()),
+                    },
+                    attrs={"hexatlas_res": res,
+                           **({"quantization": json.dumps(quantizer.to_dict())} if quantizer else {})},
+                )
+                if first:
+                    chunks = {"chunks": (ZARR_CHUNK_CELLS, values.shape[1])}
+                    encoding = {"embedding": chunks,
+                                **{c: {"chunks": (ZARR_CHUNK_CELLS,)} for c in ("cell_ids", "lat", "lon")}}
+                    ds.to_zarr(tmp, mode="w", encoding=encoding, zarr_format=2, consolidated=True)
+                    first = False
+                else:
+                    ds.to_zarr(tmp, append_dim="cell_ids", zarr_format=2, consolidated=True)
             if first:
-                chunks = {"chunks": (ZARR_CHUNK_CELLS, values.shape[1])}
-                encoding = {"embedding": chunks, **{c: {"chunks": (ZARR_CHUNK_CELLS,)} for c in ("cell_ids", "lat", "lon")}}
-                ds.to_zarr(tmp, mode="w", encoding=encoding, zarr_format=2, consolidated=True)
-                first = False
-            else:
-                ds.to_zarr(tmp, append_dim="cell_ids", zarr_format=2, consolidated=True)
-        if first:
-            raise AtlasCorruptError(f"resolution {res} has no cells to write")
-        shutil.rmtree(dataset / rel, ignore_errors=True)
-        os.replace(tmp, dataset / rel)
-        files = [fmt.file_record(dataset, p.relative_to(dataset).as_posix())
-                 for p in sorted((dataset / rel).rglob("*")) if p.is_file()]
+                raise AtlasCorruptError(f"resolution {res} has no cells to write")
+            files = [fmt.file_record(Path(), f"{rel}/{p.relative_to(tmp).as_posix()}", local=p)
+                     for p in sorted(tmp.rglob("*")) if p.is_file()]
         state.mark(f"zarr-res={res}", {"files": files})
         record = {"files": files}
     return rel, record["files"]
 
 
-def _zarr_blocks(dataset: Path, parquet: list[str], block_cells: int = 1 << 20) -> Iterator[pa.Table]:
+def _zarr_blocks(dataset: Store, parquet: list[str], block_cells: int = 1 << 20) -> Iterator[pa.Table]:
     """The shards' rows regrouped into blocks of whole Zarr chunks (the last may be partial).
 
     Few large appends instead of one per shard, none of which rewrites a chunk.
@@ -501,15 +617,15 @@ def _zarr_blocks(dataset: Path, parquet: list[str], block_cells: int = 1 << 20) 
         yield pa.concat_tables(buffered)
 
 
-def _finish_index(dataset: Path, res: int, parquet: list[str], state: _BuildState,
-                  quantizer: Quantizer | None) -> dict[str, Any]:
-    """Build ``index/res=<r>.faiss`` once and measure its recall@10; returns its description."""
+def _finish_index(dataset: Store, res: int, parquet: list[str], state: _BuildState,
+                  quantizer: Quantizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build ``index/res=<r>.faiss`` once and measure its recall@10; returns its description and file record."""
     from catalog.vector_index import EXACT_MAX_CELLS, ivf_lists, normalize, require_faiss
 
     record = state.done(f"index-res={res}")
     rel = fmt.index_relpath(res)
-    if record is not None and (dataset / rel).is_file():
-        return record
+    if record is not None and dataset.exists(rel):
+        return record["index"], record["file"]
     faiss = require_faiss()
     table = _read_shards(dataset, parquet, columns=("cell", "embedding"))
     vectors = normalize(_dense(table, quantizer))
@@ -535,12 +651,11 @@ def _finish_index(dataset: Path, res: int, parquet: list[str], state: _BuildStat
         params, recall, rerank = {"type": "IDMap2,Flat", "exact": True}, 1.0, 1
     params.update({"metric": "inner_product", "rerank": rerank, "recall_at_10": round(recall, 4),
                    "build_s": round(time.perf_counter() - start, 2), "normalized": True, "path": rel, "cells": n})
-    (dataset / rel).parent.mkdir(parents=True, exist_ok=True)
-    tmp = dataset / f"{rel}.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, dataset / rel)
-    state.mark(f"index-res={res}", params)
-    return params
+    with dataset.staged(rel) as tmp:
+        faiss.write_index(index, str(tmp))
+        file = fmt.file_record(Path(), rel, local=tmp)
+    state.mark(f"index-res={res}", {"index": params, "file": file})
+    return params, file
 
 
 def _train_and_add(faiss: Any, index: Any, sample: NDArray[np.float32], vectors: NDArray[np.float32],

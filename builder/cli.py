@@ -58,13 +58,19 @@ def run_encode(args: argparse.Namespace) -> int:
 
 
 def configure_build(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", required=True, help="atlas directory (the dataset goes to OUTPUT/<model>/)")
+    parser.add_argument("--output", required=True,
+                        help="atlas directory or s3://BUCKET/PREFIX (the dataset goes to OUTPUT/<model>/)")
     parser.add_argument("--resolutions", default="0-3", help="H3 resolutions: a range 0-5, a list 3,5, or both")
     parser.add_argument("--land-only", action="store_true", help="keep only cells that touch land")
     parser.add_argument("--precision", default="float16", choices=["float16", "float32", "int8"],
                         help="storage of the embeddings (default float16)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this model")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    parser.add_argument("--executor", default="local", choices=["local", "ray"],
+                        help="run shards in this process (default) or as Ray tasks (pip install 'hexatlas[ray]')")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join (ray://HOST:10001, HOST:6379 or auto; default: $RAY_ADDRESS, "
+                             "else a new local Ray)")
     _add_encoder_options(parser)
 
 
@@ -75,7 +81,7 @@ def run_build(args: argparse.Namespace) -> int:
         args.model, resolutions=args.resolutions, output=args.output, checkpoint=args.checkpoint,
         land_only=args.land_only, device=args.device, precision=args.precision, batch_size=args.batch_size,
         overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress else None, executor=args.executor, ray_address=args.ray_address,
     )
     print(f"built {summary}", file=sys.stderr)
     return 0

@@ -10,12 +10,14 @@ from catalog.errors import (
     AtlasBusyError,
     AtlasCorruptError,
     AtlasNotFoundError,
+    BuildFailedError,
     CheckpointError,
     HexatlasError,
     InputFileError,
     InvalidArgumentError,
     InvalidCoordinateError,
     MissingDependencyError,
+    StorageError,
     UnknownColumnError,
     UnknownEncoderError,
     UnknownResolutionError,
@@ -24,12 +26,14 @@ from catalog.errors import (
     WeightsNotFoundError,
 )
 from catalog.provenance import Provenance, sha256_file
+from catalog.storage import Store, open_store
 from catalog.tables import read_points, write_parquet
 
 __all__ = [
     "AtlasBusyError",
     "AtlasCorruptError",
     "AtlasNotFoundError",
+    "BuildFailedError",
     "CheckpointError",
     "HexatlasError",
     "InputFileError",
@@ -37,6 +41,8 @@ __all__ = [
     "InvalidCoordinateError",
     "MissingDependencyError",
     "Provenance",
+    "StorageError",
+    "Store",
     "UnknownColumnError",
     "UnknownEncoderError",
     "UnknownResolutionError",
@@ -45,6 +51,7 @@ __all__ = [
     "WeightsNotFoundError",
     "as_coordinates",
     "invalid_mask",
+    "open_store",
     "read_points",
     "sha256_file",
     "write_parquet",

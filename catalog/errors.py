@@ -11,12 +11,14 @@ __all__ = [
     "AtlasBusyError",
     "AtlasCorruptError",
     "AtlasNotFoundError",
+    "BuildFailedError",
     "CheckpointError",
     "HexatlasError",
     "InputFileError",
     "InvalidArgumentError",
     "InvalidCoordinateError",
     "MissingDependencyError",
+    "StorageError",
     "UnknownColumnError",
     "UnknownEncoderError",
     "UnknownResolutionError",
@@ -87,3 +89,11 @@ class AtlasCorruptError(HexatlasError, ValueError):
 
 class AtlasBusyError(HexatlasError, RuntimeError):
     """Another build holds the lock on this atlas."""
+
+
+class StorageError(HexatlasError, OSError):
+    """Object storage refused or failed a request (bucket, credentials, endpoint)."""
+
+
+class BuildFailedError(HexatlasError, RuntimeError):
+    """Shards of a distributed build failed after their retries; finished shards are kept."""

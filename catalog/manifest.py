@@ -11,7 +11,8 @@ An atlas is a directory holding one dataset per model::
         index/res=<r>.faiss                 # cosine index, ids = cells
         _build/                             # resume state while a build runs; removed at the end
 
-Only the standard library is needed here, so both the builder and the query layer use it.
+The dataset may also live under an ``s3://`` prefix (see :mod:`catalog.storage`); reading,
+listing and validating work the same there. Only the standard library and pyarrow are needed here, so both the builder and the query layer use it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from catalog.errors import AtlasCorruptError, AtlasNotFoundError
 from catalog.provenance import sha256_file
+from catalog.storage import Store, open_store
 from catalog.tables import atomic_path
 
 __all__ = [
@@ -72,53 +74,61 @@ def write_json(path: str | Path, data: Any) -> None:
         os.fsync(fh.fileno())
 
 
-def file_record(root: Path, relpath: str) -> dict[str, Any]:
-    """``{"path", "bytes", "sha256"}`` of a file under ``root``."""
-    path = root / relpath
+def file_record(root: Path, relpath: str, *, local: Path | None = None) -> dict[str, Any]:
+    """``{"path", "bytes", "sha256"}`` of a file under ``root``.
+
+    ``local``: where the bytes are now, when that is not ``root / relpath`` yet (a staged
+    file about to be published to object storage).
+    """
+    path = local if local is not None else root / relpath
     return {"path": relpath, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def list_datasets(atlas: str | Path) -> list[str]:
-    """Names of the finished datasets (one per model) in an atlas directory."""
-    root = Path(atlas)
-    if not root.is_dir():
-        raise AtlasNotFoundError(f"no atlas at {str(root)!r}: not a directory")
-    return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
+def list_datasets(atlas: str | Path | Store) -> list[str]:
+    """Names of the finished datasets (one per model) in an atlas directory or ``s3://`` prefix."""
+    store = open_store(atlas)
+    if not store.root_exists():
+        raise AtlasNotFoundError(f"no atlas at {str(store)!r}: not a directory (or an empty prefix)")
+    return [name for name in store.subdirs() if store.child(name).exists(MANIFEST)]
 
 
-def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    """Read and check a dataset's manifest.
+def read_manifest(dataset_dir: str | Path | Store) -> dict[str, Any]:
+    """Read and check a dataset's manifest (a local directory or an ``s3://`` prefix).
 
     Raises
     ------
     AtlasNotFoundError
-        The directory does not exist.
+        The directory does not exist (nothing under the prefix).
     AtlasCorruptError
         No manifest (an unfinished build), unreadable JSON, or another format or version.
     """
-    root = Path(dataset_dir)
-    if not root.is_dir():
-        raise AtlasNotFoundError(f"no atlas dataset at {str(root)!r}")
-    path = root / MANIFEST
-    if not path.is_file():
-        hint = " (a build is unfinished: run the same 'hexatlas build' again to resume)" if (root / BUILD_DIR).exists() else ""
-        raise AtlasCorruptError(f"{str(root)!r} has no {MANIFEST}{hint}")
+    store = open_store(dataset_dir)
+    if not store.exists(MANIFEST):
+        if not store.root_exists():
+            raise AtlasNotFoundError(f"no atlas dataset at {str(store)!r}")
+        unfinished = store.exists(f"{BUILD_DIR}/build.json")
+        hint = " (a build is unfinished: run the same 'hexatlas build' again to resume)" if unfinished else ""
+        raise AtlasCorruptError(f"{str(store)!r} has no {MANIFEST}{hint}")
+    where = f"{store}/{MANIFEST}"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(store.read_bytes(MANIFEST))
     except (OSError, ValueError) as exc:
-        raise AtlasCorruptError(f"cannot read {str(path)!r}: {exc}") from None
+        raise AtlasCorruptError(f"cannot read {where!r}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise AtlasCorruptError(f"{str(path)!r} is not a hexatlas manifest")
+        raise AtlasCorruptError(f"{where!r} is not a hexatlas manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise AtlasCorruptError(
-            f"{str(path)!r} has format version {manifest.get('format_version')!r}; this hexatlas reads "
+            f"{where!r} has format version {manifest.get('format_version')!r}; this hexatlas reads "
             f"version {FORMAT_VERSION}. Rebuild the atlas or install a matching hexatlas"
         )
     return manifest
 
 
-def validate_dataset(dataset_dir: str | Path) -> list[str]:
+def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
     """Recompute every file's size and checksum and every resolution's row count.
+
+    Works on local directories and ``s3://`` prefixes alike (objects are streamed, not
+    downloaded to disk).
 
     Returns
     -------
@@ -127,32 +137,31 @@ def validate_dataset(dataset_dir: str | Path) -> list[str]:
     """
     import pyarrow.parquet as pq
 
-    root = Path(dataset_dir)
-    manifest = read_manifest(root)
+    store = open_store(dataset_dir)
+    manifest = read_manifest(store)
     problems = []
     listed = {rec["path"]: rec for rec in manifest["files"]}
     present = {
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and p.name not in (MANIFEST, STAC)
-        and not any(part.startswith(BUILD_DIR) for part in p.relative_to(root).parts)  # _build/, _build.lock
+        rel: size for rel, size in store.files().items()
+        if rel not in (MANIFEST, STAC) and not rel.split("/")[0].startswith(BUILD_DIR)  # _build/, _build.lock
     }
-    for rel in sorted(set(listed) - present):
+    for rel in sorted(set(listed) - set(present)):
         problems.append(f"missing file: {rel}")
-    for rel in sorted(present - set(listed)):
+    for rel in sorted(set(present) - set(listed)):
         problems.append(f"extra file: {rel}")
-    for rel in sorted(set(listed) & present):
-        rec, path = listed[rel], root / rel
-        if path.stat().st_size != rec["bytes"]:
-            problems.append(f"altered file (size {path.stat().st_size} != {rec['bytes']}): {rel}")
-        elif sha256_file(path) != rec["sha256"]:
+    for rel in sorted(set(listed) & set(present)):
+        rec = listed[rel]
+        if present[rel] != rec["bytes"]:
+            problems.append(f"altered file (size {present[rel]} != {rec['bytes']}): {rel}")
+        elif store.sha256(rel) != rec["sha256"]:
             problems.append(f"altered file (sha256 differs): {rel}")
     for res, info in manifest["resolutions"].items():
         rows = 0
         for rel in info["parquet"]:
-            if (root / rel).is_file():
+            if rel in present:
                 try:
-                    rows += pq.ParquetFile(root / rel).metadata.num_rows
+                    with store.open_input(rel) as fh:
+                        rows += pq.ParquetFile(fh).metadata.num_rows
                 except Exception as exc:  # noqa: BLE001 - any unreadable file is a problem to report
                     problems.append(f"unreadable Parquet file ({type(exc).__name__}): {rel}")
         if rows != info["cells"] and not any(rel in p for p in problems for rel in info["parquet"]):

@@ -5,6 +5,13 @@ Embeddings of one resolution are served from a decoded copy in the user's cache
 (n, dim) matrix in the stored precision, memory-mapped. It is made once per dataset and
 resolution from the Parquet files (checked against the manifest's sha256) and makes a lookup
 a binary search plus a row read. The atlas itself is only ever read.
+
+An atlas in object storage (``query.open("s3://bucket/prefix")``) is read through a local
+mirror in the same cache, ``remote/<manifest digest>/<dataset>/``: the manifests are read at
+open, and each file is downloaded the first time a query needs it (a resolution's Parquet
+files for a lookup, its index for ``similar``, all Parquet files for SQL), checked against
+the manifest's sha256. Keyed by the manifest's digest, a rebuilt atlas gets a fresh mirror
+and an unchanged one is never downloaded twice.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from catalog.errors import (
     UnknownEncoderError,
     UnknownResolutionError,
 )
-from catalog.manifest import BUILD_DIR, MANIFEST, read_manifest
+from catalog.manifest import BUILD_DIR, MANIFEST, list_datasets, read_manifest
+from catalog.storage import Store, is_remote, open_store
 from catalog.tables import coordinate_columns, embedding_array, embedding_matrix, read_points
 
 __all__ = ["Atlas", "open_atlas"]
@@ -43,13 +51,21 @@ ON_INVALID = ("raise", "null")
 def open_atlas(path: str | os.PathLike[str]) -> Atlas:
     """Open an atlas directory (one dataset per model) or a single dataset directory.
 
+    ``path`` may also be an ``s3://bucket/prefix`` (credentials and endpoint from the
+    standard AWS environment variables); its files are downloaded into ``$HEXATLAS_CACHE``
+    as queries need them.
+
     Raises
     ------
     AtlasNotFoundError
         Nothing at ``path``.
     AtlasCorruptError
         No finished dataset (an unfinished build, or not an atlas), or an incompatible format.
+    StorageError
+        The object store refused a request (credentials, endpoint, bucket).
     """
+    if is_remote(os.fspath(path)):
+        return _open_remote(open_store(os.fspath(path)))
     root = Path(path)
     if not root.exists():
         raise AtlasNotFoundError(f"no atlas at {str(root)!r}")
@@ -65,6 +81,31 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
     else:
         raise AtlasNotFoundError(f"{str(root)!r} is not an atlas directory")
     return Atlas({d.name: (d, read_manifest(d)) for d in dirs})
+
+
+def _open_remote(store: Store) -> Atlas:
+    if store.exists(MANIFEST):
+        stores = [store]
+    else:
+        stores = [store.child(name) for name in list_datasets(store)]
+        if not stores:
+            unfinished = [n for n in store.subdirs() if store.child(n).exists(f"{BUILD_DIR}/build.json")]
+            hint = (f"; unfinished builds: {', '.join(unfinished)} (run the same 'hexatlas build' again to resume)"
+                    if unfinished else "")
+            raise AtlasCorruptError(f"{str(store)!r} holds no finished hexatlas dataset{hint}")
+    datasets, remote = {}, {}
+    for dataset in stores:
+        raw = dataset.read_bytes(MANIFEST)
+        manifest = read_manifest(dataset)
+        mirror = _cache_dir() / "remote" / hashlib.sha256(raw).hexdigest()[:24] / dataset.name
+        if not (mirror / MANIFEST).is_file():
+            from catalog.tables import atomic_path
+
+            with atomic_path(mirror / MANIFEST) as tmp:
+                tmp.write_bytes(raw)
+        datasets[dataset.name] = (mirror, manifest)
+        remote[dataset.name] = dataset
+    return Atlas(datasets, remote=remote)
 
 
 @dataclass(frozen=True)
@@ -95,11 +136,37 @@ class _Resolution:
 class Atlas:
     """An opened atlas: use :func:`query.open`. Every method is read-only and thread-safe."""
 
-    def __init__(self, datasets: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    def __init__(self, datasets: dict[str, tuple[Path, dict[str, Any]]],
+                 remote: dict[str, Store] | None = None) -> None:
         self._datasets = datasets
+        self._remote = remote or {}  # dataset name -> its object store, when the paths are local mirrors
         self._loaded: dict[tuple[str, int], _Resolution] = {}
         self._indexes: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()
+
+    def _fetch(self, name: str, rels: list[str]) -> None:
+        """Download the files a query needs into a remote dataset's mirror, checking their sha256."""
+        store = self._remote.get(name)
+        if store is None:
+            return
+        from catalog.provenance import sha256_file
+
+        mirror, manifest = self._datasets[name]
+        digests = {rec["path"]: rec["sha256"] for rec in manifest["files"]}
+        with self._fetch_lock:
+            for rel in rels:
+                dest = mirror / rel
+                if dest.is_file():
+                    continue
+                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.download")
+                store.download(rel, tmp)
+                if sha256_file(tmp) != digests.get(rel):
+                    tmp.unlink()
+                    raise AtlasCorruptError(
+                        f"{store}/{rel} does not match the sha256 in its manifest; run 'hexatlas validate {store}'"
+                    )
+                os.replace(tmp, dest)
 
     # ----------------------------------------------------------------- description
     @property
@@ -119,7 +186,7 @@ class Atlas:
         out = {}
         for name, (path, manifest) in sorted(self._datasets.items()):
             out[name] = {
-                "path": str(path), "model": manifest["provenance"]["model"], "dim": manifest["provenance"]["dim"],
+                "path": str(self._remote.get(name, path)), "model": manifest["provenance"]["model"], "dim": manifest["provenance"]["dim"],
                 "precision": manifest["precision"], "created": manifest["created"],
                 "land_only": manifest["build"]["land_only"],
                 "resolutions": {r: {"cells": i["cells"], "index": i["index"]["type"],
@@ -164,6 +231,7 @@ class Atlas:
         key = (name, res)
         with self._lock:
             if key not in self._loaded:
+                self._fetch(name, self._manifest(name)["resolutions"][str(res)]["parquet"])
                 self._loaded[key] = _decoded(*self._datasets[name], res)
             return self._loaded[key]
 
@@ -255,6 +323,7 @@ class Atlas:
         with self._lock:
             if (name, res) not in self._indexes:
                 faiss = require_faiss()
+                self._fetch(name, [info["path"]])
                 index = faiss.read_index(str(path / info["path"]))
                 if not info["exact"]:
                     faiss.extract_index_ivf(index).nprobe = info["nprobe"]
@@ -336,6 +405,8 @@ class Atlas:
         return run_sql(self.connect(), text)
 
     def _parquet_glob(self, name: str) -> str:
+        manifest = self._datasets[name][1]
+        self._fetch(name, [rel for info in manifest["resolutions"].values() for rel in info["parquet"]])
         return str(self._datasets[name][0] / "parquet" / "res=*" / "shard=*" / "*.parquet")
 
 

@@ -19,7 +19,7 @@ FORMATS = ("table", "json", "csv")
 
 
 def _atlas_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("atlas", help="atlas directory (or one dataset directory)")
+    parser.add_argument("atlas", help="atlas directory or s3://BUCKET/PREFIX (or one dataset in either)")
 
 
 def _format_arg(parser: argparse.ArgumentParser) -> None:
@@ -186,14 +186,15 @@ def run_sql(args: argparse.Namespace) -> int:
 
 
 def configure_validate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("atlas", help="atlas directory (all its datasets) or one dataset directory")
+    parser.add_argument("atlas", help="atlas directory or s3://BUCKET/PREFIX (all its datasets), or one dataset")
 
 
 def run_validate(args: argparse.Namespace) -> int:
     from catalog.manifest import MANIFEST, list_datasets, validate_dataset
+    from catalog.storage import open_store
 
-    root = Path(args.atlas)
-    datasets = [root] if (root / MANIFEST).is_file() else [root / name for name in list_datasets(root)]
+    root = open_store(args.atlas)
+    datasets = [root] if root.exists(MANIFEST) else [root.child(name) for name in list_datasets(root)]
     if not datasets:
         print(f"hexatlas validate: {root}: no finished datasets (no {MANIFEST} in any subdirectory)", file=sys.stderr)
         return 1

@@ -1,0 +1,388 @@
+"""Where an atlas lives: a local directory or an object-store prefix (``s3://bucket/prefix``).
+
+A :class:`Store` addresses files by paths relative to its root, so the builder, the
+validator and the query layer do not care which kind they hold. Local stores use the
+operating system directly; ``s3://`` stores use pyarrow's S3 filesystem (the AWS SDK for
+C++), which reads credentials the usual way: ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``~/.aws``, or the instance's role.
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (with ``http://`` for plain HTTP) point it
+at an S3-compatible server (MinIO, Ceph, moto) and ``AWS_REGION`` or ``AWS_DEFAULT_REGION``
+sets the region; both are read here explicitly so that every pyarrow version honours them.
+
+Publishing is atomic per file on both kinds. Locally a file is written to a temporary name
+beside its destination and renamed. S3 has no rename, but an object appears only when its
+upload completes (one PUT, or a completed multipart upload), so each file is written
+complete to a local temporary file and then uploaded; a killed upload leaves no object.
+Readers therefore never see half a file, and the builder publishes the manifest last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from catalog.errors import InvalidArgumentError, StorageError
+from catalog.tables import atomic_path
+
+__all__ = ["LocalStore", "ObjectStore", "Store", "is_remote", "open_store", "s3_filesystem"]
+
+REMOTE_SCHEMES = ("s3://",)
+_CHUNK = 1 << 20
+UPLOAD_THREADS = 16
+
+
+def is_remote(location: str | os.PathLike[str] | Store) -> bool:
+    """True for ``s3://`` locations (and object stores), False for local paths."""
+    if isinstance(location, Store):
+        return not location.is_local
+    return isinstance(location, str) and location.lower().startswith(REMOTE_SCHEMES)
+
+
+def open_store(location: str | os.PathLike[str] | Store) -> Store:
+    """The :class:`Store` for a local path or an ``s3://bucket/prefix`` URI.
+
+    Raises
+    ------
+    InvalidArgumentError
+        An unsupported scheme (``gs://``, ``http://``...) or an ``s3://`` URI without a bucket.
+    MissingDependencyError
+        pyarrow was built without S3 support.
+    """
+    if isinstance(location, Store):
+        return location
+    text = os.fspath(location)
+    if is_remote(text):
+        bucket_path = text[len("s3://"):].strip("/")
+        if not bucket_path or bucket_path.startswith("/"):
+            raise InvalidArgumentError(f"{text!r} names no bucket; write s3://BUCKET/PREFIX")
+        return ObjectStore(s3_filesystem(), bucket_path, f"s3://{bucket_path}")
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise InvalidArgumentError(
+            f"cannot store an atlas at {text!r}: scheme {scheme!r} is not supported; use a local path or s3://BUCKET/PREFIX"
+        )
+    return LocalStore(Path(text))
+
+
+def s3_filesystem() -> Any:
+    """A ``pyarrow.fs.S3FileSystem`` configured from the standard AWS environment variables."""
+    try:
+        from pyarrow.fs import S3FileSystem
+    except ImportError:  # pragma: no cover - pyarrow wheels ship S3 support
+        from catalog.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "this pyarrow was built without S3 support; install a pyarrow wheel from PyPI: pip install -U pyarrow"
+        ) from None
+    options: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, sep, host = endpoint.partition("://")
+        if not sep:
+            scheme, host = "https", endpoint
+        options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    return S3FileSystem(**options)
+
+
+class Store:
+    """The root of an atlas or dataset; files are named by ``/``-separated relative paths."""
+
+    uri: str
+    is_local: bool
+
+    def child(self, name: str) -> Store:
+        """The store rooted at ``name`` under this one."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """The last component of the root (a dataset's name)."""
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def exists(self, rel: str) -> bool:
+        """Whether the file ``rel`` exists."""
+        raise NotImplementedError
+
+    def root_exists(self) -> bool:
+        """Whether anything is stored at the root (a directory, or at least one object under the prefix)."""
+        raise NotImplementedError
+
+    def read_bytes(self, rel: str) -> bytes:
+        raise NotImplementedError
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_json(self, rel: str, data: Any) -> None:
+        """Write JSON atomically."""
+        with self.staged(rel) as tmp, open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    @contextlib.contextmanager
+    def staged(self, rel: str) -> Iterator[Path]:
+        """Yield a local temporary path to write ``rel`` into; publish it on success, atomically."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    @contextlib.contextmanager
+    def staged_dir(self, rel: str) -> Iterator[Path]:
+        """Yield a local temporary directory; on success it replaces the directory ``rel``."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def files(self, prefix: str = "") -> dict[str, int]:
+        """Every file under ``prefix`` (recursively): relative path -> size in bytes."""
+        raise NotImplementedError
+
+    def subdirs(self) -> list[str]:
+        """Names of the directories (prefixes) directly under the root."""
+        raise NotImplementedError
+
+    def delete(self, rel: str) -> None:
+        """Remove the file ``rel`` if it exists."""
+        raise NotImplementedError
+
+    def delete_tree(self, rel: str = "", *, keep: tuple[str, ...] = ()) -> None:
+        """Remove the directory ``rel`` with everything in it; with ``rel`` empty, everything in
+        the root except the names in ``keep``."""
+        raise NotImplementedError
+
+    def open_input(self, rel: str) -> Any:
+        """A seekable binary file for reading ``rel`` (pyarrow readers take it)."""
+        raise NotImplementedError
+
+    def filesystem(self) -> tuple[Any, str]:
+        """``(pyarrow.fs.FileSystem, root path in it)`` for pyarrow datasets."""
+        raise NotImplementedError
+
+    def sha256(self, rel: str) -> str:
+        """sha256 of the file ``rel``, streamed."""
+        digest = hashlib.sha256()
+        with self.open_input(rel) as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def download(self, rel: str, dest: Path) -> None:
+        """Copy ``rel`` to the local file ``dest`` atomically."""
+        with atomic_path(dest) as tmp, self.open_input(rel) as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, _CHUNK)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+class LocalStore(Store):
+    """A directory on a local (or shared, e.g. NFS) filesystem."""
+
+    is_local = True
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def __reduce__(self) -> Any:  # picklable for Ray tasks
+        return (LocalStore, (self.root,))
+
+    def child(self, name: str) -> LocalStore:
+        return LocalStore(self.root / name)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def root_exists(self) -> bool:
+        return self.root.is_dir()
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    @contextlib.contextmanager
+    def staged(self, rel: str) -> Iterator[Path]:
+        # beside the destination, so the rename is atomic; '*.tmp' is swept by a resumed build
+        with atomic_path(self.root / rel) as tmp:
+            yield tmp
+
+    @contextlib.contextmanager
+    def staged_dir(self, rel: str) -> Iterator[Path]:
+        dest = self.root / rel
+        tmp = self.root / f"{rel}.tmpdir"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+
+    def files(self, prefix: str = "") -> dict[str, int]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return {}
+        return {p.relative_to(self.root).as_posix(): p.stat().st_size for p in base.rglob("*") if p.is_file()}
+
+    def subdirs(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+
+    def delete(self, rel: str) -> None:
+        (self.root / rel).unlink(missing_ok=True)
+
+    def delete_tree(self, rel: str = "", *, keep: tuple[str, ...] = ()) -> None:
+        base = self.root / rel
+        if rel:
+            shutil.rmtree(base, ignore_errors=True)
+            return
+        if not base.is_dir():
+            return
+        for child in base.iterdir():
+            if child.name in keep:
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def open_input(self, rel: str) -> Any:
+        return open(self.root / rel, "rb")
+
+    def filesystem(self) -> tuple[Any, str]:
+        from pyarrow.fs import LocalFileSystem
+
+        return LocalFileSystem(), str(self.root.resolve())
+
+
+class ObjectStore(Store):
+    """A prefix in an S3 (or S3-compatible) bucket, through a pyarrow filesystem."""
+
+    is_local = False
+
+    def __init__(self, fs: Any, root: str, uri: str) -> None:
+        self.fs, self.root, self.uri = fs, root.strip("/"), uri.rstrip("/")
+
+    def __reduce__(self) -> Any:
+        # Re-resolved from the environment where it is unpickled (a Ray worker): credentials
+        # are never shipped with a task.
+        return (open_store, (self.uri,))
+
+    def child(self, name: str) -> ObjectStore:
+        return ObjectStore(self.fs, f"{self.root}/{name}", f"{self.uri}/{name}")
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}".rstrip("/") if rel else self.root
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, rel: str = "") -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            where = f"{self.uri}/{rel}" if rel else self.uri
+            raise StorageError(
+                f"cannot {what} {where}: {exc}. Check the bucket name, the credentials (AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY) and, for an S3-compatible server, AWS_ENDPOINT_URL"
+            ) from None
+
+    def exists(self, rel: str) -> bool:
+        from pyarrow.fs import FileType
+
+        with self._errors("read", rel):
+            return self.fs.get_file_info(self._path(rel)).type == FileType.File
+
+    def root_exists(self) -> bool:
+        from pyarrow.fs import FileSelector
+
+        with self._errors("list"):
+            return bool(self.fs.get_file_info(FileSelector(self.root, recursive=False, allow_not_found=True)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self._errors("read", rel), self.fs.open_input_stream(self._path(rel)) as fh:
+            return fh.read()
+
+    def _upload(self, local: Path, rel: str) -> None:
+        with self._errors("write", rel), open(local, "rb") as src, self.fs.open_output_stream(self._path(rel)) as out:
+            shutil.copyfileobj(src, out, _CHUNK)
+
+    @contextlib.contextmanager
+    def staged(self, rel: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="hexatlas-") as tmpdir:
+            tmp = Path(tmpdir) / Path(rel).name
+            yield tmp
+            self._upload(tmp, rel)
+
+    @contextlib.contextmanager
+    def staged_dir(self, rel: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="hexatlas-") as tmpdir:
+            yield Path(tmpdir)
+            # Not atomic as a whole: the builder records the directory as done only after this
+            # returns, and readers find it only through the manifest, which is written last.
+            self.delete_tree(rel)
+            files = [p for p in sorted(Path(tmpdir).rglob("*")) if p.is_file()]
+            # Zarr stores are many small objects: request latency, not bandwidth, is the cost
+            with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload") as pool:
+                list(pool.map(lambda p: self._upload(p, f"{rel}/{p.relative_to(tmpdir).as_posix()}"), files))
+
+    def files(self, prefix: str = "") -> dict[str, int]:
+        from pyarrow.fs import FileSelector, FileType
+
+        with self._errors("list", prefix):
+            infos = self.fs.get_file_info(FileSelector(self._path(prefix), recursive=True, allow_not_found=True))
+        cut = len(self.root) + 1
+        return {i.path[cut:]: i.size for i in infos if i.type == FileType.File}
+
+    def subdirs(self) -> list[str]:
+        from pyarrow.fs import FileSelector, FileType
+
+        with self._errors("list"):
+            infos = self.fs.get_file_info(FileSelector(self.root, recursive=False, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == FileType.Directory)
+
+    def delete(self, rel: str) -> None:
+        with self._errors("delete", rel), contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self._path(rel))
+
+    def delete_tree(self, rel: str = "", *, keep: tuple[str, ...] = ()) -> None:
+        from pyarrow.fs import FileSelector, FileType
+
+        with self._errors("delete", rel):
+            if rel:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.delete_dir(self._path(rel))
+                return
+            infos = self.fs.get_file_info(FileSelector(self._path(rel), recursive=False, allow_not_found=True))
+            for info in infos:
+                if info.base_name in keep:
+                    continue
+                if info.type == FileType.Directory:
+                    self.fs.delete_dir(info.path)
+                else:
+                    self.fs.delete_file(info.path)
+
+    def open_input(self, rel: str) -> Any:
+        with self._errors("read", rel):
+            return self.fs.open_input_file(self._path(rel))
+
+    def filesystem(self) -> tuple[Any, str]:
+        return self.fs, self.root
