@@ -11,10 +11,14 @@ EXTRAS_CPU := build,serve,ray,test
 EXTRAS_GPU := build,gpu,serve,ray,test
 EXTRAS := $(if $(HAS_GPU),$(EXTRAS_GPU),$(EXTRAS_CPU))
 DEMO_ATLAS ?= demo-atlas
+DEMO_MAP ?= demo-map.png
+# The map page's front-end packages (deck.gl, h3-js, land outlines), installed from npm.
+WEB := query/web
+WEB_STAMP := $(WEB)/node_modules/.installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench clean browser
 
-setup: $(STAMP)
+setup: $(STAMP) $(WEB_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,17 +28,28 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps geoclip==1.3.0
 	touch $@
 
-demo: $(STAMP)
-	$(PY) -m builder.demo --output $(DEMO_ATLAS)
+$(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  npm ci --legacy-peer-deps --no-audit --no-fund --loglevel=error --prefix $(WEB) && touch $@; \
+	else echo "npm not found: 'hexatlas serve' will answer the API but not show its map page (install Node.js, then make setup)"; fi
 
-test: $(STAMP)
+# The map-page test drives Debian's chromium; install it where this user may (root with apt-get).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -q >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; } || \
+	  echo "no chromium: the map-page browser test will be skipped (Debian: apt-get install chromium)"
+
+demo: setup
+	$(PY) -m builder.demo --output $(DEMO_ATLAS) --map $(DEMO_MAP)
+
+test: setup browser
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: setup browser
 	$(PY) -m pytest -q -m ""
 
-bench: $(STAMP)
+bench: setup
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO_ATLAS) .pytest_cache
+	rm -rf $(VENV) $(DEMO_ATLAS) $(DEMO_MAP) $(WEB)/node_modules .pytest_cache

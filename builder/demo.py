@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo-atlas", help="atlas directory")
     parser.add_argument("--model", default="geoclip")
     parser.add_argument("--resolutions", default="0-3")
+    parser.add_argument("--map", default=None, help="also draw the finest resolution to this PNG")
     args = parser.parse_args(argv)
 
     try:
@@ -75,11 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         problems = validate_dataset(dataset)
         print(f"validate: {'ok' if not problems else '; '.join(problems)}")
         _show(Path(args.output), dataset.name, encoder)
+        if args.map:
+            import query
+            from query.mapping import render_png
+
+            render_png(query.open(args.output), args.map, model=dataset.name)
+            print(f"\nmap of the finest resolution, coloured by principal components: {args.map}")
     except HexatlasError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
     print(f"\nTry: hexatlas info {args.output}; hexatlas similar {args.output} --lat 48.85 --lon 2.35 -k 5; "
           f"hexatlas sql {args.output} \"SELECT * FROM embeddings LIMIT 3\"")
+    print(f"Serve the API and the interactive map page: hexatlas serve {args.output}   (then open http://127.0.0.1:8000/)")
     return 0
 
 

@@ -1,0 +1,104 @@
+"""The map page in a real browser: Debian's chromium, headless, driven by Playwright.
+
+Loads the page from a live server, checks the picture (cells drawn in their principal-
+component colours), clicks a place and checks the similar places listed and outlined.
+Skipped, saying why, where chromium or the page's npm packages are not installed
+(``make test`` installs both where it can).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+
+import query
+from query.server import create_app, _missing_vendor
+from tests.query._server import running
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)"),
+    pytest.mark.skipif(bool(_missing_vendor()), reason="map page npm packages missing (npm ci in query/web)"),
+]
+MODEL = "satclip-vit16-l10"
+
+
+@pytest.fixture(scope="module")
+def page(atlas_dir):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    atlas = query.open(atlas_dir[0])
+    with running(create_app(atlas)) as url, sync_api.sync_playwright() as pw:
+        # WebGL without a GPU: chromium's software rasteriser.
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--enable-unsafe-swiftshader",
+                                                                      "--use-angle=swiftshader"])
+        tab = browser.new_page(viewport={"width": 1000, "height": 600})
+        errors: list[str] = []
+        tab.on("pageerror", lambda exc: errors.append(str(exc)))
+        tab.goto(f"{url}/")
+        tab.wait_for_function("window.hexatlasState && window.hexatlasState.status !== 'loading'", timeout=60_000)
+        yield tab, atlas, errors
+        browser.close()
+
+
+def _pixels(tab) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(tab.screenshot())).convert("RGB")).astype(int)
+
+
+def test_page_draws_the_cells_in_their_colours(page) -> None:
+    tab, atlas, errors = page
+    state = tab.evaluate("window.hexatlasState")
+    assert state["status"] == "ready" and not errors, (state, errors)
+    assert state["model"] == MODEL and state["res"] == 2 and state["cells"] == 2 + 120 * 7**2
+    assert "principal components" in tab.inner_text("#legend")
+
+    from query.mapping import map_layer
+
+    layer = map_layer(atlas, 2, MODEL)
+    colour = dict(zip(layer.cells.tolist(), layer.rgb.tolist()))
+    import h3
+
+    tab.wait_for_timeout(500)  # a frame after the data arrived
+    shot = _pixels(tab)
+    assert len(np.unique(shot.reshape(-1, 3) // 16, axis=0)) > 50  # many colours, not an empty canvas
+    matches = 0
+    for lat, lon in [(-30.0, 20.0), (0.0, 60.0), (40.0, 100.0), (-20.0, 140.0), (10.0, 0.0)]:
+        x, y = tab.evaluate(f"window.hexatlasProject({lon}, {lat})")
+        want = np.asarray(colour[h3.str_to_int(h3.latlng_to_cell(lat, lon, 2))])
+        got = shot[int(round(y)), int(round(x))]
+        matches += int(np.abs(got - want).max() <= 24)  # land outlines may cross a sampled pixel
+    assert matches >= 4
+
+
+def test_click_lists_and_outlines_the_most_similar_places(page) -> None:
+    tab, atlas, errors = page
+    lat, lon = 35.0, 105.0
+    before = _pixels(tab)
+    x, y = tab.evaluate(f"window.hexatlasProject({lon}, {lat})")
+    tab.mouse.click(x, y)
+    tab.wait_for_function("window.hexatlasState.similar.length > 0 && window.hexatlasState.status === 'ready'",
+                          timeout=30_000)
+    state = tab.evaluate("window.hexatlasState")
+    import h3
+
+    clicked = h3.latlng_to_cell(lat, lon, 2)
+    assert state["selected"] == clicked and not errors
+    want = atlas.similar(cell=clicked, k=10, res=2, model=MODEL)
+    assert [r["cell"] for r in state["similar"]] == [h3.int_to_str(c) for c in want.column("cell").to_pylist()]
+    items = tab.locator("#similar li").all_inner_texts()
+    assert len(items) == 10 and "cosine 1.000" in items[0]
+    tab.wait_for_timeout(500)
+    changed = np.abs(_pixels(tab) - before).max(axis=2) > 60
+    assert changed.sum() > 100  # the outlines were drawn
+
+
+def test_switching_resolution_reloads_the_layer(page) -> None:
+    tab, _, errors = page
+    tab.select_option("#res", "1")
+    tab.wait_for_function("window.hexatlasState.res === 1 && window.hexatlasState.status === 'ready'", timeout=30_000)
+    state = tab.evaluate("window.hexatlasState")
+    assert state["cells"] == 2 + 120 * 7 and state["similar"] == [] and not errors
