@@ -8,7 +8,7 @@ import sys
 
 from benchmarks._common import machine, markdown
 
-SUITES = ["encoders", "builder", "query"]
+SUITES = ["encoders", "builder", "query", "serve"]
 
 
 def main() -> int:

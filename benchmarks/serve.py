@@ -1,0 +1,119 @@
+"""A bounded load test of ``hexatlas serve`` on loopback (issue 5).
+
+Starts the real command (uvicorn, one process) on a SatCLIP L=40 atlas at resolution 3, then
+drives it from 16 client threads with keep-alive connections, a fixed number of requests per
+endpoint. Reports requests/s with p50 and p99 latency, against the same call made in-process
+through the Python API in the same run (the HTTP + JSON overhead is the difference). The
+clients share the machine's cores with the server, as a loopback test must.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._common import Row, best_rate
+
+CLIENTS = 16
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(f"{url}/v1/health", timeout=2).raise_for_status()
+            return
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"hexatlas serve did not start: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.2)
+
+
+def _load(url: str, requests: list[tuple[str, str, dict]]) -> tuple[float, float, float]:
+    """Run ``requests`` from CLIENTS threads; returns (requests/s, p50 s, p99 s)."""
+    import httpx
+
+    clients = [httpx.Client(base_url=url, timeout=60) for _ in range(CLIENTS)]
+
+    def worker(i: int) -> list[float]:
+        times = []
+        for method, path, kwargs in requests[i::CLIENTS]:
+            start = time.perf_counter()
+            answer = clients[i].request(method, path, **kwargs)
+            times.append(time.perf_counter() - start)
+            answer.raise_for_status()
+        return times
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        latencies = np.concatenate([np.asarray(t) for t in pool.map(worker, range(CLIENTS))])
+    wall = time.perf_counter() - start
+    for client in clients:
+        client.close()
+    return len(requests) / wall, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
+
+
+def run(quick: bool = False) -> list[Row]:
+    import query
+    from builder.build import build
+    from builder.encoders import load_encoder
+    from tests.data.satclip_checkpoint import make_checkpoint
+
+    scale = 4 if quick else 1
+    rng = np.random.default_rng(0)
+    lat = np.degrees(np.arcsin(rng.uniform(-1, 1, 4000)))
+    lon = rng.uniform(-180, 180, 4000)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        ckpt = make_checkpoint(tmp / "satclip-l40.ckpt", legendre_polys=40)
+        encoder = load_encoder("satclip-vit16-l40", checkpoint=ckpt, device="cpu")
+        build(encoder=encoder, resolutions="3", output=tmp / "atlas", progress=False)
+        atlas = query.open(tmp / "atlas")
+        env = {**os.environ, "HEXATLAS_CACHE": str(tmp / "cache")}
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "catalog.cli", "serve", str(tmp / "atlas"), "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_for(url, proc)
+            n_get, n_sim, n_post = 3000 // scale, 1000 // scale, 200 // scale
+            gets = [("GET", "/v1/lookup", {"params": {"lat": lat[i], "lon": lon[i]}}) for i in range(n_get)]
+            sims = [("GET", "/v1/similar", {"params": {"lat": lat[i], "lon": lon[i], "k": 10}}) for i in range(n_sim)]
+            batch = [{"lat": float(a), "lon": float(b)} for a, b in zip(lat[:100], lon[:100])]
+            posts = [("POST", "/v1/lookup", {"json": {"points": batch}})] * n_post
+            _load(url, gets[:200] + sims[:100])  # warm: decoded cache, index, connections
+
+            cases = [
+                ("GET /v1/lookup (one point)", gets, lambda: atlas.lookup(lat[:1], lon[:1]), "in-process lookup"),
+                ("GET /v1/similar (k=10)", sims, lambda: atlas.similar(lat=lat[0], lon=lon[0], k=10),
+                 "in-process similar"),
+                ("POST /v1/lookup (100 points)", posts, lambda: atlas.lookup(lat[:100], lon[:100]),
+                 "in-process lookup of 100"),
+            ]
+            for name, requests, direct, base_name in cases:
+                rate, p50, p99 = _load(url, requests)
+                base = best_rate(direct, 1, repeats=50)
+                rows.append(Row("serve", f"{name}, {CLIENTS} clients: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms",
+                                rate, "req/s", base_name, base))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return rows
