@@ -64,13 +64,13 @@ function render() {
   if (state.similar.length) {
     layers.push(new deck.H3HexagonLayer({
       id: "similar", data: state.similar, getHexagon: (d) => d.cell, filled: false, stroked: true,
-      extruded: false, getLineColor: [255, 230, 0], lineWidthMinPixels: 2.5,
+      extruded: false, highPrecision: true, getLineColor: [255, 230, 0], lineWidthMinPixels: 2.5,
     }));
   }
   if (state.selected) {
     layers.push(new deck.H3HexagonLayer({
       id: "selected", data: [{ cell: state.selected }], getHexagon: (d) => d.cell, filled: false, stroked: true,
-      extruded: false, getLineColor: [255, 255, 255], lineWidthMinPixels: 4,
+      extruded: false, highPrecision: true, getLineColor: [255, 255, 255], lineWidthMinPixels: 4,
     }));
   }
   deckgl.setProps({ layers });
@@ -88,6 +88,7 @@ async function loadLayer() {
   cellsLayer = new deck.H3HexagonLayer({
     id: `cells-${data.model}-${data.res}`, data: rows, getHexagon: (d) => d.cell, getFillColor: (d) => d.color,
     filled: true, stroked: false, extruded: false, pickable: true,
+    highPrecision: true, // true cell outlines: the fast instanced hexagons drift from them at coarse resolutions
   });
   const pct = data.explained_variance.map((v) => `${(100 * v).toFixed(1)}%`);
   $("legend").textContent = `${info[data.model].model}, H3 resolution ${data.res}: colour = principal components `
@@ -102,6 +103,8 @@ async function showSimilar(query, label) {
   state.status = "searching";
   setStatus(`searching places like ${label}…`);
   const params = new URLSearchParams({ model: state.model, res: state.res, k: 10, ...query });
+  const exclude = Number($("exclude").value);
+  if (exclude > 0) params.set("exclude_within_km", exclude);
   const result = await getJSON(`v1/similar?${params}`);
   state.selected = query.cell || (result.results.length ? result.results[0].cell : null);
   state.similar = result.results;

@@ -66,9 +66,11 @@ def test_page_draws_the_cells_in_their_colours(page) -> None:
     shot = _pixels(tab)
     assert len(np.unique(shot.reshape(-1, 3) // 16, axis=0)) > 50  # many colours, not an empty canvas
     matches = 0
-    for lat, lon in [(-30.0, 20.0), (0.0, 60.0), (40.0, 100.0), (-20.0, 140.0), (10.0, 0.0)]:
+    for place in [(-30.0, 20.0), (0.0, 60.0), (40.0, 100.0), (-20.0, 140.0), (10.0, 0.0)]:
+        cell = h3.latlng_to_cell(*place, 2)
+        lat, lon = h3.cell_to_latlng(cell)  # sample cell centres, far from any edge
         x, y = tab.evaluate(f"window.hexatlasProject({lon}, {lat})")
-        want = np.asarray(colour[h3.str_to_int(h3.latlng_to_cell(lat, lon, 2))])
+        want = np.asarray(colour[h3.str_to_int(cell)])
         got = shot[int(round(y)), int(round(x))]
         matches += int(np.abs(got - want).max() <= 24)  # land outlines may cross a sampled pixel
     assert matches >= 4
@@ -76,16 +78,16 @@ def test_page_draws_the_cells_in_their_colours(page) -> None:
 
 def test_click_lists_and_outlines_the_most_similar_places(page) -> None:
     tab, atlas, errors = page
-    lat, lon = 35.0, 105.0
+    import h3
+
+    clicked = h3.latlng_to_cell(35.0, 105.0, 2)
+    lat, lon = h3.cell_to_latlng(clicked)
     before = _pixels(tab)
     x, y = tab.evaluate(f"window.hexatlasProject({lon}, {lat})")
     tab.mouse.click(x, y)
     tab.wait_for_function("window.hexatlasState.similar.length > 0 && window.hexatlasState.status === 'ready'",
                           timeout=30_000)
     state = tab.evaluate("window.hexatlasState")
-    import h3
-
-    clicked = h3.latlng_to_cell(lat, lon, 2)
     assert state["selected"] == clicked and not errors
     want = atlas.similar(cell=clicked, k=10, res=2, model=MODEL)
     assert [r["cell"] for r in state["similar"]] == [h3.int_to_str(c) for c in want.column("cell").to_pylist()]
@@ -94,6 +96,23 @@ def test_click_lists_and_outlines_the_most_similar_places(page) -> None:
     tab.wait_for_timeout(500)
     changed = np.abs(_pixels(tab) - before).max(axis=2) > 60
     assert changed.sum() > 100  # the outlines were drawn
+
+
+def test_far_away_similar_places(page) -> None:
+    tab, atlas, errors = page
+    import h3
+
+    tab.select_option("#exclude", "1000")
+    cell = h3.latlng_to_cell(20.0, 80.0, 2)
+    lat, lon = h3.cell_to_latlng(cell)
+    x, y = tab.evaluate(f"window.hexatlasProject({lon}, {lat})")
+    tab.mouse.click(x, y)
+    tab.wait_for_function(f"window.hexatlasState.selected === '{cell}' && window.hexatlasState.status === 'ready'",
+                          timeout=30_000)
+    want = atlas.similar(cell=cell, k=10, res=2, model=MODEL, exclude_within_km=1000)
+    got = tab.evaluate("window.hexatlasState.similar")
+    assert [r["cell"] for r in got] == [h3.int_to_str(c) for c in want.column("cell").to_pylist()] and not errors
+    tab.select_option("#exclude", "0")
 
 
 def test_switching_resolution_reloads_the_layer(page) -> None:
