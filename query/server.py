@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,6 @@ except ImportError as exc:
     raise MissingDependencyError(f"hexatlas serve needs FastAPI: pip install 'hexatlas[serve]' ({exc})") from exc
 
 __all__ = ["Limits", "create_app", "serve", "configure_serve", "run_serve"]
-
-log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).with_name("web")
 # Front-end files the page loads, all from packages npm installs into web/node_modules

@@ -11,11 +11,13 @@ from __future__ import annotations
 import io
 import shutil
 
+import h3
 import numpy as np
 import pytest
 
 import query
-from query.server import create_app, _missing_vendor
+from query.mapping import map_layer
+from query.server import _missing_vendor, create_app
 from tests.query._server import running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -56,12 +58,8 @@ def test_page_draws_the_cells_in_their_colours(page) -> None:
     assert state["model"] == MODEL and state["res"] == 2 and state["cells"] == 2 + 120 * 7**2
     assert "principal components" in tab.inner_text("#legend")
 
-    from query.mapping import map_layer
-
     layer = map_layer(atlas, 2, MODEL)
     colour = dict(zip(layer.cells.tolist(), layer.rgb.tolist()))
-    import h3
-
     tab.wait_for_timeout(500)  # a frame after the data arrived
     shot = _pixels(tab)
     assert len(np.unique(shot.reshape(-1, 3) // 16, axis=0)) > 50  # many colours, not an empty canvas
@@ -78,8 +76,6 @@ def test_page_draws_the_cells_in_their_colours(page) -> None:
 
 def test_click_lists_and_outlines_the_most_similar_places(page) -> None:
     tab, atlas, errors = page
-    import h3
-
     clicked = h3.latlng_to_cell(35.0, 105.0, 2)
     lat, lon = h3.cell_to_latlng(clicked)
     before = _pixels(tab)
@@ -100,8 +96,6 @@ def test_click_lists_and_outlines_the_most_similar_places(page) -> None:
 
 def test_far_away_similar_places(page) -> None:
     tab, atlas, errors = page
-    import h3
-
     tab.select_option("#exclude", "1000")
     cell = h3.latlng_to_cell(20.0, 80.0, 2)
     lat, lon = h3.cell_to_latlng(cell)

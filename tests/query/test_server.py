@@ -131,8 +131,9 @@ def test_map_layer_colours_every_cell(client, atlas, monkeypatch) -> None:
     assert len(np.unique(colours, axis=0)) > len(cells) // 2  # a picture, not a flat fill
     assert 0 < sum(data["explained_variance"]) <= 1
 
-    import query.mapping
     from fastapi.testclient import TestClient
+
+    import query.mapping
 
     monkeypatch.setattr(query.mapping, "MAX_MAP_CELLS", 1000)
     too_big = TestClient(create_app(atlas)).get("/v1/map", params={"res": 2, "model": MODEL})
