@@ -347,6 +347,24 @@ def serve(atlas: Any, *, host: str = "127.0.0.1", port: int = 8000, limits: Limi
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=limits.max_connections)
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Fail with one clear line, before announcing anything, when the address cannot be bound."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InvalidArgumentError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port "
+                                       "(or stop what is using it)") from None
+
+
 def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("atlas", help="atlas directory (or one dataset directory)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -367,6 +385,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if not loopback:
         print(f"hexatlas serve: warning: binding {args.host}: anyone who can reach this machine can read the atlas",
               file=sys.stderr)
+    _check_bindable(args.host, args.port)
     if _missing_vendor():
         print(f"hexatlas serve: the map page needs its front-end packages: {NPM_INSTALL.format(dir=WEB_DIR)}",
               file=sys.stderr)

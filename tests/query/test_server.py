@@ -193,3 +193,11 @@ def test_cli_refuses_bad_arguments(atlas_dir, tmp_path, capsys) -> None:
     assert "--port must be 1..65535" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "no atlas" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(atlas_dir[0]), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and "serving" not in err
