@@ -1,6 +1,6 @@
 """A bounded load test of ``hexatlas serve`` on loopback (issue 5).
 
-Starts the real command (uvicorn, one process) on a SatCLIP L=40 atlas at resolution 3, then
+Starts the real command (uvicorn; one process, then ``--workers 2``) on a SatCLIP L=40 atlas at resolution 3, then
 drives it from 16 client threads with keep-alive connections, a fixed number of requests per
 endpoint. Reports requests/s with p50 and p99 latency, against the same call made in-process
 through the Python API in the same run (the HTTP + JSON overhead is the difference). The
@@ -9,11 +9,14 @@ clients share the machine's cores with the server, as a loopback test must.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -88,32 +91,42 @@ def run(quick: bool = False) -> list[Row]:
         build(encoder=encoder, resolutions="3", output=tmp / "atlas", progress=False)
         atlas = query.open(tmp / "atlas")
         env = {**os.environ, "HEXATLAS_CACHE": str(tmp / "cache")}
-        port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "catalog.cli", "serve", str(tmp / "atlas"), "--port", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_for(url, proc)
-            n_get, n_sim, n_post = 3000 // scale, 1000 // scale, 200 // scale
-            gets = [("GET", "/v1/lookup", {"params": {"lat": lat[i], "lon": lon[i]}}) for i in range(n_get)]
-            sims = [("GET", "/v1/similar", {"params": {"lat": lat[i], "lon": lon[i], "k": 10}}) for i in range(n_sim)]
-            batch = [{"lat": float(a), "lon": float(b)} for a, b in zip(lat[:100], lon[:100])]
-            posts = [("POST", "/v1/lookup", {"json": {"points": batch}})] * n_post
-            _load(url, gets[:200] + sims[:100])  # warm: decoded cache, index, connections
-
-            cases = [
-                ("GET /v1/lookup (one point)", gets, lambda: atlas.lookup(lat[:1], lon[:1]), "in-process lookup"),
-                ("GET /v1/similar (k=10)", sims, lambda: atlas.similar(lat=lat[0], lon=lon[0], k=10),
-                 "in-process similar"),
-                ("POST /v1/lookup (100 points)", posts, lambda: atlas.lookup(lat[:100], lon[:100]),
-                 "in-process lookup of 100"),
-            ]
-            for name, requests, direct, base_name in cases:
-                rate, p50, p99 = _load(url, requests)
-                base = best_rate(direct, 1, repeats=50)
-                rows.append(Row("serve", f"{name}, {CLIENTS} clients: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms",
-                                rate, "req/s", base_name, base))
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        n_get, n_sim, n_post = 3000 // scale, 1000 // scale, 200 // scale
+        gets = [("GET", "/v1/lookup", {"params": {"lat": lat[i], "lon": lon[i]}}) for i in range(n_get)]
+        sims = [("GET", "/v1/similar", {"params": {"lat": lat[i], "lon": lon[i], "k": 10}}) for i in range(n_sim)]
+        batch = [{"lat": float(a), "lon": float(b)} for a, b in zip(lat[:100], lon[:100])]
+        posts = [("POST", "/v1/lookup", {"json": {"points": batch}})] * n_post
+        cases = [
+            ("GET /v1/lookup (one point)", gets, lambda: atlas.lookup(lat[:1], lon[:1]), "in-process lookup"),
+            ("GET /v1/similar (k=10)", sims, lambda: atlas.similar(lat=lat[0], lon=lon[0], k=10), "in-process similar"),
+            ("POST /v1/lookup (100 points)", posts, lambda: atlas.lookup(lat[:100], lon[:100]),
+             "in-process lookup of 100"),
+        ]
+        one_worker = {}
+        for workers in (1, 2):
+            with _server(tmp / "atlas", env, workers) as url:
+                _load(url, gets[:200] + sims[:100])  # warm: decoded cache, index, connections
+                for name, requests, direct, base_name in cases:
+                    rate, p50, p99 = _load(url, requests)
+                    label = f"{name}, {CLIENTS} clients, --workers {workers}: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"
+                    if workers == 1:
+                        one_worker[name] = rate
+                        rows.append(Row("serve", label, rate, "req/s", base_name, best_rate(direct, 1, repeats=50)))
+                    else:
+                        rows.append(Row("serve", label, rate, "req/s", "--workers 1", one_worker[name]))
     return rows
+
+
+@contextlib.contextmanager
+def _server(atlas: Path, env: dict, workers: int) -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "catalog.cli", "serve", str(atlas), "--port", str(port),
+                             "--workers", str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(url, proc)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)

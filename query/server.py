@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ VENDOR_FILES = {
     "land-110m.json": "world-atlas/land-110m.json",
 }
 NPM_INSTALL = "npm ci --legacy-peer-deps --no-audit --no-fund --prefix {dir}"
+_ENV_ATLAS, _ENV_LIMITS = "HEXATLAS_SERVE_ATLAS", "HEXATLAS_SERVE_LIMITS"  # for worker processes
 
 
 @dataclass(frozen=True)
@@ -336,15 +339,33 @@ def _version() -> str:
         return "0+unknown"
 
 
-def serve(atlas: Any, *, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
-    """Serve ``atlas`` until interrupted. Binds to loopback unless ``host`` says otherwise."""
+def serve(atlas: Any, *, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
+          workers: int = 1) -> None:
+    """Serve ``atlas`` until interrupted. Binds to loopback unless ``host`` says otherwise.
+
+    ``workers`` > 1 runs that many server processes on one socket (uvicorn's process
+    manager); each opens the atlas itself, so ``atlas`` must then be a path or URI. They
+    share the decoded, memory-mapped embeddings through the operating system's page cache.
+    """
     try:
         import uvicorn
     except ImportError as exc:
         raise MissingDependencyError("hexatlas serve needs uvicorn: pip install 'hexatlas[serve]'") from exc
     limits = limits or Limits()
-    app = create_app(atlas, limits=limits)
-    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=limits.max_connections)
+    options = {"host": host, "port": port, "log_level": "warning", "limit_concurrency": limits.max_connections}
+    if workers == 1:
+        uvicorn.run(create_app(atlas, limits=limits), **options)
+        return
+    if not isinstance(atlas, (str, os.PathLike)):
+        raise InvalidArgumentError("serving with several workers needs the atlas's path or URI, not an opened Atlas")
+    os.environ[_ENV_ATLAS] = os.fspath(atlas)
+    os.environ[_ENV_LIMITS] = json.dumps(asdict(limits))
+    uvicorn.run("query.server:_app_from_environment", factory=True, workers=workers, **options)
+
+
+def _app_from_environment() -> Any:
+    """The app factory each worker process of :func:`serve` calls."""
+    return create_app(os.environ[_ENV_ATLAS], limits=Limits(**json.loads(os.environ[_ENV_LIMITS])))
 
 
 def _check_bindable(host: str, port: int) -> None:
@@ -370,6 +391,7 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-points", type=int, default=Limits.max_points, help="most points per POST /v1/lookup")
+    parser.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -377,6 +399,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise InvalidArgumentError(f"--port must be 1..65535, got {args.port}")
+    if not 1 <= args.workers <= 64:
+        raise InvalidArgumentError(f"--workers must be 1..64, got {args.workers}")
     atlas = query.open(args.atlas)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -390,7 +414,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"hexatlas serve: the map page needs its front-end packages: {NPM_INSTALL.format(dir=WEB_DIR)}",
               file=sys.stderr)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {atlas!r} at http://{shown}:{args.port}/ (API under /v1, OpenAPI at /openapi.json); "
-          "Ctrl-C stops", file=sys.stderr)
-    serve(atlas, host=args.host, port=args.port, limits=Limits(max_points=args.max_points))
+    print(f"serving {atlas!r} at http://{shown}:{args.port}/ (API under /v1, OpenAPI at /openapi.json)"
+          f"{f' with {args.workers} worker processes' if args.workers > 1 else ''}; Ctrl-C stops", file=sys.stderr)
+    serve(atlas if args.workers == 1 else args.atlas, host=args.host, port=args.port,
+          limits=Limits(max_points=args.max_points), workers=args.workers)
     return 0

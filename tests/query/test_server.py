@@ -165,9 +165,11 @@ def test_many_concurrent_readers_on_a_real_socket(atlas) -> None:
     np.testing.assert_array_equal(got, want)
 
 
-def test_cli_serves_on_loopback_until_interrupted(atlas_dir) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_serves_on_loopback_until_interrupted(atlas_dir, workers) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "catalog.cli", "serve", str(atlas_dir[0]), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "catalog.cli", "serve", str(atlas_dir[0]), "--port", str(port),
+                             "--workers", str(workers)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         deadline = time.monotonic() + 60
@@ -179,6 +181,10 @@ def test_cli_serves_on_loopback_until_interrupted(atlas_dir) -> None:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
                 time.sleep(0.2)
         assert health["models"] == sorted(os.listdir(atlas_dir[0]))
+        with ThreadPoolExecutor(8) as pool:  # every worker answers the same
+            answers = list(pool.map(lambda _: httpx.get(f"http://127.0.0.1:{port}/v1/lookup", timeout=30, params={
+                "lat": 10, "lon": 10, "model": MODEL}).json()["embedding"], range(32)))
+        assert all(a == answers[0] for a in answers)
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
@@ -191,6 +197,8 @@ def test_cli_refuses_bad_arguments(atlas_dir, tmp_path, capsys) -> None:
 
     assert main(["serve", str(atlas_dir[0]), "--port", "70000"]) == 2
     assert "--port must be 1..65535" in capsys.readouterr().err
+    assert main(["serve", str(atlas_dir[0]), "--workers", "0"]) == 2
+    assert "--workers must be 1..64" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "no atlas" in capsys.readouterr().err
     import socket
