@@ -23,30 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import Row, best_rate
+from tests.query._server import free_port, wait_for_health
 
 CLIENTS = 16
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            httpx.get(f"{url}/v1/health", timeout=2).raise_for_status()
-            return
-        except httpx.TransportError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"hexatlas serve did not start: {proc.stderr.read() if proc.stderr else ''}")
-            time.sleep(0.2)
 
 
 def _load(url: str, requests: list[tuple[str, str, dict]]) -> tuple[float, float, float]:
@@ -119,13 +98,13 @@ def run(quick: bool = False) -> list[Row]:
 
 @contextlib.contextmanager
 def _server(atlas: Path, env: dict, workers: int) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "catalog.cli", "serve", str(atlas), "--port", str(port),
                              "--workers", str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(url, proc)
+        wait_for_health(url, proc)
         yield url
     finally:
         proc.send_signal(signal.SIGINT)

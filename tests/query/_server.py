@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    """Poll ``url``/v1/health until a server process answers; returns the health document."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(f"{url}/v1/health", timeout=2).json()
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read() if proc.stderr and proc.poll() is not None else "still starting"
+                raise RuntimeError(f"hexatlas serve did not answer at {url}: {err}") from None
+            time.sleep(0.2)
 
 
 @contextmanager

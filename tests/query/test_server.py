@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import h3
@@ -18,7 +17,7 @@ import pytest
 import query
 from query import server
 from query.server import Limits, create_app
-from tests.query._server import free_port, running
+from tests.query._server import free_port, running, wait_for_health
 
 MODEL = "satclip-vit16-l10"
 
@@ -172,14 +171,7 @@ def test_cli_serves_on_loopback_until_interrupted(atlas_dir, workers) -> None:
                              "--workers", str(workers)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).json()
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-                time.sleep(0.2)
+        health = wait_for_health(f"http://127.0.0.1:{port}", proc, timeout=60)
         assert health["models"] == sorted(os.listdir(atlas_dir[0]))
         with ThreadPoolExecutor(8) as pool:  # every worker answers the same
             answers = list(pool.map(lambda _: httpx.get(f"http://127.0.0.1:{port}/v1/lookup", timeout=30, params={
