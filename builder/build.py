@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from builder.grid import Shard, cell_centers, parse_resolutions, plan_shards, shard_cells
+from builder.finish import IndexBuilder, ShardCache, ShardSource, ZarrRows, write_index, write_zarr
+from builder.grid import Shard, cell_centers, cell_count, parse_resolutions, plan_shards, shard_cells
 from catalog import manifest as fmt
-from catalog.errors import AtlasBusyError, AtlasCorruptError, InvalidArgumentError
+from catalog.errors import AtlasBusyError, InvalidArgumentError
 from catalog.storage import LocalStore, Store, is_remote, open_store
-from catalog.tables import embedding_array, embedding_matrix, write_parquet
+from catalog.tables import embedding_array, write_parquet
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -50,8 +52,11 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("float16", "float32", "int8")
 EXECUTORS = ("local", "ray")
 ROW_GROUP_CELLS = 8192  # small row groups let DuckDB prune a point lookup to ~one group
-ZARR_CHUNK_CELLS = 4096
 ENCODE_CHUNK = 65536  # cells per encode call: the progress bar's granularity
+# Shards written in this process are kept in memory (up to this many bytes) for the Zarr and
+# index stages, which otherwise read all of a resolution's Parquet back: decoding the
+# embedding column costs about as much as writing it.
+SHARD_CACHE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -115,16 +120,28 @@ class BuildSummary:
 
 
 class _Timer:
+    """Seconds per stage, from any thread; a stage nested in another (in the same thread) is
+    taken out of the outer one's time, so that each second counts once."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        nested = self._local.__dict__.setdefault("nested", [])  # per open stage: seconds in inner stages
+        nested.append(0.0)
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            inner = nested.pop()
+            if nested:
+                nested[-1] += elapsed
+            with self._lock:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed - inner
 
 
 @contextlib.contextmanager
@@ -177,6 +194,11 @@ class Quantizer:
     def encode(self, values: NDArray[np.float32]) -> NDArray[np.int8]:
         q = np.rint((values - self.offset) / self.scale)
         return np.clip(q, -127, 127).astype(np.int8)
+
+    def decode(self, q: NDArray[Any], out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+        """Stored int8 values back to floats (``out`` may be ``q`` itself, as float32)."""
+        out = np.multiply(q, self.scale, out=out, dtype=np.float32)
+        return np.add(out, self.offset, out=out)
 
     def to_dict(self) -> dict[str, list[float]]:
         return {"scale": self.scale.tolist(), "offset": self.offset.tolist()}
@@ -351,8 +373,10 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
 
         run_ray(todo, job, config, encoder, land, state, timer, progress, _total_cells(todo, land, state),
                 encoder_given=encoder_given)
+        cache = ShardCache(0)  # the shards were written by the workers
     else:
-        _run_shards(todo, encoder, job, land, state, timer, progress)
+        cache = ShardCache(SHARD_CACHE_BYTES)
+        _run_shards(todo, encoder, job, land, state, timer, progress, cache)
 
     cells: dict[int, int] = {}
     res_info: dict[str, Any] = {}
@@ -363,10 +387,9 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         cells[res] = sum(r["rows"] for r in records)
         files += [r["file"] for r in records]
         info = {"cells": cells[res], "shards": len(records), "parquet": [r["file"]["path"] for r in records]}
-        with timer("zarr"):
-            info["zarr"], zarr_files = _finish_zarr(dataset, res, info["parquet"], state, quantizer)
-        with timer("index"):
-            info["index"], index_file = _finish_index(dataset, res, info["parquet"], state, quantizer)
+        source = ShardSource(dataset, info["parquet"], cache, quantizer)
+        info["zarr"], zarr_files, info["index"], index_file = _finish_resolution(
+            dataset, res, source, cells[res], encoder.dim, state, quantizer, land.get(res), timer)
         files += zarr_files + [index_file]
         res_info[str(res)] = info
 
@@ -481,41 +504,106 @@ def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
     with timer("encode"):
         emb = _encode(encoder, lat, lon)
     with timer("write"):
-        record = _write_shard(job.dataset, shard, cells, lat, lon, _store(emb, job.precision, job.quantizer()),
+        record = _write_shard(job.dataset, shard, _shard_table(cells, lat, lon, _store(emb, job.precision,
+                                                                                           job.quantizer())),
                               job.metadata)
     return record, timer.seconds
 
 
 def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[int, NDArray[np.uint64]],
-                state: _BuildState, timer: _Timer, progress: bool | None) -> None:
-    """Encode shards in this process, with enumeration of the next shard and writing of the last overlapped."""
+                state: _BuildState, timer: _Timer, progress: bool | None, cache: ShardCache) -> None:
+    """Encode shards in this process, with enumeration of the next shard and writing of the last overlapped.
+
+    Written shards go into ``cache`` (as far as it has room), and, for a resolution whose
+    shards are all written in this run, straight into its Zarr store and index, so that
+    those stages overlap the encoder too.
+    """
     from tqdm.auto import tqdm
 
     quantizer = job.quantizer()
     disable = not progress if progress is not None else None
 
-    def write_and_mark(shard: Shard, *args: Any) -> None:
-        state.mark(_step_name(shard), _write_shard(job.dataset, shard, *args, job.metadata))
+    def write_and_mark(shard: Shard, finish: _StreamedFinish | None, *args: Any) -> None:
+        table = _shard_table(*args)
+        record = _write_shard(job.dataset, shard, table, job.metadata)
+        state.mark(_step_name(shard), record)
+        cache.put(record["file"]["path"], table)
+        if finish is not None:
+            finish.add(table)
 
+    by_res = {res: [s for s in todo if s.res == res] for res in dict.fromkeys(s.res for s in todo)}
+    order = [shard for shards in by_res.values() for shard in shards]
     with tqdm(total=_total_cells(todo, land, state), unit="cell", desc=f"build {encoder.name}", disable=disable,
               smoothing=0.1) as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="enumerate") as enum_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
-        pending_write: Future[None] | None = None
-        next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, todo[0], land) if todo else None
-        for i, shard in enumerate(todo):
-            cells, lat, lon = next_cells.result()
-            if i + 1 < len(todo):
-                next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, todo[i + 1], land)
-            with timer("encode"):
-                emb = _encode(encoder, lat, lon, bar.update)
-            if pending_write is not None:
-                pending_write.result()
-            pending_write = write_pool.submit(
-                _timed, timer, "write", write_and_mark, shard, cells, lat, lon, _store(emb, job.precision, quantizer),
-            )
-        if pending_write is not None:
-            pending_write.result()
+        position = 0
+        next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[0], land) if order else None
+        for res, shards in by_res.items():
+            with _streamed_finish(res, shards, encoder, job, land.get(res), state, timer, cache) as finish:
+                pending_write: Future[None] | None = None
+                for shard in shards:
+                    cells, lat, lon = next_cells.result()
+                    position += 1
+                    if position < len(order):
+                        next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[position], land)
+                    with timer("encode"):
+                        emb = _encode(encoder, lat, lon, bar.update)
+                    if pending_write is not None:
+                        pending_write.result()
+                    pending_write = write_pool.submit(_timed, timer, "write", write_and_mark, shard, finish,
+                                                      cells, lat, lon, _store(emb, job.precision, quantizer))
+                if pending_write is not None:
+                    pending_write.result()
+
+
+class _StreamedFinish:
+    """A resolution's Zarr rows and index, fed each shard as it is written."""
+
+    def __init__(self, zarr_rows: ZarrRows, index: IndexBuilder, source: ShardSource, timer: _Timer) -> None:
+        self.zarr_rows, self.index, self.source, self.timer = zarr_rows, index, source, timer
+
+    def add(self, table: pa.Table) -> None:
+        with self.timer("zarr"):
+            self.zarr_rows.add(table)
+        with self.timer("index"):
+            self.index.add(table.column("cell").to_numpy(), self.source.unit_vectors(table))
+
+
+@contextlib.contextmanager
+def _streamed_finish(res: int, shards: list[Shard], encoder: Encoder, job: ShardJob,
+                     keep: NDArray[np.uint64] | None, state: _BuildState, timer: _Timer,
+                     cache: ShardCache) -> Iterator[_StreamedFinish | None]:
+    """Stream a resolution into its Zarr store and index as its shards are written, then
+    publish both and record them as done.
+
+    Only when this run writes every shard of the resolution: one resumed with shards from
+    an earlier run (None is yielded) is finished from its files afterwards.
+    """
+    if (len(shards) != len(plan_shards([res])) or state.done(f"zarr-res={res}") is not None
+            or state.done(f"index-res={res}") is not None):
+        yield None
+        return
+    quantizer = job.quantizer()
+    n = len(keep) if keep is not None else cell_count(res)
+    source = ShardSource(job.dataset, [fmt.parquet_relpath(res, s.key) for s in shards], cache, quantizer)
+
+    def vectors_of(cells: NDArray[np.uint64]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        # the index's training sample, encoded now and stored as the shards will be
+        lat, lon = cell_centers(cells)
+        stored = _store(encoder.encode(lat=lat, lon=lon), job.precision, quantizer)
+        table = pa.table({"embedding": embedding_array(stored)})
+        return cells.astype(np.int64), source.unit_vectors(table).copy()
+
+    with timer("index"):
+        index = IndexBuilder(res, n, encoder.dim, vectors_of, keep)
+    with ZarrRows.staged(job.dataset, res, n, quantizer) as zarr_rows:
+        yield _StreamedFinish(zarr_rows, index, source, timer)
+    state.mark(f"zarr-res={res}", {"files": zarr_rows.files})
+    with timer("index"):
+        params, file = index.publish(job.dataset, source)
+    state.mark(f"index-res={res}", {"index": params, "file": file})
+    source.release()
 
 
 def _timed(timer: _Timer, stage: str, fn: Any, *args: Any) -> Any:
@@ -523,183 +611,47 @@ def _timed(timer: _Timer, stage: str, fn: Any, *args: Any) -> Any:
         return fn(*args)
 
 
-def _write_shard(dataset: Store, shard: Shard, cells: NDArray[np.uint64], lat: NDArray, lon: NDArray,
-                 stored: NDArray[Any], metadata: dict[str, str]) -> dict[str, Any]:
-    """Write one shard's Parquet file (atomically, under its fixed name); returns its done record."""
-    rel = fmt.parquet_relpath(shard.res, shard.key)
-    table = pa.table({
+def _shard_table(cells: NDArray[np.uint64], lat: NDArray, lon: NDArray, stored: NDArray[Any]) -> pa.Table:
+    """A shard's rows as the Parquet files hold them (no copies of the arrays)."""
+    return pa.table({
         "cell": pa.array(cells, pa.uint64()), "lat": pa.array(lat), "lon": pa.array(lon),
         "embedding": embedding_array(stored),
     })
+
+
+def _write_shard(dataset: Store, shard: Shard, table: pa.Table, metadata: dict[str, str]) -> dict[str, Any]:
+    """Write one shard's Parquet file (atomically, under its fixed name); returns its done record."""
+    rel = fmt.parquet_relpath(shard.res, shard.key)
     with dataset.staged(rel) as tmp:
+        # Statistics where a filter can use them; min/max of every embedding value would
+        # cost ~15% of the write and prune nothing.
         write_parquet(table, tmp, metadata={**metadata, "hexatlas.res": str(shard.res)},
-                      row_group_size=ROW_GROUP_CELLS, write_statistics=True, use_dictionary=False)
+                      row_group_size=ROW_GROUP_CELLS, write_statistics=["cell", "lat", "lon"],
+                      use_dictionary=False)
         record = fmt.file_record(Path(), rel, local=tmp)
-    return {"res": shard.res, "rows": int(cells.size), "file": record}
+    return {"res": shard.res, "rows": table.num_rows, "file": record}
 
 
-def _read_shards(dataset: Store, parquet: list[str],
-                 columns: tuple[str, ...] = ("cell", "lat", "lon", "embedding")) -> pa.Table:
-    """Concatenate a resolution's shard files (already in cell order)."""
-    import pyarrow.parquet as pq
-
-    fs, root = dataset.filesystem()
-    return pa.concat_tables(pq.read_table(f"{root}/{rel}", columns=list(columns), filesystem=fs) for rel in parquet)
-
-
-def _dense(table: pa.Table, quantizer: Quantizer | None) -> NDArray[np.float32]:
-    values = embedding_matrix(table.column("embedding"))
-    if quantizer is not None:
-        return values.astype(np.float32) * quantizer.scale + quantizer.offset
-    return values.astype(np.float32, copy=False)
-
-
-def _finish_zarr(dataset: Store, res: int, parquet: list[str], state: _BuildState,
-                 quantizer: Quantizer | None) -> tuple[str, list[dict[str, Any]]]:
-    """Write ``zarr/res=<r>.zarr`` from the Parquet shards, once; returns its path and files.
-
-    The store is built in a local directory (beside the destination, or a temporary one for
-    object storage) and published when complete.
-    """
-    import xarray as xr
-
-    rel = fmt.zarr_relpath(res)
-    record = state.done(f"zarr-res={res}")
-    if record is None or not dataset.exists(f"{rel}/.zmetadata"):
-        with dataset.staged_dir(rel) as tmp:
-            first = True
-            for table in _zarr_blocks(dataset, parquet):
-                values = embedding_matrix(table.column("embedding"))
-                ds = xr.Dataset(
-                    {"embedding": (("cell_ids", "dim"), values)},
-                    coords={
-                        "cell_ids": ("cell_ids", table.column("cell").to_numpy(), {"grid_name": "h3", "level": res}),
-                        "lat": ("cell_ids", table.column("lat").to_numpy()),
-                        "lon": ("cell_ids", table.column("lon").to_numpy()),
-                    },
-                    attrs={"hexatlas_res": res,
-                           **({"quantization": json.dumps(quantizer.to_dict())} if quantizer else {})},
-                )
-                if first:
-                    chunks = {"chunks": (ZARR_CHUNK_CELLS, values.shape[1])}
-                    encoding = {"embedding": chunks,
-                                **{c: {"chunks": (ZARR_CHUNK_CELLS,)} for c in ("cell_ids", "lat", "lon")}}
-                    ds.to_zarr(tmp, mode="w", encoding=encoding, zarr_format=2, consolidated=True)
-                    first = False
-                else:
-                    ds.to_zarr(tmp, append_dim="cell_ids", zarr_format=2, consolidated=True)
-            if first:
-                raise AtlasCorruptError(f"resolution {res} has no cells to write")
-            files = [fmt.file_record(Path(), f"{rel}/{p.relative_to(tmp).as_posix()}", local=p)
-                     for p in sorted(tmp.rglob("*")) if p.is_file()]
-        state.mark(f"zarr-res={res}", {"files": files})
-        record = {"files": files}
-    return rel, record["files"]
-
-
-def _zarr_blocks(dataset: Store, parquet: list[str], block_cells: int = 1 << 20) -> Iterator[pa.Table]:
-    """The shards' rows regrouped into blocks of whole Zarr chunks (the last may be partial).
-
-    Few large appends instead of one per shard, none of which rewrites a chunk.
-    """
-    buffered: list[pa.Table] = []
-    rows = 0
-    for rel in parquet:
-        table = _read_shards(dataset, [rel])
-        buffered.append(table)
-        rows += table.num_rows
-        if rows >= block_cells:
-            merged = pa.concat_tables(buffered)
-            cut = rows - rows % ZARR_CHUNK_CELLS
-            yield merged.slice(0, cut)
-            buffered, rows = [merged.slice(cut)], rows - cut
-    if rows:
-        yield pa.concat_tables(buffered)
-
-
-def _finish_index(dataset: Store, res: int, parquet: list[str], state: _BuildState,
-                  quantizer: Quantizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build ``index/res=<r>.faiss`` once and measure its recall@10; returns its description and file record."""
-    from catalog.vector_index import EXACT_MAX_CELLS, ivf_lists, normalize, require_faiss
-
-    record = state.done(f"index-res={res}")
-    rel = fmt.index_relpath(res)
-    if record is not None and dataset.exists(rel):
-        return record["index"], record["file"]
-    faiss = require_faiss()
-    table = _read_shards(dataset, parquet, columns=("cell", "embedding"))
-    vectors = normalize(_dense(table, quantizer))
-    ids = table.column("cell").to_numpy().astype(np.int64)  # H3 indexes < 2**63
-    n, dim = vectors.shape
-    start = time.perf_counter()
-    index = None
-    if n > EXACT_MAX_CELLS:
-        nlist = ivf_lists(n)
-        rng = np.random.default_rng(0)
-        index = _train_and_add(faiss, faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT),
-                               vectors[rng.choice(n, min(n, 40 * nlist), replace=False)], vectors, ids)
-        recall, rerank, nprobe = _tune_ivf(faiss, index, vectors, ids, rng)
-        if nprobe is None:
-            log.warning("IVF%d reached recall@10 %.3f < 0.95 at res %d; keeping an exact index", nlist, recall, res)
-            index = None
-        else:
-            faiss.extract_index_ivf(index).nprobe = nprobe
-            params: dict[str, Any] = {"type": f"IVF{nlist},SQ8", "exact": False, "nlist": nlist, "nprobe": nprobe}
-    if index is None:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        index.add_with_ids(vectors, ids)
-        params, recall, rerank = {"type": "IDMap2,Flat", "exact": True}, 1.0, 1
-    params.update({"metric": "inner_product", "rerank": rerank, "recall_at_10": round(recall, 4),
-                   "build_s": round(time.perf_counter() - start, 2), "normalized": True, "path": rel, "cells": n})
-    with dataset.staged(rel) as tmp:
-        faiss.write_index(index, str(tmp))
-        file = fmt.file_record(Path(), rel, local=tmp)
-    state.mark(f"index-res={res}", {"index": params, "file": file})
-    return params, file
-
-
-def _train_and_add(faiss: Any, index: Any, sample: NDArray[np.float32], vectors: NDArray[np.float32],
-                   ids: NDArray[np.int64]) -> Any:
-    """Train an IVF index and add the vectors, on the GPUs when faiss-gpu sees any."""
-    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-        gpu_index = faiss.index_cpu_to_all_gpus(index)
-        gpu_index.train(sample)
-        gpu_index.add_with_ids(vectors, ids)
-        return faiss.index_gpu_to_cpu(gpu_index)
-    index.train(sample)
-    index.add_with_ids(vectors, ids)
-    return index
-
-
-def _tune_ivf(faiss: Any, index: Any, vectors: NDArray[np.float32], ids: NDArray[np.int64],
-              rng: np.random.Generator) -> tuple[float, int, int | None]:
-    """Smallest nprobe whose re-ranked recall@10 against exact search reaches 0.95.
-
-    A result counts as a hit when its exact score reaches the true 10th score (so ties
-    between equally similar cells are not misses). Returns nprobe None when no setting
-    reaches the target; the caller then keeps an exact index.
-    """
-    from catalog.vector_index import reranked_search
-
-    k, rerank = 10, 4
-    queries = vectors[rng.choice(len(vectors), 100, replace=False)]  # exact search is the cost here
-    exact_scores, _ = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-    kth = exact_scores[:, k - 1]  # the true k-th best score per query
-    order = np.argsort(ids)
-    sorted_ids = ids[order]
-
-    def lookup(cand: NDArray[np.int64]) -> NDArray[np.float32]:
-        return vectors[order[np.searchsorted(sorted_ids, cand)]]
-
-    ivf = faiss.extract_index_ivf(index)
-    recall = 0.0
-    for nprobe in (4, 8, 16, 32, 64, 128, 256):
-        ivf.nprobe = nprobe
-        found_scores, _ = reranked_search(index, queries, k, lookup, rerank=rerank)
-        recall = float(np.mean(found_scores >= kth[:, None] - 1e-6))
-        if recall >= 0.95:
-            return recall, rerank, nprobe
-    return recall, rerank, None
+def _finish_resolution(dataset: Store, res: int, source: ShardSource, n: int, dim: int, state: _BuildState,
+                       quantizer: Quantizer | None, keep: NDArray[np.uint64] | None,
+                       timer: _Timer) -> tuple[str, list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Zarr store and FAISS index of one resolution, each built once: a resumed build reuses
+    what an earlier run finished. Returns the Zarr path and files, and the index description
+    and file record."""
+    zarr_rel, index_rel = fmt.zarr_relpath(res), fmt.index_relpath(res)
+    zarr_done = state.done(f"zarr-res={res}")
+    if zarr_done is None or not dataset.exists(f"{zarr_rel}/.zmetadata"):
+        with timer("zarr"):
+            zarr_done = {"files": write_zarr(dataset, res, source, n, quantizer)}
+        state.mark(f"zarr-res={res}", zarr_done)
+    index_done = state.done(f"index-res={res}")
+    if index_done is None or not dataset.exists(index_rel):
+        with timer("index"):
+            params, file = write_index(dataset, res, source, n, dim, keep)
+        index_done = {"index": params, "file": file}
+        state.mark(f"index-res={res}", index_done)
+    source.release()
+    return zarr_rel, zarr_done["files"], index_done["index"], index_done["file"]
 
 
 def _versions() -> dict[str, str]:

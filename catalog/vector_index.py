@@ -32,21 +32,39 @@ def require_faiss() -> Any:
     return faiss
 
 
-def normalize(vectors: NDArray[Any]) -> NDArray[np.float32]:
-    """Rows scaled to unit length (zero rows stay zero), float32 and C-contiguous."""
-    out = np.array(vectors, dtype=np.float32, order="C")  # a copy: never scale the caller's array
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    np.divide(out, norms, out=out, where=norms > 0)
+def normalize(vectors: NDArray[Any], *, out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    """Rows scaled to unit length (zero rows stay zero), float32 and C-contiguous.
+
+    Parameters
+    ----------
+    vectors : numpy.ndarray, shape (n, dim)
+        Any real dtype; never modified (unless it is ``out``).
+    out : numpy.ndarray, float32, shape (n, dim), optional
+        Where to write the result (it may be ``vectors`` itself); default: a new array.
+    """
+    if out is None:
+        out = np.array(vectors, dtype=np.float32, order="C")  # a copy: never scale the caller's array
+    elif out is not vectors:
+        out[...] = vectors
+    if out.ndim != 2:
+        raise ValueError(f"expected a 2-D array of row vectors, got shape {out.shape}")
+    # einsum and one in-place multiply: np.linalg.norm(axis=1) and a masked divide make
+    # full-size temporaries and are ~10x slower on millions of rows.
+    norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+    inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    out *= inverse[:, None]
     return out
 
 
 def ivf_lists(n: int) -> int:
-    """Number of inverted lists for ``n`` vectors: about sqrt(n), a power of two.
+    """Number of inverted lists for ``n`` vectors: about sqrt(n) / 4, a power of two (at least 16).
 
-    Fewer, longer lists than FAISS's 4 sqrt(n) rule: k-means training stays short on a
-    small machine, and the tuned nprobe makes up the recall.
+    Far fewer, longer lists than FAISS's 4 sqrt(n) rule. Adding the vectors costs
+    n x nlist dot products, the largest part of building the index, while a search scans
+    nprobe lists of ~4 sqrt(n) codes: at 2M cells, 256 lists of ~8,000 SQ8 codes, about a
+    millisecond per query at nprobe 4. The tuned nprobe makes up the recall.
     """
-    return 1 << max(4, round(math.log2(math.sqrt(n))))
+    return 1 << max(4, round(math.log2(math.sqrt(n) / 4)))
 
 
 def reranked_search(

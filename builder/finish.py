@@ -1,0 +1,402 @@
+"""Finishing one resolution: its Zarr store and FAISS index, from the shards in cell order.
+
+Both take the shards one at a time: :class:`ZarrRows` copies them into whole-chunk blocks,
+:class:`IndexBuilder` adds their unit vectors to an index trained beforehand on a sample
+of cells spread over the sphere. A local build feeds them each shard as it is written, so
+they overlap the encoder; a resumed or distributed build feeds them afterwards from
+:class:`ShardSource` (shards kept in memory, else their Parquet files). Besides the index
+itself they hold one shard and one Zarr block at a time, in buffers allocated once, so
+memory does not grow with the resolution (res 7 has 99M cells) and few fresh pages are
+touched (first touches are a large part of these stages' cost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+from numpy.typing import NDArray
+
+from catalog import manifest as fmt
+from catalog.errors import AtlasCorruptError
+from catalog.storage import Store
+from catalog.tables import embedding_matrix
+
+if TYPE_CHECKING:
+    from builder.build import Quantizer
+
+__all__ = ["IndexBuilder", "ShardCache", "ShardSource", "ZarrRows", "ivf_sample", "write_index", "write_zarr"]
+
+log = logging.getLogger(__name__)
+
+ZARR_CHUNK_CELLS = 4096
+ZARR_BLOCK_CELLS = 64 * ZARR_CHUNK_CELLS  # cells per Zarr write: whole chunks, one buffer
+RECALL_TARGET = 0.95
+RECALL_K = 10
+RECALL_QUERIES = 100
+RERANK = 4
+NPROBES = (4, 8, 16, 32, 64, 128, 256)
+
+
+class ShardCache:
+    """Shard tables by Parquet path, kept for the finishing stages, within a byte budget."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._tables: dict[str, pa.Table] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, rel: str, table: pa.Table) -> None:
+        with self._lock:
+            if self._bytes + table.nbytes <= self.max_bytes:
+                self._tables[rel] = table
+                self._bytes += table.nbytes
+
+    def get(self, rel: str) -> pa.Table | None:
+        with self._lock:
+            return self._tables.get(rel)
+
+    def drop(self, rels: list[str]) -> None:
+        with self._lock:
+            for rel in rels:
+                table = self._tables.pop(rel, None)
+                if table is not None:
+                    self._bytes -= table.nbytes
+
+
+class ShardSource:
+    """One resolution's shards in cell order, read as often as a stage needs.
+
+    Parameters
+    ----------
+    dataset : Store
+    parquet : list of str
+        The resolution's shard files, in cell order.
+    cache : ShardCache
+        Tables this process wrote; the others are read from ``parquet``.
+    quantizer : Quantizer, optional
+        For int8 datasets: how stored values map back to floats.
+    """
+
+    def __init__(self, dataset: Store, parquet: list[str], cache: ShardCache,
+                 quantizer: Quantizer | None = None) -> None:
+        self.dataset, self.parquet, self.cache, self.quantizer = dataset, parquet, cache, quantizer
+        self._buffer: NDArray[np.float32] | None = None  # reused by unit_vectors
+
+    def tables(self, columns: tuple[str, ...] = ("cell", "lat", "lon", "embedding")) -> Iterator[pa.Table]:
+        import pyarrow.parquet as pq
+
+        fs, root = self.dataset.filesystem()
+        for rel in self.parquet:
+            table = self.cache.get(rel)
+            yield table if table is not None else pq.read_table(f"{root}/{rel}", columns=list(columns), filesystem=fs)
+
+    def unit_vectors(self, table: pa.Table, rows: NDArray[np.intp] | None = None) -> NDArray[np.float32]:
+        """The table's embeddings (or those of ``rows``) as unit-length float32, C-contiguous.
+
+        The result lives in a buffer reused by the next call: copy it to keep it.
+        """
+        from catalog.vector_index import normalize
+
+        values = embedding_matrix(table.column("embedding"))
+        if rows is not None:
+            values = values[rows]
+        n, dim = values.shape
+        if self._buffer is None or self._buffer.shape[0] < n or self._buffer.shape[1] != dim:
+            self._buffer = np.empty((max(n, 1), dim), dtype=np.float32)
+        out = self._buffer[:n]
+        np.copyto(out, values)
+        if self.quantizer is not None:
+            self.quantizer.decode(out, out=out)
+        return normalize(out, out=out)
+
+    def gather_cells(self, wanted: NDArray[Any]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """Cells (as int64) and unit vectors of those of ``wanted`` that the shards hold."""
+        wanted = np.asarray(wanted).astype(np.uint64)
+        ids, vectors = [], []
+        for table in self.tables(("cell", "embedding")):
+            cells = table.column("cell").to_numpy()
+            if not len(cells):
+                continue
+            pos = np.searchsorted(cells, wanted)
+            rows = pos[(pos < len(cells)) & (cells[np.minimum(pos, len(cells) - 1)] == wanted)]
+            if rows.size:
+                ids.append(cells[rows].astype(np.int64))
+                vectors.append(self.unit_vectors(table, rows).copy())
+        if not vectors:
+            return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+        return np.concatenate(ids), np.concatenate(vectors)
+
+    def release(self) -> None:
+        self.cache.drop(self.parquet)
+        self._buffer = None
+
+
+class ZarrRows:
+    """``zarr/res=<r>.zarr`` (xdggs layout) written from a resolution's rows, added in cell order.
+
+    xarray writes the layout (zero-length variables with their attributes and chunking) on
+    the first rows; the data go in with zarr, in blocks of whole chunks. Use
+    :meth:`staged`: the store is built in a local directory (beside the destination, or a
+    temporary one for object storage) and published only when all ``n`` rows are in.
+    """
+
+    def __init__(self, path: Path, res: int, n: int, quantizer: Quantizer | None) -> None:
+        self.path, self.res, self.n, self.quantizer = path, res, n, quantizer
+        self.files: list[dict[str, Any]] = []
+        self._arrays: dict[str, Any] = {}
+        self._block: dict[str, NDArray[Any]] = {}
+        self._start = self._filled = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def staged(cls, dataset: Store, res: int, n: int, quantizer: Quantizer | None) -> Iterator[ZarrRows]:
+        """Yield a writer; on leaving, check the count, consolidate, and publish (``.files`` is then set)."""
+        import zarr
+
+        rel = fmt.zarr_relpath(res)
+        with dataset.staged_dir(rel) as tmp:
+            rows = cls(tmp, res, n, quantizer)
+            yield rows
+            rows._flush()
+            if rows._start != n or not rows._arrays:
+                raise AtlasCorruptError(f"resolution {res}'s shards hold {rows._start:,} cells, expected {n:,}")
+            zarr.consolidate_metadata(str(tmp))
+            rows.files = [fmt.file_record(Path(), f"{rel}/{p.relative_to(tmp).as_posix()}", local=p)
+                          for p in sorted(tmp.rglob("*")) if p.is_file()]
+
+    def add(self, table: pa.Table) -> None:
+        values = embedding_matrix(table.column("embedding"))
+        columns = {"embedding": values, "cell_ids": table.column("cell").to_numpy(),
+                   "lat": table.column("lat").to_numpy(), "lon": table.column("lon").to_numpy()}
+        if not self._arrays:
+            self._arrays = _zarr_layout(self.path, self.res, self.n, values.shape[1], values.dtype, self.quantizer)
+            self._block = {name: np.empty((min(self.n, ZARR_BLOCK_CELLS),) + col.shape[1:], col.dtype)
+                           for name, col in columns.items()}
+        if self._start + self._filled + len(values) > self.n:
+            raise AtlasCorruptError(f"resolution {self.res}'s shards hold more than the {self.n:,} cells expected")
+        size, taken = len(self._block["embedding"]), 0
+        while taken < len(values):
+            step = min(len(values) - taken, size - self._filled)
+            for name, col in columns.items():
+                self._block[name][self._filled:self._filled + step] = col[taken:taken + step]
+            self._filled, taken = self._filled + step, taken + step
+            if self._filled == size:
+                self._flush()
+
+    def _flush(self) -> None:
+        for name, array in self._arrays.items():
+            array[self._start:self._start + self._filled] = self._block[name][:self._filled]
+        self._start, self._filled = self._start + self._filled, 0
+
+
+def write_zarr(dataset: Store, res: int, source: ShardSource, n: int,
+               quantizer: Quantizer | None) -> list[dict[str, Any]]:
+    """Write ``zarr/res=<r>.zarr`` from the resolution's shards; returns its files."""
+    with ZarrRows.staged(dataset, res, n, quantizer) as rows:
+        for table in source.tables():
+            rows.add(table)
+    return rows.files
+
+
+def _zarr_layout(path: Path, res: int, n: int, dim: int, dtype: np.dtype,
+                 quantizer: Quantizer | None) -> dict[str, Any]:
+    """Create the store's variables (as xarray lays them out) with ``n`` cells; returns the zarr arrays."""
+    import json
+
+    import xarray as xr
+    import zarr
+
+    empty = xr.Dataset(
+        {"embedding": (("cell_ids", "dim"), np.empty((0, dim), dtype))},
+        coords={
+            "cell_ids": ("cell_ids", np.empty(0, np.uint64), {"grid_name": "h3", "level": res}),
+            "lat": ("cell_ids", np.empty(0, np.float64)),
+            "lon": ("cell_ids", np.empty(0, np.float64)),
+        },
+        attrs={"hexatlas_res": res, **({"quantization": json.dumps(quantizer.to_dict())} if quantizer else {})},
+    )
+    encoding = {"embedding": {"chunks": (ZARR_CHUNK_CELLS, dim)},
+                **{c: {"chunks": (ZARR_CHUNK_CELLS,)} for c in ("cell_ids", "lat", "lon")}}
+    empty.to_zarr(path, mode="w", encoding=encoding, zarr_format=2, consolidated=False)
+    group = zarr.open_group(str(path), mode="r+", zarr_format=2)
+    arrays = {name: group[name] for name in ("embedding", "cell_ids", "lat", "lon")}
+    for array in arrays.values():
+        array.resize((n,) + array.shape[1:])
+    return arrays
+
+
+def ivf_sample(res: int, count: int, keep: NDArray[np.uint64] | None = None) -> tuple[
+        NDArray[np.uint64], NDArray[np.uint64]]:
+    """``count`` distinct cells of resolution ``res`` under uniformly random points on the sphere
+    (only cells in the sorted ``keep``, when given), and :data:`RECALL_QUERIES` of them.
+
+    What an IVF index trains on and its recall is measured with. Chosen by position, not by
+    row, so that a build can encode them before any shard is written. Returns both sorted.
+    """
+    from catalog.cells import latlng_to_cells
+
+    rng = np.random.default_rng(res)
+    found = np.empty(0, np.uint64)
+    for _ in range(100):  # land-only keeps ~30% of the points; each round adds more
+        z, lon = rng.uniform(-1, 1, 2 * count), rng.uniform(-180, 180, 2 * count)
+        cells = latlng_to_cells(np.degrees(np.arcsin(z)), lon, res)
+        if keep is not None:
+            pos = np.minimum(np.searchsorted(keep, cells), len(keep) - 1)
+            cells = cells[keep[pos] == cells]
+        found = np.union1d(found, cells)
+        if len(found) >= count:
+            break
+    chosen = rng.permutation(found)[:count]
+    return np.sort(chosen), np.sort(chosen[:RECALL_QUERIES])
+
+
+VectorsOf = Callable[[NDArray[np.uint64]], tuple[NDArray[np.int64], NDArray[np.float32]]]
+
+
+class IndexBuilder:
+    """The FAISS index of one resolution (cosine over unit vectors, ids = cells), filled shard by shard.
+
+    Exact (flat) up to :data:`catalog.vector_index.EXACT_MAX_CELLS` cells. Above, IVF-SQ8
+    trained on :func:`ivf_sample` cells, whose vectors ``vectors_of`` supplies (as stored),
+    before the first :meth:`add`; :meth:`publish` then picks the smallest nprobe whose
+    recall@10 (re-ranked, as the query layer searches) reaches 0.95 against exact search on
+    100 of those cells, or falls back to an exact index. Built on the GPUs where faiss-gpu
+    sees any.
+    """
+
+    def __init__(self, res: int, n: int, dim: int, vectors_of: VectorsOf,
+                 keep: NDArray[np.uint64] | None = None) -> None:
+        from catalog import vector_index
+
+        self.faiss = vector_index.require_faiss()
+        self.res, self.n, self.dim = res, n, dim
+        self.added = 0
+        self.kth: _KthBest | None = None
+        self._on_gpus = False
+        if n <= vector_index.EXACT_MAX_CELLS:
+            self.index = _flat_index(self.faiss, dim)
+            return
+        self.nlist = vector_index.ivf_lists(n)
+        train_cells, query_cells = ivf_sample(res, min(n, 40 * self.nlist), keep)
+        ids, train = vectors_of(train_cells)
+        self.queries = np.ascontiguousarray(train[np.isin(ids, query_cells.astype(np.int64))])
+        self.index = self.faiss.index_factory(dim, f"IVF{self.nlist},SQ8", self.faiss.METRIC_INNER_PRODUCT)
+        if getattr(self.faiss, "get_num_gpus", lambda: 0)() > 0:
+            self.index, self._on_gpus = self.faiss.index_cpu_to_all_gpus(self.index), True
+        self.index.train(train)
+        self.kth = _KthBest(self.queries, RECALL_K)
+
+    def add(self, cells: NDArray[np.uint64], unit: NDArray[np.float32]) -> None:
+        if self.added + len(cells) > self.n:
+            raise AtlasCorruptError(f"resolution {self.res}'s shards hold more than the {self.n:,} cells expected")
+        self.index.add_with_ids(unit, cells.astype(np.int64))  # H3 indexes < 2**63
+        if self.kth is not None:
+            self.kth.update(unit)
+        self.added += len(cells)
+
+    def publish(self, dataset: Store, source: ShardSource) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Tune, write ``index/res=<r>.faiss``; returns its description and file record.
+
+        ``source`` supplies the stored vectors of candidates (and all of them again should
+        the approximate index miss its target).
+        """
+        start = time.perf_counter()
+        if self.added != self.n:
+            raise AtlasCorruptError(f"resolution {self.res}'s shards hold {self.added:,} cells, expected {self.n:,}")
+        params: dict[str, Any] | None = None
+        recall = 1.0
+        if self.kth is None:
+            params = {"type": "IDMap2,Flat", "exact": True, "rerank": 1}
+        else:
+            if self._on_gpus:
+                self.index = self.faiss.index_gpu_to_cpu(self.index)
+            params, recall = self._tune(source)
+            if params is None:
+                log.warning("IVF%d reached recall@%d %.3f < %.2f at res %d; keeping an exact index",
+                            self.nlist, RECALL_K, recall, RECALL_TARGET, self.res)
+                self.index = _flat_index(self.faiss, self.dim)
+                for table in source.tables(("cell", "embedding")):
+                    cells = table.column("cell").to_numpy().astype(np.int64)
+                    self.index.add_with_ids(source.unit_vectors(table), cells)
+                params, recall = {"type": "IDMap2,Flat", "exact": True, "rerank": 1}, 1.0
+        rel = fmt.index_relpath(self.res)
+        params.update({"metric": "inner_product", "recall_at_10": round(recall, 4), "normalized": True,
+                       "build_s": round(time.perf_counter() - start, 2), "path": rel, "cells": self.n})
+        with dataset.staged(rel) as tmp:
+            self.faiss.write_index(self.index, str(tmp))
+            file = fmt.file_record(Path(), rel, local=tmp)
+        return params, file
+
+    def _tune(self, source: ShardSource) -> tuple[dict[str, Any] | None, float]:
+        from catalog.vector_index import reranked_search
+
+        exact: dict[int, NDArray[np.float32]] = {}
+
+        def lookup(cand: NDArray[np.int64]) -> NDArray[np.float32]:
+            return np.stack([exact[c] for c in cand.tolist()])
+
+        ivf = self.faiss.extract_index_ivf(self.index)
+        recall = 0.0
+        for nprobe in NPROBES:
+            ivf.nprobe = nprobe
+            _, cand = self.index.search(self.queries, RECALL_K * RERANK)
+            missing = np.setdiff1d(cand[cand >= 0], np.fromiter(exact, np.int64, len(exact)))
+            if missing.size:
+                ids, vectors = source.gather_cells(missing)
+                exact.update(zip(ids.tolist(), vectors, strict=True))
+            found, _ = reranked_search(self.index, self.queries, RECALL_K, lookup, rerank=RERANK)
+            # a hit is a result whose exact score reaches the true k-th score: ties are not misses
+            recall = float(np.mean(found >= self.kth.scores()[:, None] - 1e-6))
+            if recall >= RECALL_TARGET:
+                return {"type": f"IVF{self.nlist},SQ8", "exact": False, "nlist": self.nlist, "nprobe": nprobe,
+                        "rerank": RERANK}, recall
+        return None, recall
+
+
+def _flat_index(faiss: Any, dim: int) -> Any:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def write_index(dataset: Store, res: int, source: ShardSource, n: int, dim: int,
+                keep: NDArray[np.uint64] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build ``index/res=<r>.faiss`` from the resolution's shards; returns its description and file record."""
+    builder = IndexBuilder(res, n, dim, source.gather_cells, keep)
+    for table in source.tables(("cell", "embedding")):
+        builder.add(table.column("cell").to_numpy(), source.unit_vectors(table))
+    return builder.publish(dataset, source)
+
+
+class _KthBest:
+    """The exact k-th best inner product of each query over blocks of vectors seen so far.
+
+    Per block, one matrix product and one comparison with the current k-th best: after the
+    first blocks few scores beat it, and only those rows are merged.
+    """
+
+    def __init__(self, queries: NDArray[np.float32], k: int) -> None:
+        self.queries, self.k = queries, k
+        self.best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        self._scores = np.empty(0, np.float32)
+
+    def update(self, vectors: NDArray[np.float32]) -> None:
+        size = len(self.queries) * len(vectors)
+        if self._scores.size < size:
+            self._scores = np.empty(size, np.float32)
+        scores = self._scores[:size].reshape(len(self.queries), len(vectors))
+        np.matmul(self.queries, vectors.T, out=scores)
+        better = scores > self.best[:, :1]  # best is kept sorted ascending: column 0 is the k-th
+        for i in np.flatnonzero(better.any(axis=1)):
+            row = np.concatenate([self.best[i], scores[i, better[i]]])
+            self.best[i] = np.sort(np.partition(row, row.size - self.k)[-self.k:])
+
+    def scores(self) -> NDArray[np.float32]:
+        return self.best[:, 0]
