@@ -291,7 +291,8 @@ def build(
     precision : {"float16", "float32", "int8"}
         Storage of the embeddings; int8 stores per-dimension scale and offset.
     overwrite : bool
-        Replace a finished dataset, or an unfinished one built with other arguments.
+        Replace a finished dataset (built beside it and swapped in when complete: the old one
+        stays readable until then), or start an unfinished one over.
     encoder : Encoder, optional
         An already-loaded encoder (then ``model``, ``checkpoint``, ``device`` are ignored).
         With ``executor="ray"`` it is put in Ray's object store and unpickled by the workers.
@@ -333,11 +334,59 @@ def build(
                                    batch_size=config.batch_size, trust_checkpoint=config.trust_checkpoint)
     dataset = open_store(config.output).child(fmt.dataset_name(encoder.name))
     with _exclusive(dataset):
+        _publish_rebuild(dataset)  # finishes a swap that a killed run left half done
+        if config.overwrite and dataset.exists(fmt.MANIFEST):
+            return _rebuild(config, encoder, dataset, timer, progress, encoder_given)
         return _build_locked(config, encoder, dataset, timer, progress, encoder_given)
 
 
+def _rebuild(config: BuildConfig, encoder: Encoder, dataset: Store, timer: _Timer, progress: bool | None,
+             encoder_given: bool) -> BuildSummary:
+    """``overwrite`` of a finished dataset: build the new one beside it, then swap it in.
+
+    The old dataset stays published (and queryable) until the new one is complete; a killed
+    rebuild resumes when run again with the same arguments, like any build.
+    """
+    staging = dataset.child(fmt.REBUILD_DIR)
+    config = replace(config, overwrite=False)
+    try:
+        _BuildState(staging).start(config.identity(encoder.provenance.sha256))
+    except InvalidArgumentError:  # an interrupted rebuild with other arguments: start over
+        staging.delete_tree()
+    summary = _build_locked(config, encoder, staging, timer, progress, encoder_given, name=dataset.name)
+    _publish_rebuild(dataset)
+    summary.dataset = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
+    return summary
+
+
+def _publish_rebuild(dataset: Store) -> None:
+    """Swap a finished rebuild (``_build.rebuild/``) in; nothing when there is none.
+
+    The old manifest goes first, then the old files the new dataset does not have; the new
+    files move in, the manifest last. Readers see the old dataset, then an unfinished one,
+    then the new one, never a mix. Killed halfway, it carries on when called again.
+    """
+    staging = dataset.child(fmt.REBUILD_DIR)
+    if not staging.exists(fmt.MANIFEST):
+        return
+    new = {record["path"] for record in staging.read_json(fmt.MANIFEST)["files"]} | {fmt.STAC}
+    dataset.delete(fmt.MANIFEST)
+    for rel in dataset.files():
+        if not rel.startswith(fmt.BUILD_DIR) and rel not in new:  # keeps _build.lock, _build.rebuild/
+            dataset.delete(rel)
+    for rel in sorted(staging.files()):
+        if rel != fmt.MANIFEST:
+            dataset.move(f"{fmt.REBUILD_DIR}/{rel}", rel)
+    dataset.move(f"{fmt.REBUILD_DIR}/{fmt.MANIFEST}", fmt.MANIFEST)
+    dataset.delete_tree(fmt.REBUILD_DIR)
+    if isinstance(dataset, LocalStore):  # directories of files the new dataset does not have
+        for path in sorted(dataset.root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+
+
 def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: _Timer,
-                  progress: bool | None, encoder_given: bool = False) -> BuildSummary:
+                  progress: bool | None, encoder_given: bool = False, name: str | None = None) -> BuildSummary:
     identity = config.identity(encoder.provenance.sha256)
     if dataset.exists(fmt.MANIFEST) and not config.overwrite:
         raise InvalidArgumentError(
@@ -394,7 +443,7 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         res_info[str(res)] = info
 
     manifest = {
-        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "dataset": dataset.name,
+        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "dataset": name or dataset.name,
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "provenance": encoder.provenance.to_dict(), "precision": config.precision,
         "quantization": quantizer.to_dict() if quantizer else None,

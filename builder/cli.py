@@ -64,7 +64,7 @@ def configure_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--land-only", action="store_true", help="keep only cells that touch land")
     parser.add_argument("--precision", default="float16", choices=["float16", "float32", "int8"],
                         help="storage of the embeddings (default float16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this model")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this model (built beside it, swapped in when complete)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     parser.add_argument("--executor", default="local", choices=["local", "ray"],
                         help="run shards in this process (default) or as Ray tasks (pip install 'hexatlas[ray]')")

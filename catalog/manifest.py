@@ -46,6 +46,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STAC = "collection.json"
 BUILD_DIR = "_build"
+# --overwrite of a finished dataset builds the new one here, then swaps it in (manifest last);
+# like everything named _build*, not part of the dataset
+REBUILD_DIR = "_build.rebuild"
 
 
 def dataset_name(model: str) -> str:

@@ -156,6 +156,10 @@ class Store:
         """Remove the file ``rel`` if it exists."""
         raise NotImplementedError
 
+    def move(self, src: str, dest: str) -> None:
+        """Move the file ``src`` to ``dest`` (replacing it), within this store."""
+        raise NotImplementedError
+
     def delete_tree(self, rel: str = "", *, keep: tuple[str, ...] = ()) -> None:
         """Remove the directory ``rel`` with everything in it; with ``rel`` empty, everything in
         the root except the names in ``keep``."""
@@ -251,6 +255,10 @@ class LocalStore(Store):
 
     def delete(self, rel: str) -> None:
         (self.root / rel).unlink(missing_ok=True)
+
+    def move(self, src: str, dest: str) -> None:
+        (self.root / dest).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.root / src, self.root / dest)
 
     def delete_tree(self, rel: str = "", *, keep: tuple[str, ...] = ()) -> None:
         base = self.root / rel
@@ -362,6 +370,10 @@ class ObjectStore(Store):
     def delete(self, rel: str) -> None:
         with self._errors("delete", rel), contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self._path(rel))
+
+    def move(self, src: str, dest: str) -> None:
+        with self._errors("move", src):
+            self.fs.move(self._path(src), self._path(dest))  # S3: a server-side copy, then a delete
 
     def delete_tree(self, rel: str = "", *, keep: tuple[str, ...] = ()) -> None:
         from pyarrow.fs import FileSelector, FileType

@@ -139,6 +139,52 @@ def test_refuses_to_clobber_and_resumes_only_same_arguments(tmp_path) -> None:
         build(TOY, resolutions="1", output=tmp_path, device="cpu", progress=False)
 
 
+def test_overwrite_keeps_the_old_dataset_readable_until_the_new_one_is_complete(tmp_path, monkeypatch) -> None:
+    import builder.build as b
+    import query
+
+    build(TOY, resolutions="0,1", output=tmp_path, device="cpu", progress=False)
+    real = b._write_shard
+    monkeypatch.setattr(b, "_write_shard", lambda *a: (_ for _ in ()).throw(RuntimeError("simulated crash")))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False, overwrite=True)
+    dataset = tmp_path / "toy"
+    assert list(read_manifest(dataset)["resolutions"]) == ["0", "1"] and validate_dataset(dataset) == []
+    assert len(query.open(tmp_path).lookup(lat=[10.0], lon=[20.0], res=1)) == 1
+    monkeypatch.setattr(b, "_write_shard", real)
+    summary = build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False, overwrite=True)
+    assert summary.dataset == dataset and summary.cells == {2: 5882}
+    manifest = read_manifest(dataset)
+    assert list(manifest["resolutions"]) == ["2"] and manifest["dataset"] == "toy"
+    assert validate_dataset(dataset) == []
+    assert sorted(p.name for p in dataset.iterdir()) == ["_build.lock", "collection.json", "index", "manifest.json",
+                                                         "parquet", "zarr"]
+    assert [p.name for p in (dataset / "parquet").iterdir()] == ["res=2"]  # no empty res=0, res=1 left
+
+
+def test_a_swap_killed_halfway_is_finished_by_the_next_run(tmp_path, monkeypatch) -> None:
+    from catalog.storage import LocalStore
+
+    build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)
+    real, moves = LocalStore.move, {"n": 0}
+
+    def dying(self, src, dest):
+        moves["n"] += 1
+        if moves["n"] == 4:
+            raise KeyboardInterrupt  # as a kill would stop it
+        real(self, src, dest)
+
+    monkeypatch.setattr(LocalStore, "move", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build(TOY, resolutions="1", output=tmp_path, device="cpu", progress=False, overwrite=True)
+    assert not (tmp_path / "toy" / "manifest.json").exists()  # unfinished, never a mix
+    monkeypatch.setattr(LocalStore, "move", real)
+    with pytest.raises(InvalidArgumentError, match="already holds a finished toy dataset"):
+        build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)  # the swap completes first
+    assert list(read_manifest(tmp_path / "toy")["resolutions"]) == ["1"]
+    assert validate_dataset(tmp_path / "toy") == [] and not (tmp_path / "toy" / "_build.rebuild").exists()
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(UnknownResolutionError, match="0..15"):
         build(TOY, resolutions="14-16", output="unused")

@@ -149,6 +149,7 @@ def test_interrupted_build_on_s3_resumes(s3, monkeypatch) -> None:
         build(TOY, resolutions="0", output=uri, device="cpu", progress=False)
     build(TOY, resolutions="0", output=uri, device="cpu", progress=False, overwrite=True)
     assert set(open_store(f"{uri}/toy").files("parquet")) == {"parquet/res=0/shard=all/part-0.parquet"}
+    assert validate_dataset(f"{uri}/toy") == [] and not open_store(f"{uri}/toy").files("_build.rebuild")
 
 
 def test_endpoint_variable_for_s3_takes_precedence(s3, monkeypatch) -> None:
