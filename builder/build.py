@@ -38,7 +38,7 @@ from builder.grid import Shard, cell_centers, cell_count, parse_resolutions, pla
 from catalog import manifest as fmt
 from catalog.errors import AtlasBusyError, InvalidArgumentError
 from catalog.storage import LocalStore, Store, is_remote, open_store
-from catalog.tables import embedding_array, write_parquet
+from catalog.tables import dequantize, embedding_array, write_parquet
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -196,9 +196,7 @@ class Quantizer:
         return np.clip(q, -127, 127).astype(np.int8)
 
     def decode(self, q: NDArray[Any], out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
-        """Stored int8 values back to floats (``out`` may be ``q`` itself, as float32)."""
-        out = np.multiply(q, self.scale, out=out, dtype=np.float32)
-        return np.add(out, self.offset, out=out)
+        return dequantize(q, self.scale, self.offset, out)
 
     def to_dict(self) -> dict[str, list[float]]:
         return {"scale": self.scale.tolist(), "offset": self.offset.tolist()}

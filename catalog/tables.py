@@ -18,7 +18,7 @@ from catalog.errors import InputFileError, InvalidCoordinateError, UnknownColumn
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-__all__ = ["atomic_path", "coordinate_columns", "embedding_array", "embedding_matrix", "read_points", "write_parquet"]
+__all__ = ["atomic_path", "coordinate_columns", "dequantize", "embedding_array", "embedding_matrix", "read_points", "write_parquet"]
 
 POINT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -100,6 +100,16 @@ def embedding_matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> NDArray
         column = column.combine_chunks()
     dim = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def dequantize(q: NDArray[Any], scale: NDArray[np.float32], offset: NDArray[np.float32],
+               out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    """int8 codes back to values, ``q * scale + offset`` per dimension (the format's int8 storage).
+
+    ``out`` (float32) may be ``q`` itself when that is already float32.
+    """
+    out = np.multiply(q, scale, out=out, dtype=np.float32)
+    return np.add(out, offset, out=out)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from catalog.errors import (
 )
 from catalog.manifest import BUILD_DIR, MANIFEST, list_datasets, read_manifest
 from catalog.storage import Store, is_remote, open_store
-from catalog.tables import coordinate_columns, embedding_array, embedding_matrix, read_points
+from catalog.tables import coordinate_columns, dequantize, embedding_array, embedding_matrix, read_points
 
 __all__ = ["Atlas", "open_atlas"]
 
@@ -127,10 +127,9 @@ class _Resolution:
         return np.where(self.cells[pos_c] == cells, pos_c, -1)
 
     def vectors(self, rows: NDArray[np.int64]) -> NDArray[np.float32]:
-        out = np.asarray(self.values[rows], dtype=np.float32)
         if self.scale is not None:
-            out = out * self.scale + self.offset
-        return out
+            return dequantize(self.values[rows], self.scale, self.offset)
+        return np.asarray(self.values[rows], dtype=np.float32)
 
 
 class Atlas:

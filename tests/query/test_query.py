@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import query
+from catalog.cli import main
 from catalog.errors import (
     AtlasCorruptError,
     AtlasNotFoundError,
@@ -24,7 +25,7 @@ from catalog.errors import (
     UnknownEncoderError,
     UnknownResolutionError,
 )
-from catalog.cli import main
+from catalog.manifest import read_manifest
 from query import QueryError
 
 MODEL = "satclip-vit16-l10"
@@ -257,3 +258,19 @@ def test_cli_commands(atlas_dir, tmp_path, capsys) -> None:
     assert main(["similar", root, "--lat", "1", "--lon", "1", "-k", "0", "--model", MODEL]) == 2
     assert main(["lookup", root, "--lat", "1", "2", "--lon", "1", "--model", MODEL]) == 2
     assert "--lat has 2 values but --lon has 1" in capsys.readouterr().err
+
+
+def test_an_int8_atlas_reads_back_dequantised(tmp_path) -> None:
+    from builder.build import build
+
+    for precision in ("float32", "int8"):
+        build("tests.data.toy_encoder:load", resolutions="2", output=tmp_path / precision, device="cpu",
+              precision=precision, progress=False)
+    exact, quantised = query.open(tmp_path / "float32"), query.open(tmp_path / "int8")
+    lat, lon = [10.0, -33.9, 60.2, 0.0], [20.0, 18.4, 24.9, -179.9]
+    a, b = exact.lookup(lat=lat, lon=lon, res=2), quantised.lookup(lat=lat, lon=lon, res=2)
+    scale = np.asarray(read_manifest(tmp_path / "int8" / "toy")["quantization"]["scale"], np.float32)
+    assert b.dtype == np.float32 and not np.array_equal(a, b)
+    assert (np.abs(a - b) <= scale / 2 + 1e-6).all()  # within half a quantisation step
+    top = quantised.similar(lat=10.0, lon=20.0, res=2, k=3)
+    assert top.column("score").to_numpy()[0] > 0.999
