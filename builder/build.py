@@ -53,9 +53,9 @@ PRECISIONS = ("float16", "float32", "int8")
 EXECUTORS = ("local", "ray")
 ROW_GROUP_CELLS = 8192  # small row groups let DuckDB prune a point lookup to ~one group
 ENCODE_CHUNK = 65536  # cells per encode call: the progress bar's granularity
-# Shards written in this process are kept in memory (up to this many bytes) for the Zarr and
-# index stages, which otherwise read all of a resolution's Parquet back: decoding the
-# embedding column costs about as much as writing it.
+# Shards written in this process are kept in memory (up to this many bytes) until their
+# resolution is finished: the index's recall measurement looks candidates up in them, and a
+# resolution finished after the fact reads them instead of its Parquet files.
 SHARD_CACHE_BYTES = 2 << 30
 
 
