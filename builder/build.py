@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from builder.finish import IndexBuilder, ShardCache, ShardSource, ZarrRows, write_index, write_zarr
+from builder.finish import IndexBuilder, ShardCache, ShardSource, ZarrRows
 from builder.grid import Shard, cell_centers, cell_count, parse_resolutions, plan_shards, shard_cells
 from catalog import manifest as fmt
 from catalog.errors import AtlasBusyError, InvalidArgumentError
@@ -434,10 +434,16 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         cells[res] = sum(r["rows"] for r in records)
         files += [r["file"] for r in records]
         info = {"cells": cells[res], "shards": len(records), "parquet": [r["file"]["path"] for r in records]}
+        # a resolution not streamed while its shards were written (Ray, resumed) is finished now
         source = ShardSource(dataset, info["parquet"], cache, quantizer)
-        info["zarr"], zarr_files, info["index"], index_file = _finish_resolution(
-            dataset, res, source, cells[res], encoder.dim, state, quantizer, land.get(res), timer)
-        files += zarr_files + [index_file]
+        with _finishing(res, cells[res], encoder, job, land.get(res), state, timer, source) as finish:
+            if finish is not None:
+                with timer("read back"):  # the Zarr and index time inside is their own
+                    for table in source.tables(finish.columns):
+                        finish.add(table)
+        zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")
+        info["zarr"], info["index"] = fmt.zarr_relpath(res), index_done["index"]
+        files += zarr_done["files"] + [index_done["file"]]
         res_info[str(res)] = info
 
     manifest = {
@@ -570,7 +576,7 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
     quantizer = job.quantizer()
     disable = not progress if progress is not None else None
 
-    def write_and_mark(shard: Shard, finish: _StreamedFinish | None, *args: Any) -> None:
+    def write_and_mark(shard: Shard, finish: _Finisher | None, *args: Any) -> None:
         table = _shard_table(*args)
         record = _write_shard(job.dataset, shard, table, job.metadata)
         state.mark(_step_name(shard), record)
@@ -587,7 +593,12 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
         position = 0
         next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[0], land) if order else None
         for res, shards in by_res.items():
-            with _streamed_finish(res, shards, encoder, job, land.get(res), state, timer, cache) as finish:
+            # streamed only when this run writes every shard of the resolution, in cell order
+            streamed = len(shards) == len(plan_shards([res]))
+            n = len(land[res]) if res in land else cell_count(res)
+            source = ShardSource(job.dataset, [fmt.parquet_relpath(res, s.key) for s in shards], cache, quantizer)
+            with (_finishing(res, n, encoder, job, land.get(res), state, timer, source) if streamed
+                  else contextlib.nullcontext()) as finish:
                 pending_write: Future[None] | None = None
                 for shard in shards:
                     cells, lat, lon = next_cells.result()
@@ -604,52 +615,60 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                     pending_write.result()
 
 
-class _StreamedFinish:
-    """A resolution's Zarr rows and index, fed each shard as it is written."""
+class _Finisher:
+    """A resolution's Zarr rows and index (each None when an earlier run finished it), fed
+    shard tables in cell order."""
 
-    def __init__(self, zarr_rows: ZarrRows, index: IndexBuilder, source: ShardSource, timer: _Timer) -> None:
+    def __init__(self, zarr_rows: ZarrRows | None, index: IndexBuilder | None, source: ShardSource,
+                 timer: _Timer) -> None:
         self.zarr_rows, self.index, self.source, self.timer = zarr_rows, index, source, timer
+        self.columns = ("cell", "lat", "lon", "embedding") if zarr_rows is not None else ("cell", "embedding")
 
     def add(self, table: pa.Table) -> None:
-        with self.timer("zarr"):
-            self.zarr_rows.add(table)
-        with self.timer("index"):
-            self.index.add(table.column("cell").to_numpy(), self.source.unit_vectors(table))
+        if self.zarr_rows is not None:
+            with self.timer("zarr"):
+                self.zarr_rows.add(table)
+        if self.index is not None:
+            with self.timer("index"):
+                self.index.add(table.column("cell").to_numpy(), self.source.unit_vectors(table))
 
 
 @contextlib.contextmanager
-def _streamed_finish(res: int, shards: list[Shard], encoder: Encoder, job: ShardJob,
-                     keep: NDArray[np.uint64] | None, state: _BuildState, timer: _Timer,
-                     cache: ShardCache) -> Iterator[_StreamedFinish | None]:
-    """Stream a resolution into its Zarr store and index as its shards are written, then
-    publish both and record them as done.
+def _finishing(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray[np.uint64] | None,
+               state: _BuildState, timer: _Timer, source: ShardSource) -> Iterator[_Finisher | None]:
+    """The Zarr store and FAISS index of one resolution of ``n`` cells, from the shard tables
+    the block feeds in cell order; when the block ends each is published and recorded as done.
 
-    Only when this run writes every shard of the resolution: one resumed with shards from
-    an earlier run (None is yielded) is finished from its files afterwards.
+    What an earlier run finished is kept (None is yielded when that is both). A local build
+    feeds each shard as it is written; otherwise the caller replays ``source``.
     """
-    if (len(shards) != len(plan_shards([res])) or state.done(f"zarr-res={res}") is not None
-            or state.done(f"index-res={res}") is not None):
+    dataset = job.dataset
+    zarr_done = state.done(f"zarr-res={res}") is not None and dataset.exists(f"{fmt.zarr_relpath(res)}/.zmetadata")
+    index_done = state.done(f"index-res={res}") is not None and dataset.exists(fmt.index_relpath(res))
+    if zarr_done and index_done:
         yield None
+        source.release()
         return
     quantizer = job.quantizer()
-    n = len(keep) if keep is not None else cell_count(res)
-    source = ShardSource(job.dataset, [fmt.parquet_relpath(res, s.key) for s in shards], cache, quantizer)
 
     def vectors_of(cells: NDArray[np.uint64]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        # the index's training sample, encoded now and stored as the shards will be
+        # the index's training sample, encoded now and stored as the shards are
         lat, lon = cell_centers(cells)
         stored = _store(encoder.encode(lat=lat, lon=lon), job.precision, quantizer)
-        table = pa.table({"embedding": embedding_array(stored)})
-        return cells.astype(np.int64), source.unit_vectors(table).copy()
+        return cells.astype(np.int64), source.unit_vectors(pa.table({"embedding": embedding_array(stored)})).copy()
 
-    with timer("index"):
-        index = IndexBuilder(res, n, encoder.dim, vectors_of, keep)
-    with ZarrRows.staged(job.dataset, res, n, quantizer) as zarr_rows:
-        yield _StreamedFinish(zarr_rows, index, source, timer)
-    state.mark(f"zarr-res={res}", {"files": zarr_rows.files})
-    with timer("index"):
-        params, file = index.publish(job.dataset, source)
-    state.mark(f"index-res={res}", {"index": params, "file": file})
+    index = None
+    if not index_done:
+        with timer("index"):
+            index = IndexBuilder(res, n, encoder.dim, vectors_of, keep)
+    with (contextlib.nullcontext() if zarr_done else ZarrRows.staged(dataset, res, n, quantizer)) as zarr_rows:
+        yield _Finisher(zarr_rows, index, source, timer)
+    if zarr_rows is not None:
+        state.mark(f"zarr-res={res}", {"files": zarr_rows.files})
+    if index is not None:
+        with timer("index"):
+            params, file = index.publish(dataset, source)
+        state.mark(f"index-res={res}", {"index": params, "file": file})
     source.release()
 
 
@@ -677,28 +696,6 @@ def _write_shard(dataset: Store, shard: Shard, table: pa.Table, metadata: dict[s
                       use_dictionary=False)
         record = fmt.file_record(Path(), rel, local=tmp)
     return {"res": shard.res, "rows": table.num_rows, "file": record}
-
-
-def _finish_resolution(dataset: Store, res: int, source: ShardSource, n: int, dim: int, state: _BuildState,
-                       quantizer: Quantizer | None, keep: NDArray[np.uint64] | None,
-                       timer: _Timer) -> tuple[str, list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """Zarr store and FAISS index of one resolution, each built once: a resumed build reuses
-    what an earlier run finished. Returns the Zarr path and files, and the index description
-    and file record."""
-    zarr_rel, index_rel = fmt.zarr_relpath(res), fmt.index_relpath(res)
-    zarr_done = state.done(f"zarr-res={res}")
-    if zarr_done is None or not dataset.exists(f"{zarr_rel}/.zmetadata"):
-        with timer("zarr"):
-            zarr_done = {"files": write_zarr(dataset, res, source, n, quantizer)}
-        state.mark(f"zarr-res={res}", zarr_done)
-    index_done = state.done(f"index-res={res}")
-    if index_done is None or not dataset.exists(index_rel):
-        with timer("index"):
-            params, file = write_index(dataset, res, source, n, dim, keep)
-        index_done = {"index": params, "file": file}
-        state.mark(f"index-res={res}", index_done)
-    source.release()
-    return zarr_rel, zarr_done["files"], index_done["index"], index_done["file"]
 
 
 def _versions() -> dict[str, str]:

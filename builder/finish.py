@@ -32,7 +32,7 @@ from catalog.tables import embedding_matrix
 if TYPE_CHECKING:
     from builder.build import Quantizer
 
-__all__ = ["IndexBuilder", "ShardCache", "ShardSource", "ZarrRows", "ivf_sample", "write_index", "write_zarr"]
+__all__ = ["IndexBuilder", "ShardCache", "ShardSource", "ZarrRows", "ivf_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +198,6 @@ class ZarrRows:
         self._start, self._filled = self._start + self._filled, 0
 
 
-def write_zarr(dataset: Store, res: int, source: ShardSource, n: int,
-               quantizer: Quantizer | None) -> list[dict[str, Any]]:
-    """Write ``zarr/res=<r>.zarr`` from the resolution's shards; returns its files."""
-    with ZarrRows.staged(dataset, res, n, quantizer) as rows:
-        for table in source.tables():
-            rows.add(table)
-    return rows.files
-
-
 def _zarr_layout(path: Path, res: int, n: int, dim: int, dtype: np.dtype,
                  quantizer: Quantizer | None) -> dict[str, Any]:
     """Create the store's variables (as xarray lays them out) with ``n`` cells; returns the zarr arrays."""
@@ -364,15 +355,6 @@ class IndexBuilder:
 
 def _flat_index(faiss: Any, dim: int) -> Any:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-
-
-def write_index(dataset: Store, res: int, source: ShardSource, n: int, dim: int,
-                keep: NDArray[np.uint64] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build ``index/res=<r>.faiss`` from the resolution's shards; returns its description and file record."""
-    builder = IndexBuilder(res, n, dim, source.gather_cells, keep)
-    for table in source.tables(("cell", "embedding")):
-        builder.add(table.column("cell").to_numpy(), source.unit_vectors(table))
-    return builder.publish(dataset, source)
 
 
 class _KthBest:

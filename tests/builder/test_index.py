@@ -12,7 +12,7 @@ import xarray as xr
 
 from builder import finish
 from builder.build import build
-from builder.finish import ShardCache, ShardSource, _KthBest, ivf_sample, write_index
+from builder.finish import IndexBuilder, ShardCache, ShardSource, _KthBest, ivf_sample
 from builder.grid import Shard, cell_centers, shard_cells
 from catalog import vector_index
 from catalog.errors import AtlasCorruptError
@@ -61,6 +61,14 @@ def _source(tmp_path, vectors, ids, shard_rows=7000):
     return ShardSource(open_store(tmp_path), paths, cache)
 
 
+def _write_index(tmp_path, source, res, n, dim):
+    """The index of the shards in ``source``, its training sample taken from them too."""
+    index = IndexBuilder(res, n, dim, source.gather_cells)
+    for table in source.tables(("cell", "embedding")):
+        index.add(table.column("cell").to_numpy(), source.unit_vectors(table))
+    return index.publish(open_store(tmp_path), source)
+
+
 def test_shard_source_gathers_cells_across_shards(tmp_path) -> None:
     rng = np.random.default_rng(2)
     vectors = rng.normal(size=(20_000, 6)).astype(np.float32)
@@ -96,7 +104,7 @@ def test_large_resolutions_get_an_approximate_index_with_measured_recall(tmp_pat
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(64, 24))
     vectors = normalize(centres[rng.integers(0, 64, len(ids))] + 0.3 * rng.normal(size=(len(ids), 24)))
-    params, record = write_index(open_store(tmp_path), 3, _source(tmp_path, vectors, ids), len(ids), 24)
+    params, record = _write_index(tmp_path, _source(tmp_path, vectors, ids), 3, len(ids), 24)
 
     assert not params["exact"] and params["type"] == f"IVF{ivf_lists(len(ids))},SQ8"
     assert params["recall_at_10"] >= 0.95 and params["nprobe"] >= 4 and params["cells"] == len(ids)
@@ -110,7 +118,7 @@ def test_large_resolutions_get_an_approximate_index_with_measured_recall(tmp_pat
 def test_an_index_missing_cells_is_refused(tmp_path) -> None:
     vectors = normalize(np.random.default_rng(3).normal(size=(100, 4)))
     with pytest.raises(AtlasCorruptError, match="hold 100 cells, expected 101"):
-        write_index(open_store(tmp_path), 1, _source(tmp_path, vectors, np.arange(100)), 101, 4)
+        _write_index(tmp_path, _source(tmp_path, vectors, np.arange(100)), 1, 101, 4)
 
 
 def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None:
