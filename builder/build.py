@@ -438,9 +438,10 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         source = ShardSource(dataset, info["parquet"], cache, quantizer)
         with _finishing(res, cells[res], encoder, job, land.get(res), state, timer, source) as finish:
             if finish is not None:
-                with timer("read back"):  # the Zarr and index time inside is their own
-                    for table in source.tables(finish.columns):
+                with timer("read back"), _progress(progress, cells[res], f"finish res {res}") as bar:
+                    for table in source.tables(finish.columns):  # the Zarr and index time is their own
                         finish.add(table)
+                        bar.update(table.num_rows)
         zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")
         info["zarr"], info["index"] = fmt.zarr_relpath(res), index_done["index"]
         files += zarr_done["files"] + [index_done["file"]]
@@ -571,10 +572,7 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
     shards are all written in this run, straight into its Zarr store and index, so that
     those stages overlap the encoder too.
     """
-    from tqdm.auto import tqdm
-
     quantizer = job.quantizer()
-    disable = not progress if progress is not None else None
 
     def write_and_mark(shard: Shard, finish: _Finisher | None, *args: Any) -> None:
         table = _shard_table(*args)
@@ -586,8 +584,7 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
 
     by_res = {res: [s for s in todo if s.res == res] for res in dict.fromkeys(s.res for s in todo)}
     order = [shard for shards in by_res.values() for shard in shards]
-    with tqdm(total=_total_cells(todo, land, state), unit="cell", desc=f"build {encoder.name}", disable=disable,
-              smoothing=0.1) as bar, \
+    with _progress(progress, _total_cells(todo, land, state), f"build {encoder.name}") as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="enumerate") as enum_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
         position = 0
@@ -670,6 +667,14 @@ def _finishing(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray[
             params, file = index.publish(dataset, source)
         state.mark(f"index-res={res}", {"index": params, "file": file})
     source.release()
+
+
+def _progress(progress: bool | None, total: int, desc: str) -> Any:
+    """A progress bar of cells (cells/s, ETA); ``progress`` None: only on a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="cell", desc=desc, disable=not progress if progress is not None else None,
+                smoothing=0.1)
 
 
 def _timed(timer: _Timer, stage: str, fn: Any, *args: Any) -> Any:

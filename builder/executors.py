@@ -106,9 +106,7 @@ def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Enco
     BuildFailedError
         Some shards failed after their retries (the others are recorded as done).
     """
-    from tqdm.auto import tqdm
-
-    from builder.build import _step_name
+    from builder.build import _progress, _step_name
 
     ray = require_ray()
     started_here = not ray.is_initialized()
@@ -133,9 +131,7 @@ def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Enco
         start = time.perf_counter()
         pending = {task.remote(job, shard, payload, land_ref): shard for shard in todo}
         failed: list[tuple[Shard, BaseException]] = []
-        disable = not progress if progress is not None else None
-        with tqdm(total=total_cells, unit="cell", desc=f"build {encoder.name} (ray)", disable=disable,
-                  smoothing=0.1) as bar:
+        with _progress(progress, total_cells, f"build {encoder.name} (ray)") as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:

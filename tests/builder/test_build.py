@@ -200,7 +200,7 @@ def test_a_second_build_at_the_same_time_is_refused(tmp_path) -> None:
             build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)
 
 
-def test_crash_mid_build_then_resume(tmp_path, monkeypatch) -> None:
+def test_crash_mid_build_then_resume(tmp_path, monkeypatch, capsys) -> None:
     import builder.build as b
 
     calls = {"n": 0}
@@ -217,8 +217,10 @@ def test_crash_mid_build_then_resume(tmp_path, monkeypatch) -> None:
         build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=False)
     assert not (tmp_path / "toy" / "manifest.json").exists()
     monkeypatch.setattr(b, "_write_shard", real)
-    summary = build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=False)
+    summary = build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=True)
     assert summary.resumed_shards == 2 and summary.cells == {0: 122, 5: cell_count(5)}
+    # res 5 was not streamed (a shard came from the first run): finished from its files, with a bar
+    assert "finish res 5" in capsys.readouterr().err and summary.seconds["read back"] > 0
     cells = pq.read_table(tmp_path / "toy" / "parquet/res=5", columns=["cell"]).column("cell").to_numpy()
     assert len(cells) == len(np.unique(cells)) == cell_count(5)
     assert validate_dataset(tmp_path / "toy") == []
