@@ -18,6 +18,7 @@ from builder.grid import cell_centers, cell_count
 from catalog.cli import main
 from catalog.errors import AtlasBusyError, InvalidArgumentError, UnknownResolutionError
 from catalog.manifest import read_manifest, validate_dataset
+from tests.data.faults import crash_on_shard_write
 from tests.data.toy_encoder import load as load_toy
 
 TOY = "tests.data.toy_encoder:load"
@@ -140,18 +141,16 @@ def test_refuses_to_clobber_and_resumes_only_same_arguments(tmp_path) -> None:
 
 
 def test_overwrite_keeps_the_old_dataset_readable_until_the_new_one_is_complete(tmp_path, monkeypatch) -> None:
-    import builder.build as b
     import query
 
     build(TOY, resolutions="0,1", output=tmp_path, device="cpu", progress=False)
-    real = b._write_shard
-    monkeypatch.setattr(b, "_write_shard", lambda *a: (_ for _ in ()).throw(RuntimeError("simulated crash")))
+    restore = crash_on_shard_write(monkeypatch, 1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False, overwrite=True)
     dataset = tmp_path / "toy"
     assert list(read_manifest(dataset)["resolutions"]) == ["0", "1"] and validate_dataset(dataset) == []
     assert len(query.open(tmp_path).lookup(lat=[10.0], lon=[20.0], res=1)) == 1
-    monkeypatch.setattr(b, "_write_shard", real)
+    restore()
     summary = build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False, overwrite=True)
     assert summary.dataset == dataset and summary.cells == {2: 5882}
     manifest = read_manifest(dataset)
@@ -201,22 +200,11 @@ def test_a_second_build_at_the_same_time_is_refused(tmp_path) -> None:
 
 
 def test_crash_mid_build_then_resume(tmp_path, monkeypatch, capsys) -> None:
-    import builder.build as b
-
-    calls = {"n": 0}
-    real = b._write_shard
-
-    def crashing(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real(*args)
-
-    monkeypatch.setattr(b, "_write_shard", crashing)
+    restore = crash_on_shard_write(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=False)
     assert not (tmp_path / "toy" / "manifest.json").exists()
-    monkeypatch.setattr(b, "_write_shard", real)
+    restore()
     summary = build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=True)
     assert summary.resumed_shards == 2 and summary.cells == {0: 122, 5: cell_count(5)}
     # res 5 was not streamed (a shard came from the first run): finished from its files, with a bar

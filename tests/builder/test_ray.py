@@ -22,6 +22,7 @@ from builder.grid import cell_count
 from catalog.cli import main
 from catalog.errors import AtlasCorruptError, BuildFailedError, InvalidArgumentError, MissingDependencyError
 from catalog.manifest import read_manifest, validate_dataset
+from tests.data.faults import crash_on_shard_write
 from tests.data.toy_encoder import ToyModule
 from tests.data.toy_encoder import load as load_toy
 
@@ -161,20 +162,10 @@ def test_failed_shards_are_named_and_the_build_resumes(ray_cluster, reference, t
 
 def test_resume_across_executors(ray_cluster, reference, tmp_path, monkeypatch) -> None:
     """A local build interrupted after two shards, finished by Ray (and the other way round works alike)."""
-    import builder.build as b
-
-    real, calls = b._write_shard, {"n": 0}
-
-    def crashing(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("driver killed")
-        return real(*args)
-
-    monkeypatch.setattr(b, "_write_shard", crashing)
+    restore = crash_on_shard_write(monkeypatch, 3, "driver killed")
     with pytest.raises(RuntimeError, match="driver killed"):
         build(TOY, resolutions="0-2", output=tmp_path, device="cpu", precision="float32", progress=False)
-    monkeypatch.setattr(b, "_write_shard", real)
+    restore()
     summary = build(TOY, resolutions="0-2", output=tmp_path, device="cpu", precision="float32", progress=False,
                     executor="ray")
     assert summary.resumed_shards == 2

@@ -17,6 +17,7 @@ from catalog.cli import main
 from catalog.errors import AtlasCorruptError, AtlasNotFoundError, InvalidArgumentError, StorageError
 from catalog.manifest import list_datasets, read_manifest, validate_dataset
 from catalog.storage import LocalStore, ObjectStore, open_store
+from tests.data.faults import crash_on_shard_write
 from tests.data.s3_server import BUCKET, s3_server
 
 TOY = "tests.data.toy_encoder:load"
@@ -120,23 +121,13 @@ def test_query_open_s3_matches_the_local_atlas(built, tmp_path) -> None:
 
 
 def test_interrupted_build_on_s3_resumes(s3, monkeypatch) -> None:
-    import builder.build as b
-
     uri = f"s3://{BUCKET}/resume"
-    real, calls = b._write_shard, {"n": 0}
-
-    def crashing(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real(*args)
-
-    monkeypatch.setattr(b, "_write_shard", crashing)
+    restore = crash_on_shard_write(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(TOY, resolutions="0-2", output=uri, device="cpu", progress=False)
     with pytest.raises(AtlasCorruptError, match="unfinished: run the same 'hexatlas build' again"):
         read_manifest(f"{uri}/toy")
-    monkeypatch.setattr(b, "_write_shard", real)
+    restore()
     summary = build(TOY, resolutions="0-2", output=uri, device="cpu", progress=False)
     assert summary.resumed_shards == 2 and summary.cells == {r: cell_count(r) for r in (0, 1, 2)}
     fs, root = open_store(f"{uri}/toy").filesystem()
