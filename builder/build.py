@@ -597,19 +597,22 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
             with (_finishing(res, n, encoder, job, land.get(res), state, timer, source) if streamed
                   else contextlib.nullcontext()) as finish:
                 pending_write: Future[None] | None = None
-                for shard in shards:
-                    cells, lat, lon = next_cells.result()
-                    position += 1
-                    if position < len(order):
-                        next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[position], land)
-                    with timer("encode"):
-                        emb = _encode(encoder, lat, lon, bar.update)
+                try:
+                    for shard in shards:
+                        cells, lat, lon = next_cells.result()
+                        position += 1
+                        if position < len(order):
+                            next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[position],
+                                                          land)
+                        with timer("encode"):
+                            emb = _encode(encoder, lat, lon, bar.update)
+                        if pending_write is not None:
+                            pending_write.result()
+                        pending_write = write_pool.submit(_timed, timer, "write", write_and_mark, shard, finish,
+                                                          cells, lat, lon, _store(emb, job.precision, quantizer))
+                finally:  # the last write feeds the Zarr store: it must end before the store is closed
                     if pending_write is not None:
                         pending_write.result()
-                    pending_write = write_pool.submit(_timed, timer, "write", write_and_mark, shard, finish,
-                                                      cells, lat, lon, _store(emb, job.precision, quantizer))
-                if pending_write is not None:
-                    pending_write.result()
 
 
 class _Finisher:

@@ -268,9 +268,11 @@ class IndexBuilder:
                  keep: NDArray[np.uint64] | None = None) -> None:
         from catalog import vector_index
 
+        start = time.perf_counter()
         self.faiss = vector_index.require_faiss()
         self.res, self.n, self.dim = res, n, dim
         self.added = 0
+        self.seconds = 0.0  # in this object: training, adding, tuning, writing (not the sample's encoding)
         self.kth: _KthBest | None = None
         self._on_gpus = False
         if n <= vector_index.EXACT_MAX_CELLS:
@@ -278,21 +280,26 @@ class IndexBuilder:
             return
         self.nlist = vector_index.ivf_lists(n)
         train_cells, query_cells = ivf_sample(res, min(n, 40 * self.nlist), keep)
+        self.seconds += time.perf_counter() - start
         ids, train = vectors_of(train_cells)
+        start = time.perf_counter()
         self.queries = np.ascontiguousarray(train[np.isin(ids, query_cells.astype(np.int64))])
         self.index = self.faiss.index_factory(dim, f"IVF{self.nlist},SQ8", self.faiss.METRIC_INNER_PRODUCT)
         if getattr(self.faiss, "get_num_gpus", lambda: 0)() > 0:
             self.index, self._on_gpus = self.faiss.index_cpu_to_all_gpus(self.index), True
         self.index.train(train)
         self.kth = _KthBest(self.queries, RECALL_K)
+        self.seconds += time.perf_counter() - start
 
     def add(self, cells: NDArray[np.uint64], unit: NDArray[np.float32]) -> None:
         if self.added + len(cells) > self.n:
             raise AtlasCorruptError(f"resolution {self.res}'s shards hold more than the {self.n:,} cells expected")
+        start = time.perf_counter()
         self.index.add_with_ids(unit, cells.astype(np.int64))  # H3 indexes < 2**63
         if self.kth is not None:
             self.kth.update(unit)
         self.added += len(cells)
+        self.seconds += time.perf_counter() - start
 
     def publish(self, dataset: Store, source: ShardSource) -> tuple[dict[str, Any], dict[str, Any]]:
         """Tune, write ``index/res=<r>.faiss``; returns its description and file record.
@@ -321,7 +328,8 @@ class IndexBuilder:
                 params, recall = {"type": "IDMap2,Flat", "exact": True, "rerank": 1}, 1.0
         rel = fmt.index_relpath(self.res)
         params.update({"metric": "inner_product", "recall_at_10": round(recall, 4), "normalized": True,
-                       "build_s": round(time.perf_counter() - start, 2), "path": rel, "cells": self.n})
+                       "build_s": round(self.seconds + time.perf_counter() - start, 2), "path": rel,
+                       "cells": self.n})
         with dataset.staged(rel) as tmp:
             self.faiss.write_index(self.index, str(tmp))
             file = fmt.file_record(Path(), rel, local=tmp)
