@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -202,11 +203,21 @@ class Quantizer:
         return {"scale": self.scale.tolist(), "offset": self.offset.tolist()}
 
 
-def _store(values: NDArray[np.float32], precision: str, quantizer: Quantizer | None) -> NDArray[Any]:
+def _encode_stored(encoder: Encoder, lat: NDArray, lon: NDArray, precision: str, quantizer: Quantizer | None,
+                   on_chunk: Any = None) -> NDArray[Any]:
+    """Embeddings of the points as stored: cast batch by batch while copied out of the
+    encoder (float16, float32), or quantised (int8)."""
+    dtype = np.float16 if precision == "float16" else np.float32
+    emb = np.empty((lat.size, encoder.dim), dtype=dtype)
+    for start in range(0, lat.size, ENCODE_CHUNK):
+        stop = min(start + ENCODE_CHUNK, lat.size)
+        encoder.encode(lat=lat[start:stop], lon=lon[start:stop], out=emb[start:stop])
+        if on_chunk is not None:
+            on_chunk(stop - start)
     if precision == "int8":
         assert quantizer is not None
-        return quantizer.encode(values)
-    return values.astype(np.float16 if precision == "float16" else np.float32, copy=False)
+        return quantizer.encode(emb)
+    return emb
 
 
 class _BuildState:
@@ -527,16 +538,6 @@ def _total_cells(todo: list[Shard], land: dict[int, NDArray[np.uint64]], state: 
     return sum(shard_size(s) for s in todo)
 
 
-def _encode(encoder: Encoder, lat: NDArray, lon: NDArray, on_chunk: Any = None) -> NDArray[np.float32]:
-    emb = np.empty((lat.size, encoder.dim), dtype=np.float32)
-    for start in range(0, lat.size, ENCODE_CHUNK):
-        stop = min(start + ENCODE_CHUNK, lat.size)
-        emb[start:stop] = encoder.encode(lat=lat[start:stop], lon=lon[start:stop])
-        if on_chunk is not None:
-            on_chunk(stop - start)
-    return emb
-
-
 def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
                   land: dict[int, NDArray[np.uint64]] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """One shard, start to finish: enumerate, encode, write its Parquet file.
@@ -556,63 +557,95 @@ def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
     with timer("enumerate"):
         cells, lat, lon = _enumerate(shard, land or {})
     with timer("encode"):
-        emb = _encode(encoder, lat, lon)
+        stored = _encode_stored(encoder, lat, lon, job.precision, job.quantizer())
     with timer("write"):
-        record = _write_shard(job.dataset, shard, _shard_table(cells, lat, lon, _store(emb, job.precision,
-                                                                                           job.quantizer())),
-                              job.metadata)
+        record = _write_shard(job.dataset, shard, _shard_table(cells, lat, lon, stored), job.metadata)
     return record, timer.seconds
 
 
 def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[int, NDArray[np.uint64]],
                 state: _BuildState, timer: _Timer, progress: bool | None, cache: ShardCache) -> None:
-    """Encode shards in this process, with enumeration of the next shard and writing of the last overlapped.
+    """Encode shards in this process; enumerating and writing run beside the encoder.
 
-    Written shards go into ``cache`` (as far as it has room), and, for a resolution whose
-    shards are all written in this run, straight into its Zarr store and index, so that
-    those stages overlap the encoder too.
+    Resolutions go largest first, each with a writer thread of its own: it writes the
+    shards' Parquet files (keeping the tables in ``cache`` as far as it has room) and, when
+    this run writes every shard of the resolution, feeds them straight into its Zarr store
+    and index, which it then publishes while the encoder goes on with the next resolution.
     """
     quantizer = job.quantizer()
-
-    def write_and_mark(shard: Shard, finish: _Finisher | None, *args: Any) -> None:
-        table = _shard_table(*args)
-        record = _write_shard(job.dataset, shard, table, job.metadata)
-        state.mark(_step_name(shard), record)
-        cache.put(record["file"]["path"], table)
-        if finish is not None:
-            finish.add(table)
-
-    by_res = {res: [s for s in todo if s.res == res] for res in dict.fromkeys(s.res for s in todo)}
+    by_res = {res: [s for s in todo if s.res == res] for res in sorted({s.res for s in todo}, reverse=True)}
     order = [shard for shards in by_res.values() for shard in shards]
+
+    def write_res(res: int, shards: list[Shard], feed: queue.Queue[Any]) -> None:
+        # streamed only when this run writes every shard of the resolution, in cell order
+        streamed = len(shards) == len(plan_shards([res]))
+        n = len(land[res]) if res in land else cell_count(res)
+        source = ShardSource(job.dataset, [fmt.parquet_relpath(res, s.key) for s in shards], cache, quantizer)
+        with (_finishing(res, n, encoder, job, land.get(res), state, timer, source) if streamed
+              else contextlib.nullcontext()) as finish:
+            while (item := feed.get()) is not _END:
+                if item is _CANCEL:  # the encoder failed: unwind without publishing
+                    raise _Cancelled
+                shard, cells, lat, lon, stored = item
+                with timer("write"):
+                    table = _shard_table(cells, lat, lon, stored)
+                    record = _write_shard(job.dataset, shard, table, job.metadata)
+                    state.mark(_step_name(shard), record)
+                    cache.put(record["file"]["path"], table)
+                    if finish is not None:
+                        finish.add(table, stored)
+
+    writers: list[tuple[queue.Queue[Any], Future[None]]] = []
     with _progress(progress, _total_cells(todo, land, state), f"build {encoder.name}") as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="enumerate") as enum_pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
-        position = 0
-        next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[0], land) if order else None
-        for res, shards in by_res.items():
-            # streamed only when this run writes every shard of the resolution, in cell order
-            streamed = len(shards) == len(plan_shards([res]))
-            n = len(land[res]) if res in land else cell_count(res)
-            source = ShardSource(job.dataset, [fmt.parquet_relpath(res, s.key) for s in shards], cache, quantizer)
-            with (_finishing(res, n, encoder, job, land.get(res), state, timer, source) if streamed
-                  else contextlib.nullcontext()) as finish:
-                pending_write: Future[None] | None = None
-                try:
-                    for shard in shards:
+            ThreadPoolExecutor(max(len(by_res), 1), thread_name_prefix="write") as write_pool:
+        try:
+            position = 0
+            next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[0], land) if order else None
+            for res, shards in by_res.items():
+                feed: queue.Queue[Any] = queue.Queue(maxsize=1)  # at most one shard waits to be written
+                writers.append((feed, write_pool.submit(write_res, res, shards, feed)))
+                for shard in shards:
+                    with timer("wait enumerate"):
                         cells, lat, lon = next_cells.result()
-                        position += 1
-                        if position < len(order):
-                            next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[position],
-                                                          land)
-                        with timer("encode"):
-                            emb = _encode(encoder, lat, lon, bar.update)
-                        if pending_write is not None:
-                            pending_write.result()
-                        pending_write = write_pool.submit(_timed, timer, "write", write_and_mark, shard, finish,
-                                                          cells, lat, lon, _store(emb, job.precision, quantizer))
-                finally:  # the last write feeds the Zarr store: it must end before the store is closed
-                    if pending_write is not None:
-                        pending_write.result()
+                    position += 1
+                    if position < len(order):
+                        next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[position], land)
+                    with timer("encode"):
+                        stored = _encode_stored(encoder, lat, lon, job.precision, quantizer, bar.update)
+                    with timer("wait write"):
+                        _hand_over(writers[-1], (shard, cells, lat, lon, stored))
+                _hand_over(writers[-1], _END)
+        except BaseException:
+            for writer in writers:  # written shards stay done; unpublished stores are removed
+                with contextlib.suppress(BaseException):
+                    _hand_over(writer, _CANCEL)
+            for _, future in writers:
+                with contextlib.suppress(BaseException):
+                    future.result()
+            raise
+        for _, future in writers:
+            future.result()
+
+
+_END, _CANCEL = object(), object()  # what a writer's feed ends with: all shards given, or none will be
+
+
+class _Cancelled(Exception):
+    """Raised in a writer whose encoder failed, to unwind its open stores."""
+
+
+def _hand_over(writer: tuple[queue.Queue[Any], Future[None]], item: Any) -> None:
+    """Put ``item`` in a writer's feed; if the writer has stopped, raise its error."""
+    feed, future = writer
+    while True:
+        try:
+            feed.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            if future.done():
+                future.result()  # raises the writer's error
+                raise RuntimeError("a shard writer stopped before its resolution was complete")
 
 
 class _Finisher:
@@ -624,13 +657,15 @@ class _Finisher:
         self.zarr_rows, self.index, self.source, self.timer = zarr_rows, index, source, timer
         self.columns = ("cell", "lat", "lon", "embedding") if zarr_rows is not None else ("cell", "embedding")
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, stored: NDArray[Any] | None = None) -> None:
+        """Add a shard's rows; ``stored``: its embeddings as a writeable array, when at hand."""
         if self.zarr_rows is not None:
             with self.timer("zarr"):
                 self.zarr_rows.add(table)
         if self.index is not None:
             with self.timer("index"):
-                self.index.add(table.column("cell").to_numpy(), self.source.unit_vectors(table))
+                self.index.add(table.column("cell").to_numpy(),
+                               self.source.unit_vectors(table if stored is None else stored))
 
 
 @contextlib.contextmanager
@@ -654,8 +689,8 @@ def _finishing(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray[
     def vectors_of(cells: NDArray[np.uint64]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         # the index's training sample, encoded now and stored as the shards are
         lat, lon = cell_centers(cells)
-        stored = _store(encoder.encode(lat=lat, lon=lon), job.precision, quantizer)
-        return cells.astype(np.int64), source.unit_vectors(pa.table({"embedding": embedding_array(stored)})).copy()
+        stored = _encode_stored(encoder, lat, lon, job.precision, quantizer)
+        return cells.astype(np.int64), source.unit_vectors(stored).copy()
 
     index = None
     if not index_done:

@@ -12,12 +12,14 @@ from typing import Any
 __all__ = ["Provenance", "sha256_file"]
 
 
-def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 22) -> str:
-    """Return the hex sha256 digest of a file, read in chunks."""
+def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+    """Return the hex sha256 digest of a file, read in chunks into one buffer."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while size := fh.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 

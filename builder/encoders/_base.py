@@ -9,6 +9,9 @@ encoder shares: validation, device and dtype choice, batching and provenance.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,9 +24,10 @@ if TYPE_CHECKING:
     import torch
     from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["Encoder", "load_weights", "require_torch", "resolve_device", "resolve_dtype"]
+__all__ = ["Encoder", "load_weights", "require_torch", "resolve_device", "resolve_dtype", "retain_freed_memory"]
 
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
+_OUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def require_torch() -> None:
@@ -36,6 +40,36 @@ def require_torch() -> None:
             "(on a machine without a GPU, first: pip install torch --index-url "
             "https://download.pytorch.org/whl/cpu)"
         ) from None
+
+
+def retain_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    CPU inference frees and allocates the same tens of MB every batch. With glibc's
+    defaults the top of the heap is given back (trimmed) and blocks of a few MB go to mmap,
+    so each batch faults in fresh zeroed pages: SatCLIP L=40 on a 2-core VM ran 1.25x
+    faster with these settings (PyTorch's CPU tuning guide suggests a caching allocator,
+    jemalloc or tcmalloc, for the same reason). Process-wide, applied once; at most 256 MiB
+    of freed memory stays with the process. Left alone when the environment already sets
+    glibc's malloc (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``) and off glibc.
+
+    Returns whether the settings are in effect.
+    """
+    global _RETAINING
+    if _RETAINING is None:
+        _RETAINING = False
+        user_set = any(k.startswith("MALLOC_") for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", "")
+        if platform.libc_ver()[0] == "glibc" and not user_set:
+            try:
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError):
+                return False
+            # M_TRIM_THRESHOLD (-1), M_MMAP_THRESHOLD (-3; 32 MiB is the most every glibc takes)
+            _RETAINING = bool(mallopt(-1, 256 << 20)) and bool(mallopt(-3, 32 << 20))
+    return _RETAINING
+
+
+_RETAINING: bool | None = None
 
 
 def resolve_device(device: Any = "auto") -> torch.device:
@@ -148,6 +182,8 @@ class Encoder:
         self.module = module.to(device=self.device, dtype=self.dtype).eval()
         self.module.requires_grad_(False)
         self.batch_size = batch_size or (65536 if self.device.type == "cuda" else 4096)
+        if self.device.type == "cpu":
+            retain_freed_memory()
 
     def __repr__(self) -> str:
         return f"Encoder({self.name!r}, dim={self.dim}, device={self.device}, dtype={self.dtype})"
@@ -174,7 +210,8 @@ class Encoder:
         with torch.inference_mode():
             return self.module(lat, lon)
 
-    def encode(self, *, lat: ArrayLike, lon: ArrayLike, batch_size: int | None = None) -> NDArray[Any]:
+    def encode(self, *, lat: ArrayLike, lon: ArrayLike, batch_size: int | None = None,
+               out: NDArray[Any] | None = None) -> NDArray[Any]:
         """Embed coordinates.
 
         Parameters
@@ -183,16 +220,22 @@ class Encoder:
             Degrees, WGS84. Keyword-only so the order can never be mixed up.
         batch_size : int, optional
             Points per forward pass; defaults to 4096 on CPU and 65536 on CUDA.
+        out : numpy.ndarray, optional
+            Where to write the result: C-contiguous, shape (n, dim), float16, float32 or
+            float64 (each batch is cast as it is copied out, with no full-size intermediate).
 
         Returns
         -------
         numpy.ndarray, shape (n, dim)
-            float32 (float64 when the encoder was loaded with ``dtype="float64"``).
+            ``out`` when given; else float32 (float64 when the encoder was loaded with
+            ``dtype="float64"``).
 
         Raises
         ------
         InvalidCoordinateError
             If any coordinate is NaN, infinite or out of range, or lengths differ.
+        InvalidArgumentError
+            If ``batch_size`` is not positive or ``out`` does not fit.
         """
         import torch
 
@@ -201,7 +244,14 @@ class Encoder:
         if bs <= 0:
             raise InvalidArgumentError(f"batch_size must be positive, got {batch_size}")
         n = lat_a.size
-        out = np.empty((n, self.dim), dtype=self.output_dtype)
+        if out is None:
+            out = np.empty((n, self.dim), dtype=self.output_dtype)
+        elif (out.shape != (n, self.dim) or out.dtype not in _OUT_DTYPES or not out.flags.c_contiguous
+              or not out.flags.writeable):
+            raise InvalidArgumentError(
+                f"out must be a writeable C-contiguous float16/float32/float64 array of shape {(n, self.dim)}, "
+                f"got {out.dtype} {out.shape}"
+            )
         out_t = torch.from_numpy(out)
         pin = self.device.type == "cuda"
         for start in range(0, n, bs):

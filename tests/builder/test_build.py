@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -253,20 +254,21 @@ def test_land_only_keeps_exactly_the_land_cells(tmp_path) -> None:
 def test_a_failure_while_a_shard_is_being_written_leaves_no_half_store(tmp_path, monkeypatch) -> None:
     import builder.build as b
 
-    real_write, real_encode, calls = b._write_shard, b._encode, {"n": 0}
+    real_write, real_encode, calls = b._write_shard, b._encode_stored, {"n": 0}
 
     def slow_write(*args):
         time.sleep(0.5)  # still writing (and then feeding the Zarr store) when the encoder fails
         return real_write(*args)
 
     def failing_encode(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
+        main = threading.current_thread() is threading.main_thread()  # not the index's training sample
+        calls["n"] += main
+        if main and calls["n"] == 2:
             raise RuntimeError("encoder failed")
         return real_encode(*args)
 
     monkeypatch.setattr(b, "_write_shard", slow_write)
-    monkeypatch.setattr(b, "_encode", failing_encode)
+    monkeypatch.setattr(b, "_encode_stored", failing_encode)
     with pytest.raises(RuntimeError, match="encoder failed"):
         build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False)
     time.sleep(0.7)  # a write left running would have finished by now

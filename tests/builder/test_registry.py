@@ -90,3 +90,33 @@ def test_auto_device_is_cuda_when_available() -> None:
 
     enc = load_encoder("tests.data.toy_encoder:load")
     assert enc.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_encode_into_a_given_array() -> None:
+    enc = load_encoder("tests.data.toy_encoder:load", device="cpu")
+    lat, lon = np.linspace(-80, 80, 50), np.linspace(-170, 170, 50)
+    expected = enc.encode(lat=lat, lon=lon)
+    for dtype in (np.float16, np.float32, np.float64):
+        out = np.full((50, enc.dim), np.nan, dtype)
+        assert enc.encode(lat=lat, lon=lon, batch_size=7, out=out) is out
+        np.testing.assert_array_equal(out, expected.astype(dtype))
+    for bad in (np.empty((49, enc.dim), np.float32), np.empty((50, enc.dim), np.int8),
+                np.empty((enc.dim, 50), np.float32).T):
+        with pytest.raises(InvalidArgumentError, match="out must be"):
+            enc.encode(lat=lat, lon=lon, out=bad)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_cpu_encoders_keep_freed_memory_unless_the_environment_says_otherwise() -> None:
+    import os
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    code = ("from builder.encoders import load_encoder; from builder.encoders._base import retain_freed_memory; "
+            "load_encoder('tests.data.toy_encoder:load', device='cpu'); print(retain_freed_memory())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    run = [sys.executable, "-c", code]
+    assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
+    assert subprocess.run(run, env={**env, "MALLOC_ARENA_MAX": "2"}, capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
