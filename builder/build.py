@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("float16", "float32", "int8")
 EXECUTORS = ("local", "ray")
 ROW_GROUP_CELLS = 8192  # small row groups let DuckDB prune a point lookup to ~one group
+PARQUET_WRITERS = max(1, (os.cpu_count() or 2) // 2)  # shard files written at once (pyarrow frees the GIL)
 ENCODE_CHUNK = 65536  # cells per encode call: the progress bar's granularity
 # Shards written in this process are kept in memory (up to this many bytes) until their
 # resolution is finished: the index's recall measurement looks candidates up in them, and a
@@ -576,6 +577,11 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
     by_res = {res: [s for s in todo if s.res == res] for res in sorted({s.res for s in todo}, reverse=True)}
     order = [shard for shards in by_res.values() for shard in shards]
 
+    def write_parquet(shard: Shard, table: pa.Table) -> None:
+        record = _write_shard(job.dataset, shard, table, job.metadata)
+        state.mark(_step_name(shard), record)
+        cache.put(record["file"]["path"], table)
+
     def write_res(res: int, shards: list[Shard], feed: queue.Queue[Any]) -> None:
         # streamed only when this run writes every shard of the resolution, in cell order
         streamed = len(shards) == len(plan_shards([res]))
@@ -583,22 +589,30 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
         source = ShardSource(job.dataset, [fmt.parquet_relpath(res, s.key) for s in shards], cache, quantizer)
         with (_finishing(res, n, encoder, job, land.get(res), state, timer, source) if streamed
               else contextlib.nullcontext()) as finish:
-            while (item := feed.get()) is not _END:
-                if item is _CANCEL:  # the encoder failed: unwind without publishing
-                    raise _Cancelled
-                shard, cells, lat, lon, stored = item
-                with timer("write"):
+            written: list[Future[None]] = []  # Parquet files being written, oldest first
+            try:
+                while (item := feed.get()) is not _END:
+                    if item is _CANCEL:  # the encoder failed: unwind without publishing
+                        raise _Cancelled
+                    shard, cells, lat, lon, stored = item
                     table = _shard_table(cells, lat, lon, stored)
-                    record = _write_shard(job.dataset, shard, table, job.metadata)
-                    state.mark(_step_name(shard), record)
-                    cache.put(record["file"]["path"], table)
+                    written.append(parquet_pool.submit(_timed, timer, "write", write_parquet, shard, table))
                     if finish is not None:
                         finish.add(table, stored)
+                    # at most 2 per writer in flight; a failed write stops the resolution now
+                    waited = written[:max(0, len(written) - 2 * PARQUET_WRITERS)] + [f for f in written if f.done()]
+                    for future in dict.fromkeys(waited):
+                        written.remove(future)
+                        future.result()
+            finally:  # the resolution is published only once its Parquet files are
+                for future in written:
+                    future.result()
 
     writers: list[tuple[queue.Queue[Any], Future[None]]] = []
     with _progress(progress, _total_cells(todo, land, state), f"build {encoder.name}") as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="enumerate") as enum_pool, \
-            ThreadPoolExecutor(max(len(by_res), 1), thread_name_prefix="write") as write_pool:
+            ThreadPoolExecutor(max(len(by_res), 1), thread_name_prefix="finish") as write_pool, \
+            ThreadPoolExecutor(PARQUET_WRITERS, thread_name_prefix="parquet") as parquet_pool:
         try:
             position = 0
             next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[0], land) if order else None
