@@ -599,7 +599,7 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                     written.append(parquet_pool.submit(_timed, timer, "write", write_parquet, shard, table))
                     if finish is not None:
                         finish.add(table, stored)
-                    # at most 2 per writer in flight; a failed write stops the resolution now
+                    # at most 2 x PARQUET_WRITERS files in flight; a failed write stops the resolution now
                     waited = written[:max(0, len(written) - 2 * PARQUET_WRITERS)] + [f for f in written if f.done()]
                     for future in dict.fromkeys(waited):
                         written.remove(future)
