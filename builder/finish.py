@@ -122,10 +122,17 @@ class ShardSource:
         return normalize(out, out=out)
 
     def gather_cells(self, wanted: NDArray[Any]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        """Cells (as int64) and unit vectors of those of ``wanted`` that the shards hold."""
-        wanted = np.asarray(wanted).astype(np.uint64)
+        """Cells (as int64) and unit vectors of those of ``wanted`` that the shards hold.
+
+        Shards not in memory are read only in the row groups whose cell range holds a wanted
+        cell (their statistics say; the files are sorted by cell).
+        """
+        wanted = np.unique(np.asarray(wanted).astype(np.uint64))
         ids, vectors = [], []
-        for table in self.tables(("cell", "embedding")):
+        for rel in self.parquet:
+            table = self.cache.get(rel)
+            if table is None:
+                table = _read_row_groups_holding(self.dataset, rel, wanted)
             cells = table.column("cell").to_numpy()
             if not len(cells):
                 continue
@@ -141,6 +148,24 @@ class ShardSource:
     def release(self) -> None:
         self.cache.drop(self.parquet)
         self._buffer = None
+
+
+def _read_row_groups_holding(dataset: Store, rel: str, cells: NDArray[np.uint64]) -> pa.Table:
+    """``cell`` and ``embedding`` of the row groups of ``rel`` whose cell range holds one of
+    the sorted ``cells``."""
+    import pyarrow.parquet as pq
+
+    with dataset.open_input(rel) as fh:
+        parquet = pq.ParquetFile(fh)
+        column = parquet.schema_arrow.get_field_index("cell")
+        groups = []
+        for i in range(parquet.metadata.num_row_groups):
+            stats = parquet.metadata.row_group(i).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                groups.append(i)
+            elif np.searchsorted(cells, stats.min) < np.searchsorted(cells, stats.max, side="right"):
+                groups.append(i)
+        return parquet.read_row_groups(groups, columns=["cell", "embedding"])
 
 
 def _to_float32(values: NDArray[Any], out: NDArray[np.float32]) -> None:

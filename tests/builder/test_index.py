@@ -80,6 +80,27 @@ def test_shard_source_gathers_cells_across_shards(tmp_path) -> None:
     np.testing.assert_allclose(got, normalize(vectors[rows].astype(np.float16)), atol=1e-6)
 
 
+def test_cells_not_in_memory_are_read_from_the_row_groups_that_hold_them(tmp_path, monkeypatch) -> None:
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(21_000, 6)).astype(np.float32)
+    ids = np.arange(21_000, dtype=np.int64) * 3 + 5
+    cached = _source(tmp_path, vectors, ids)
+    for rel in cached.parquet:  # the same shards as files of 1,000-row groups, none in memory
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(cached.cache.get(rel), tmp_path / rel, row_group_size=1000)
+    on_disk = ShardSource(open_store(tmp_path), cached.parquet, ShardCache(0))
+    read: list[list[int]] = []
+    real = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: read.append(list(groups)) or real(self, groups, **kw))
+    wanted = np.array([5, 8, 3_005, 21_005, 62_996, 62_999, 7])  # rows 0, 1, 1000, 7000, 20997, 20998; 7 absent
+    got_ids, got = on_disk.gather_cells(wanted)
+    want_ids, want = cached.gather_cells(wanted)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got, want)
+    assert read == [[0, 1], [0], [6]]  # of 7 groups per file
+
+
 def test_ivf_sample_spreads_distinct_cells_over_the_sphere_or_the_kept_ones() -> None:
     train, queries = ivf_sample(3, 2000)
     assert len(train) == 2000 == len(np.unique(train)) and np.isin(queries, train).all() and len(queries) == 100
