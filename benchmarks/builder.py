@@ -11,8 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks._common import Row, best_rate
 from builder.build import build
 from builder.encoders import load_encoder

@@ -161,9 +161,8 @@ def _read_row_groups_holding(dataset: Store, rel: str, cells: NDArray[np.uint64]
         groups = []
         for i in range(parquet.metadata.num_row_groups):
             stats = parquet.metadata.row_group(i).column(column).statistics
-            if stats is None or not stats.has_min_max:
-                groups.append(i)
-            elif np.searchsorted(cells, stats.min) < np.searchsorted(cells, stats.max, side="right"):
+            if (stats is None or not stats.has_min_max
+                    or np.searchsorted(cells, stats.min) < np.searchsorted(cells, stats.max, side="right")):
                 groups.append(i)
         return parquet.read_row_groups(groups, columns=["cell", "embedding"])
 

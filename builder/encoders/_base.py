@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from catalog.coords import as_coordinates
-from catalog.errors import CheckpointError, InvalidArgumentError, MissingDependencyError, UnsafeCheckpointError
+from catalog.errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    UnsafeCheckpointError,
+)
 from catalog.provenance import Provenance
 
 if TYPE_CHECKING:
