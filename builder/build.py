@@ -629,6 +629,9 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                         stored = _encode_stored(encoder, lat, lon, job.precision, quantizer, bar.update)
                     with timer("wait write"):
                         _hand_over(writers[-1], (shard, cells, lat, lon, stored))
+                    for _, earlier in writers[:-1]:  # one may still be publishing: stop at its error
+                        if earlier.done():
+                            earlier.result()
                 _hand_over(writers[-1], _END)
         except BaseException:
             for writer in writers:  # written shards stay done; unpublished stores are removed
@@ -659,7 +662,7 @@ def _hand_over(writer: tuple[queue.Queue[Any], Future[None]], item: Any) -> None
         except queue.Full:
             if future.done():
                 future.result()  # raises the writer's error
-                raise RuntimeError("a shard writer stopped before its resolution was complete")
+                raise RuntimeError("a shard writer stopped before its resolution was complete") from None
 
 
 class _Finisher:

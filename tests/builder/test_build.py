@@ -243,6 +243,35 @@ def test_shard_files_written_in_parallel_survive_a_crash(tmp_path, monkeypatch) 
     assert validate_dataset(tmp_path / "toy") == []
 
 
+def test_a_resolution_failing_to_publish_stops_the_build_and_resumes(tmp_path, monkeypatch) -> None:
+    import builder.build as b
+    from builder.finish import IndexBuilder
+
+    real_publish, real_encode = IndexBuilder.publish, b._encode_stored
+
+    def failing(self, *args):
+        if self.res == 2:  # the first resolution: published while resolution 1 is encoded
+            raise OSError("disk full")
+        return real_publish(self, *args)
+
+    def slow(encoder, lat, *args):
+        if len(lat) == cell_count(1):
+            time.sleep(1.0)  # resolution 2's writer has failed by the time this shard is handed over
+        return real_encode(encoder, lat, *args)
+
+    monkeypatch.setattr(IndexBuilder, "publish", failing)
+    monkeypatch.setattr(b, "_encode_stored", slow)
+    with pytest.raises(OSError, match="disk full"):
+        build(TOY, resolutions="0-2", output=tmp_path, device="cpu", progress=False)
+    dataset = tmp_path / "toy"
+    assert not (dataset / "manifest.json").exists() and not list(dataset.rglob("*.tmp*"))
+    assert not (dataset / "index" / "res=2.faiss").exists()
+    assert not (dataset / "parquet" / "res=0").exists()  # stopped before encoding resolution 0
+    monkeypatch.setattr(IndexBuilder, "publish", real_publish)
+    summary = build(TOY, resolutions="0-2", output=tmp_path, device="cpu", progress=False)
+    assert summary.resumed_shards == 2 and validate_dataset(dataset) == []
+
+
 def test_sigkill_at_any_moment_then_resume(tmp_path) -> None:
     out = tmp_path / "atlas"
     argv = [sys.executable, "-m", "catalog.cli", "build", "--model", TOY, "--resolutions", "0,5",
