@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from benchmarks._common import Row, best_rate
@@ -61,7 +62,7 @@ def run(quick: bool = False) -> list[Row]:
             res = parse_resolutions(resolutions)
             n = sum(cell_count(r) for r in res)
             lat, lon = cell_centers(shard_cells(Shard(min(max(res), 4))))
-            encode_only = best_rate(lambda: encoder.encode(lat=lat, lon=lon), len(lat), repeats=2)
+            encode_only = best_rate(partial(encoder.encode, lat=lat, lon=lon), len(lat), repeats=2)
             start = time.perf_counter()
             summary = build(encoder=encoder, resolutions=resolutions, output=tmp / "atlas", progress=False,
                             overwrite=True)

@@ -10,6 +10,7 @@ Baselines:
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def satclip_rows(quick: bool = False) -> list[Row]:
             ckpt = torch.load(path, weights_only=True)
             n_naive = (4_000 if legendre == 40 else 20_000) // (4 if quick else 1)
             lat, lon = _points(n_naive)
-            naive = best_rate(lambda: satclip_reference.embed(lat, lon, ckpt), n_naive, repeats=1)
+            naive = best_rate(partial(satclip_reference.embed, lat, lon, ckpt), n_naive, repeats=1)
             shapes = [[(legendre**2, 256), (256, 256), (256, 256)]]
             for dtype in ("float32", "bfloat16", "float64"):
                 enc = load_encoder(f"satclip-vit16-l{legendre}", checkpoint=path, device="cpu", dtype=dtype)

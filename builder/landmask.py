@@ -408,7 +408,7 @@ def _near_land(cells: NDArray[np.uint64], lat: NDArray[np.float64], lon: NDArray
     return hit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _level(res: int) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
     """Kept cells at ``res``, split in (to refine, final), both sorted uint64.
 
@@ -481,7 +481,7 @@ def land_cells(res: int) -> NDArray[np.uint64]:
     return _land_cells(_check_res(res))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _land_cells(res: int) -> NDArray[np.uint64]:
     parts = [_level(res)[0]] + [_descendants(_level(k)[1], k, res) for k in range(res + 1)]
     out = np.concatenate(parts)

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from catalog.errors import MissingDependencyError
 
-__all__ = ["EXACT_MAX_CELLS", "normalize", "reranked_search", "require_faiss"]
+__all__ = ["EXACT_MAX_CELLS", "normalize", "require_faiss", "reranked_search"]
 
 # Below this many cells an exact (flat) index is both fast enough and exact.
 EXACT_MAX_CELLS = 1_000_000

@@ -9,6 +9,6 @@ from __future__ import annotations
 from query.atlas import Atlas, open_atlas
 from query.sql import QueryError
 
-open = open_atlas  # noqa: A001 - the documented entry point is query.open(path)
+open = open_atlas  # the documented entry point is query.open(path); shadows the builtin on purpose
 
 __all__ = ["Atlas", "QueryError", "open", "open_atlas"]

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from catalog.errors import InvalidArgumentError, MissingDependencyError
 
-__all__ = ["MapLayer", "map_layer", "principal_colors", "render_png", "configure_map", "run_map"]
+__all__ = ["MapLayer", "configure_map", "map_layer", "principal_colors", "render_png", "run_map"]
 
 # A map of more cells than this is refused: the page would ship tens of MB and the PNG
 # would take minutes to draw. Resolution 4 of a full globe (288,122 cells) fits.

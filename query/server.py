@@ -40,7 +40,7 @@ try:
 except ImportError as exc:
     raise MissingDependencyError(f"hexatlas serve needs FastAPI: pip install 'hexatlas[serve]' ({exc})") from exc
 
-__all__ = ["Limits", "create_app", "serve", "configure_serve", "run_serve"]
+__all__ = ["Limits", "configure_serve", "create_app", "run_serve", "serve"]
 
 WEB_DIR = Path(__file__).with_name("web")
 # Front-end files the page loads, all from packages npm installs into web/node_modules

@@ -13,6 +13,7 @@ the poles at L = 40 ours is the exact value and the official one is off by up to
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ def _siren_weights(state: dict[str, Any], what: str) -> list[tuple[torch.Tensor,
     if n_layers == 0:
         pair("layers.0")  # raises the missing-key error
     layers = [pair(f"layers.{i}") for i in range(n_layers)] + [pair("last_layer")]
-    for i, ((w_prev, _), (w, _)) in enumerate(zip(layers, layers[1:])):
+    for i, ((w_prev, _), (w, _)) in enumerate(itertools.pairwise(layers)):
         if w.shape[1] != w_prev.shape[0]:
             raise CheckpointError(f"{what}: layer {i + 1} takes {w.shape[1]} inputs but layer {i} gives {w_prev.shape[0]}")
     return layers

@@ -19,7 +19,14 @@ from catalog.errors import (
     UnknownEncoderError,
 )
 from catalog.provenance import Provenance, sha256_file
-from catalog.tables import atomic_path, coordinate_columns, embedding_array, embedding_matrix, read_points, write_parquet
+from catalog.tables import (
+    atomic_path,
+    coordinate_columns,
+    embedding_array,
+    embedding_matrix,
+    read_points,
+    write_parquet,
+)
 
 
 def test_errors_are_also_builtin_errors() -> None:

@@ -10,6 +10,7 @@ Run ``python -m tests.data.satclip_checkpoint OUT.ckpt --legendre 10`` to write 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ def siren_state(
     def uniform(shape: tuple[int, ...], bound: float) -> torch.Tensor:
         return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).float()
 
-    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         # SIREN init: U(-1/n, 1/n) for the first layer, U(-sqrt(6/n)/w0, ...) after it (w0 = 1).
         bound = 1.0 / n_in if i == 0 else math.sqrt(6.0 / n_in)
         state[f"model.location.nnet.layers.{i}.weight"] = uniform((n_out, n_in), bound)

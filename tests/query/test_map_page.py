@@ -69,7 +69,7 @@ def test_page_draws_the_cells_in_their_colours(page) -> None:
         lat, lon = h3.cell_to_latlng(cell)  # sample cell centres, far from any edge
         x, y = tab.evaluate(f"window.hexatlasProject({lon}, {lat})")
         want = np.asarray(colour[h3.str_to_int(cell)])
-        got = shot[int(round(y)), int(round(x))]
+        got = shot[round(y), round(x)]
         matches += int(np.abs(got - want).max() <= 24)  # land outlines may cross a sampled pixel
     assert matches >= 4
 
