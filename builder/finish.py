@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from catalog import manifest as fmt
 from catalog.errors import AtlasCorruptError
-from catalog.storage import Store
+from catalog.storage import Store, settle
 from catalog.tables import embedding_matrix
 
 if TYPE_CHECKING:
@@ -203,6 +203,7 @@ class ZarrRows:
         self.files: list[dict[str, Any]] = []
         self._arrays: dict[str, Any] = {}
         self._block: dict[str, NDArray[Any]] = {}
+        self._chunks: dict[str, dict[str, Any]] = {}  # chunk files written so far: path in the store -> record
         self._start = self._filled = 0
 
     @classmethod
@@ -219,8 +220,11 @@ class ZarrRows:
             if rows._start != n or not rows._arrays:
                 raise AtlasCorruptError(f"resolution {res}'s shards hold {rows._start:,} cells, expected {n:,}")
             zarr.consolidate_metadata(str(tmp))
-            rows.files = [fmt.file_record(Path(), f"{rel}/{p.relative_to(tmp).as_posix()}", local=p)
-                          for p in sorted(tmp.rglob("*")) if p.is_file()]
+            for p in sorted(tmp.rglob("*")):
+                if p.is_file():
+                    key = p.relative_to(tmp).as_posix()
+                    record = rows._chunks.get(key) or fmt.file_record(Path(), key, local=p)
+                    rows.files.append({**record, "path": f"{rel}/{key}"})
 
     def add(self, table: pa.Table) -> None:
         values = embedding_matrix(table.column("embedding"))
@@ -242,9 +246,15 @@ class ZarrRows:
                 self._flush()
 
     def _flush(self) -> None:
+        stop = self._start + self._filled
         for name, array in self._arrays.items():
-            array[self._start:self._start + self._filled] = self._block[name][:self._filled]
-        self._start, self._filled = self._start + self._filled, 0
+            array[self._start:stop] = self._block[name][:self._filled]
+            # the block's chunks are whole and final: checksum each while it is cached, then settle it
+            for i in range(self._start // ZARR_CHUNK_CELLS, -(-stop // ZARR_CHUNK_CELLS)):
+                key = f"{name}/{array.metadata.encode_chunk_key((i,) + (0,) * (array.ndim - 1))}"
+                self._chunks[key] = fmt.file_record(Path(), key, local=self.path / key)
+                settle(self.path / key)
+        self._start, self._filled = stop, 0
 
 
 def _zarr_layout(path: Path, res: int, n: int, dim: int, dtype: np.dtype,

@@ -162,3 +162,22 @@ def test_storage_errors_say_what_to_fix(s3, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(StorageError, match="cannot read s3://hexatlas-test/x/manifest.json: .*Could not connect.*AWS_ENDPOINT_URL"):
         query.open(f"s3://{BUCKET}/x")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fdatasync"), reason="no fdatasync here")
+def test_a_local_file_is_on_disk_before_it_is_published(tmp_path, monkeypatch) -> None:
+    import os
+
+    synced, real = [], os.fdatasync
+
+    def recording(fd):
+        synced.append((os.fstat(fd).st_ino, (tmp_path / "a" / "b.bin").exists()))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording)
+    with open_store(tmp_path).staged("a/b.bin") as tmp:
+        tmp.write_bytes(b"x" * 100)
+        inode = tmp.stat().st_ino
+        assert synced == []
+    assert synced == [(inode, False)]  # the staged file, synced while not yet published
+    assert (tmp_path / "a" / "b.bin").read_bytes() == b"x" * 100
