@@ -198,8 +198,9 @@ class ZarrRows:
     temporary one for object storage) and published only when all ``n`` rows are in.
     """
 
-    def __init__(self, path: Path, res: int, n: int, quantizer: Quantizer | None) -> None:
+    def __init__(self, path: Path, res: int, n: int, quantizer: Quantizer | None, settle_chunks: bool = False) -> None:
         self.path, self.res, self.n, self.quantizer = path, res, n, quantizer
+        self.settle_chunks = settle_chunks  # the store is built where it is published (not staged for upload)
         self.files: list[dict[str, Any]] = []
         self._arrays: dict[str, Any] = {}
         self._block: dict[str, NDArray[Any]] = {}
@@ -214,7 +215,7 @@ class ZarrRows:
 
         rel = fmt.zarr_relpath(res)
         with dataset.staged_dir(rel) as tmp:
-            rows = cls(tmp, res, n, quantizer)
+            rows = cls(tmp, res, n, quantizer, settle_chunks=dataset.is_local)
             yield rows
             rows._flush()
             if rows._start != n or not rows._arrays:
@@ -253,7 +254,8 @@ class ZarrRows:
             for i in range(self._start // ZARR_CHUNK_CELLS, -(-stop // ZARR_CHUNK_CELLS)):
                 key = f"{name}/{array.metadata.encode_chunk_key((i,) + (0,) * (array.ndim - 1))}"
                 self._chunks[key] = fmt.file_record(Path(), key, local=self.path / key)
-                settle(self.path / key)
+                if self.settle_chunks:
+                    settle(self.path / key)
         self._start, self._filled = stop, 0
 
 
