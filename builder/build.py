@@ -599,11 +599,9 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                     written.append(parquet_pool.submit(_timed, timer, "write", write_parquet, shard, table))
                     if finish is not None:
                         finish.add(table, stored)
-                    # at most 2 x PARQUET_WRITERS files in flight; a failed write stops the resolution now
-                    waited = written[:max(0, len(written) - 2 * PARQUET_WRITERS)] + [f for f in written if f.done()]
-                    for future in dict.fromkeys(waited):
-                        written.remove(future)
-                        future.result()
+                    # at most 2 x PARQUET_WRITERS files in flight; a failed write stops the resolution
+                    while written and (written[0].done() or len(written) > 2 * PARQUET_WRITERS):
+                        written.pop(0).result()
             finally:  # the resolution is published only once its Parquet files are
                 for future in written:
                     future.result()
@@ -611,14 +609,14 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
     writers: list[tuple[queue.Queue[Any], Future[None]]] = []
     with _progress(progress, _total_cells(todo, land, state), f"build {encoder.name}") as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="enumerate") as enum_pool, \
-            ThreadPoolExecutor(max(len(by_res), 1), thread_name_prefix="finish") as write_pool, \
+            ThreadPoolExecutor(max(len(by_res), 1), thread_name_prefix="finish") as finish_pool, \
             ThreadPoolExecutor(PARQUET_WRITERS, thread_name_prefix="parquet") as parquet_pool:
         try:
             position = 0
             next_cells = enum_pool.submit(_timed, timer, "enumerate", _enumerate, order[0], land) if order else None
             for res, shards in by_res.items():
                 feed: queue.Queue[Any] = queue.Queue(maxsize=1)  # at most one shard waits to be written
-                writers.append((feed, write_pool.submit(write_res, res, shards, feed)))
+                writers.append((feed, finish_pool.submit(write_res, res, shards, feed)))
                 for shard in shards:
                     with timer("wait enumerate"):
                         cells, lat, lon = next_cells.result()

@@ -143,12 +143,10 @@ class Store:
         return json.loads(self.read_bytes(rel))
 
     def write_json(self, rel: str, data: Any) -> None:
-        """Write JSON atomically."""
+        """Write JSON atomically (and, locally, durably: :meth:`staged` settles the file)."""
         with self.staged(rel) as tmp, open(tmp, "w") as fh:
             json.dump(data, fh, indent=1, sort_keys=True)
             fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
 
     @contextlib.contextmanager
     def staged(self, rel: str) -> Iterator[Path]:

@@ -39,6 +39,17 @@ def test_normalize_into_out_keeps_the_input_and_zero_rows() -> None:
         normalize(np.ones(3))
 
 
+def test_stored_values_convert_to_the_same_floats_whichever_way() -> None:
+    rng = np.random.default_rng(5)
+    for values in (rng.normal(size=(70_000, 3)).astype(np.float16), rng.integers(-127, 128, (500, 7), np.int8)):
+        read_only = values.copy()
+        read_only.flags.writeable = False  # as Arrow hands them out: numpy converts these
+        for given in (values, read_only, values[::2]):
+            out = np.full(given.shape, np.nan, np.float32)
+            finish._to_float32(given, out)
+            np.testing.assert_array_equal(out, given.astype(np.float32))
+
+
 def test_kth_best_over_blocks_equals_a_full_sort() -> None:
     rng = np.random.default_rng(1)
     vectors = normalize(rng.normal(size=(5000, 8)))
