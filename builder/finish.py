@@ -193,8 +193,9 @@ class ZarrRows:
     """``zarr/res=<r>.zarr`` (xdggs layout) written from a resolution's rows, added in cell order.
 
     xarray writes the layout (zero-length variables with their attributes and chunking) on
-    the first rows; the data go in with zarr, in blocks of whole chunks. Use
-    :meth:`staged`: the store is built in a local directory (beside the destination, or a
+    the first rows; the data go in with zarr, in blocks of whole chunks, each chunk file
+    checksummed as soon as its block is written (and, when built in place, settled to disk).
+    Use :meth:`staged`: the store is built in a local directory (beside the destination, or a
     temporary one for object storage) and published only when all ``n`` rows are in.
     """
 
