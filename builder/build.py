@@ -1,7 +1,8 @@
 """The atlas build: evaluate an encoder at every H3 cell centre and publish the results.
 
-Stages, each measured: enumerate (cells and centres of a shard), encode, write (Parquet),
-then per resolution zarr and index, then the manifest. Shards are independent; each is
+Stages, each measured: enumerate (cells and centres of a shard), encode, write (the shard's
+part file of format 2, see :mod:`catalog.blocks`), then per resolution the index (and the
+Zarr store when asked for), then the manifest. Shards are independent; each is
 written to a temporary name, renamed, and only then recorded as done under ``_build/``, so a
 build killed at any moment and started again with the same arguments redoes at most the
 shards in flight. The manifest is written last: until it exists the dataset is unfinished
@@ -39,7 +40,8 @@ from builder.grid import Shard, cell_centers, cell_count, parse_resolutions, pla
 from catalog import manifest as fmt
 from catalog.errors import AtlasBusyError, InvalidArgumentError
 from catalog.storage import LocalStore, Store, is_remote, open_store
-from catalog.tables import dequantize, embedding_array, write_parquet
+from catalog.blocks import block_rows, embedding_column, write_part
+from catalog.tables import dequantize
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -52,7 +54,6 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("float16", "float32", "int8")
 EXECUTORS = ("local", "ray")
-ROW_GROUP_CELLS = 8192  # small row groups let DuckDB prune a point lookup to ~one group
 PARQUET_WRITERS = max(1, (os.cpu_count() or 2) // 2)  # shard files written at once (pyarrow frees the GIL)
 ENCODE_CHUNK = 65536  # cells per encode call: the progress bar's granularity
 # Shards written in this process are kept in memory (up to this many bytes) until their
@@ -77,9 +78,17 @@ class BuildConfig:
     trust_checkpoint: bool = False
     executor: str = "local"
     ray_address: str | None = None
+    formats: tuple[str, ...] = ("parquet",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resolutions", parse_resolutions(self.resolutions))
+        formats = self.formats.split(",") if isinstance(self.formats, str) else list(self.formats)
+        formats = [f.strip().lower() for f in formats if f.strip()]
+        unknown = [f for f in formats if f not in fmt.FORMATS]
+        if unknown:
+            raise InvalidArgumentError(f"unknown format {unknown[0]!r}; choose from {', '.join(fmt.FORMATS)} "
+                                       "(parquet, the store itself, is always written)")
+        object.__setattr__(self, "formats", tuple(f for f in fmt.FORMATS if f in {"parquet", *formats}))
         remote = is_remote(os.fspath(self.output))
         object.__setattr__(self, "output", os.fspath(self.output).rstrip("/") if remote else Path(self.output))
         if self.executor not in EXECUTORS:
@@ -99,7 +108,7 @@ class BuildConfig:
         """What must match for a resumed build to continue the same work."""
         return {
             "model": self.model, "weights_sha256": provenance_sha256, "resolutions": list(self.resolutions),
-            "land_only": self.land_only, "precision": self.precision,
+            "land_only": self.land_only, "precision": self.precision, "formats": list(self.formats),
         }
 
 
@@ -283,6 +292,7 @@ def build(
     encoder: Encoder | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    formats: str | tuple[str, ...] = ("parquet",),
 ) -> BuildSummary:
     """Build (or resume) one model's dataset in an atlas directory.
 
@@ -312,6 +322,10 @@ def build(
     ray_address : str, optional
         The Ray cluster to join (``ray://host:10001``, ``host:6379`` or ``auto``); default:
         an already initialised Ray, else ``$RAY_ADDRESS``, else a new local instance.
+    formats : str or sequence of str
+        Faces to write besides the store: ``"zarr"`` adds a Zarr store per resolution that
+        ``xdggs.decode(xarray.open_zarr(...))`` reads (a second copy of the embeddings).
+        ``"parquet"`` is the store itself (plain Parquet), always written.
 
     Returns
     -------
@@ -332,7 +346,7 @@ def build(
     config = BuildConfig(
         model=model, resolutions=resolutions, output=output, checkpoint=checkpoint, land_only=land_only,
         device=device, precision=precision, batch_size=batch_size, overwrite=overwrite,
-        trust_checkpoint=trust_checkpoint, executor=executor, ray_address=ray_address,
+        trust_checkpoint=trust_checkpoint, executor=executor, ray_address=ray_address, formats=formats,
     )
     encoder_given = encoder is not None
     if encoder_given:
@@ -420,13 +434,13 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
 
     shards = plan_shards(config.resolutions)
     done_records = state.all_done()
-    present = set(dataset.files("parquet"))
+    present = set(dataset.files("data"))
     todo = [s for s in shards
-            if (r := done_records.get(_step_name(s))) is None or r["file"]["path"] not in present]
+            if (r := done_records.get(_step_name(s))) is None or not all(f["path"] in present for f in r["files"])]
     resumed = len(shards) - len(todo)
     land = _land_cells(config) if config.land_only else {}
     job = ShardJob(dataset, config.precision, quantizer.to_dict() if quantizer else None,
-                   _parquet_metadata(encoder, config.precision, quantizer))
+                   _parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats)
     if config.executor == "ray":
         from builder.executors import run_ray
 
@@ -442,12 +456,13 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     files: list[dict[str, Any]] = []
     done_records = state.all_done()
     for res in config.resolutions:
-        records = [done_records[_step_name(s)] for s in shards if s.res == res]
+        records = [r for s in shards if s.res == res and (r := done_records[_step_name(s)])["rows"]]
         cells[res] = sum(r["rows"] for r in records)
-        files += [r["file"] for r in records]
-        info = {"cells": cells[res], "shards": len(records), "parquet": [r["file"]["path"] for r in records]}
+        files += [f for r in records for f in r["files"]]
+        info = {"cells": cells[res], "block_rows": block_rows(encoder.dim, config.precision),
+                "parts": [{k: r[k] for k in ("path", "blocks", "rows", "first_cell", "last_cell")} for r in records]}
         # a resolution not streamed while its shards were written (Ray, resumed) is finished now
-        source = ShardSource(dataset, info["parquet"], cache, quantizer)
+        source = ShardSource(dataset, [r["path"] for r in records], cache, quantizer)
         with _finishing(res, cells[res], encoder, job, land.get(res), state, timer, source) as finish:
             if finish is not None:
                 with timer("read back"), _progress(progress, cells[res], f"finish res {res}") as bar:
@@ -455,8 +470,8 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
                         finish.add(table)
                         bar.update(table.num_rows)
         zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")
-        info["zarr"], info["index"] = fmt.zarr_relpath(res), index_done["index"]
-        files += zarr_done["files"] + [index_done["file"]]
+        info["zarr"], info["index"] = (fmt.zarr_relpath(res) if job.zarr else None), index_done["index"]
+        files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]
         res_info[str(res)] = info
 
     manifest = {
@@ -518,6 +533,7 @@ class ShardJob:
     precision: str
     quantization: dict[str, list[float]] | None
     metadata: dict[str, str]
+    zarr: bool = False  # also write the Zarr face
 
     def quantizer(self) -> Quantizer | None:
         return Quantizer(**self.quantization) if self.quantization else None
@@ -541,7 +557,7 @@ def _total_cells(todo: list[Shard], land: dict[int, NDArray[np.uint64]], state: 
 
 def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
                   land: dict[int, NDArray[np.uint64]] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
-    """One shard, start to finish: enumerate, encode, write its Parquet file.
+    """One shard, start to finish: enumerate, encode, write its part file.
 
     The unit of work of a distributed build (a Ray task runs exactly this). The file name
     depends only on the shard and is published atomically, so running a shard twice (a
@@ -550,7 +566,8 @@ def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
     Returns
     -------
     record : dict
-        The shard's done record: ``res``, ``rows`` and ``file`` (path, bytes, sha256).
+        The shard's done record: ``res``, ``rows``, ``path``, ``blocks``, ``first_cell``,
+        ``last_cell`` and ``files`` (path, bytes, sha256 of each; none for an empty shard).
     seconds : dict
         Seconds spent per stage (enumerate, encode, write).
     """
@@ -560,7 +577,7 @@ def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
     with timer("encode"):
         stored = _encode_stored(encoder, lat, lon, job.precision, job.quantizer())
     with timer("write"):
-        record = _write_shard(job.dataset, shard, _shard_table(cells, lat, lon, stored), job.metadata)
+        record = _write_shard(job.dataset, shard, cells, stored, job.metadata)
     return record, timer.seconds
 
 
@@ -577,16 +594,17 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
     by_res = {res: [s for s in todo if s.res == res] for res in sorted({s.res for s in todo}, reverse=True)}
     order = [shard for shards in by_res.values() for shard in shards]
 
-    def write_parquet(shard: Shard, table: pa.Table) -> None:
-        record = _write_shard(job.dataset, shard, table, job.metadata)
+    def write_one(shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any], table: pa.Table) -> None:
+        record = _write_shard(job.dataset, shard, cells, stored, job.metadata)
         state.mark(_step_name(shard), record)
-        cache.put(record["file"]["path"], table)
+        if record["rows"]:
+            cache.put(record["path"], table)
 
     def write_res(res: int, shards: list[Shard], feed: queue.Queue[Any]) -> None:
         # streamed only when this run writes every shard of the resolution, in cell order
         streamed = len(shards) == len(plan_shards([res]))
         n = len(land[res]) if res in land else cell_count(res)
-        source = ShardSource(job.dataset, [fmt.parquet_relpath(res, s.key) for s in shards], cache, quantizer)
+        source = ShardSource(job.dataset, [fmt.part_relpath(res, s.key) for s in shards], cache, quantizer)
         with (_finishing(res, n, encoder, job, land.get(res), state, timer, source) if streamed
               else contextlib.nullcontext()) as finish:
             written: list[Future[None]] = []  # Parquet files being written, oldest first
@@ -594,9 +612,9 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                 while (item := feed.get()) is not _END:
                     if item is _CANCEL:  # the encoder failed: unwind without publishing
                         raise _Cancelled
-                    shard, cells, lat, lon, stored = item
-                    table = _shard_table(cells, lat, lon, stored)
-                    written.append(parquet_pool.submit(_timed, timer, "write", write_parquet, shard, table))
+                    shard, cells, stored = item
+                    table = _shard_table(cells, stored)
+                    written.append(parquet_pool.submit(_timed, timer, "write", write_one, shard, cells, stored, table))
                     if finish is not None:
                         finish.add(table, stored)
                     # at most 2 x PARQUET_WRITERS files in flight; a failed write stops the resolution
@@ -626,7 +644,7 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                     with timer("encode"):
                         stored = _encode_stored(encoder, lat, lon, job.precision, quantizer, bar.update)
                     with timer("wait write"):
-                        _hand_over(writers[-1], (shard, cells, lat, lon, stored))
+                        _hand_over(writers[-1], (shard, cells, stored))
                     for _, earlier in writers[:-1]:  # one may still be publishing: stop at its error
                         if earlier.done():
                             earlier.result()
@@ -670,7 +688,7 @@ class _Finisher:
     def __init__(self, zarr_rows: ZarrRows | None, index: IndexBuilder | None, source: ShardSource,
                  timer: _Timer) -> None:
         self.zarr_rows, self.index, self.source, self.timer = zarr_rows, index, source, timer
-        self.columns = ("cell", "lat", "lon", "embedding") if zarr_rows is not None else ("cell", "embedding")
+        self.columns = ("cell", "embedding")
 
     def add(self, table: pa.Table, stored: NDArray[Any] | None = None) -> None:
         """Add a shard's rows; ``stored``: its embeddings as a writeable array, when at hand."""
@@ -693,7 +711,8 @@ def _finishing(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray[
     feeds each shard as it is written; otherwise the caller replays ``source``.
     """
     dataset = job.dataset
-    zarr_done = state.done(f"zarr-res={res}") is not None and dataset.exists(f"{fmt.zarr_relpath(res)}/.zmetadata")
+    zarr_done = not job.zarr or (state.done(f"zarr-res={res}") is not None
+                                 and dataset.exists(f"{fmt.zarr_relpath(res)}/.zmetadata"))
     index_done = state.done(f"index-res={res}") is not None and dataset.exists(fmt.index_relpath(res))
     if zarr_done and index_done:
         yield None
@@ -735,25 +754,24 @@ def _timed(timer: _Timer, stage: str, fn: Any, *args: Any) -> Any:
         return fn(*args)
 
 
-def _shard_table(cells: NDArray[np.uint64], lat: NDArray, lon: NDArray, stored: NDArray[Any]) -> pa.Table:
-    """A shard's rows as the Parquet files hold them (no copies of the arrays)."""
-    return pa.table({
-        "cell": pa.array(cells, pa.uint64()), "lat": pa.array(lat), "lon": pa.array(lon),
-        "embedding": embedding_array(stored),
-    })
+def _shard_table(cells: NDArray[np.uint64], stored: NDArray[Any]) -> pa.Table:
+    """A shard's rows as its part file holds them (no copies of the arrays)."""
+    return pa.table({"cell": pa.array(cells, pa.uint64()), "embedding": embedding_column(stored)})
 
 
-def _write_shard(dataset: Store, shard: Shard, table: pa.Table, metadata: dict[str, str]) -> dict[str, Any]:
-    """Write one shard's Parquet file (atomically, under its fixed name); returns its done record."""
-    rel = fmt.parquet_relpath(shard.res, shard.key)
-    with dataset.staged(rel) as tmp:
-        # Statistics where a filter can use them; min/max of every embedding value would
-        # cost ~15% of the write and prune nothing.
-        write_parquet(table, tmp, metadata={**metadata, "hexatlas.res": str(shard.res)},
-                      row_group_size=ROW_GROUP_CELLS, write_statistics=["cell", "lat", "lon"],
-                      use_dictionary=False)
-        record = fmt.file_record(Path(), rel, local=tmp)
-    return {"res": shard.res, "rows": table.num_rows, "file": record}
+def _write_shard(dataset: Store, shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any],
+                 metadata: dict[str, str]) -> dict[str, Any]:
+    """Write one shard's part file and block table (atomically, under fixed names); returns
+    its done record. A shard without cells (open ocean in a land-only build) writes nothing."""
+    part, blocks = fmt.part_relpath(shard.res, shard.key), fmt.blocks_relpath(shard.res, shard.key)
+    record: dict[str, Any] = {"res": shard.res, "rows": len(cells), "path": part, "blocks": blocks, "files": []}
+    if not len(cells):
+        return record
+    with dataset.staged(part) as tmp_part, dataset.staged(blocks) as tmp_blocks:
+        write_part(tmp_part, tmp_blocks, cells, stored, metadata={**metadata, "hexatlas.res": str(shard.res)})
+        record["files"] = [fmt.file_record(Path(), part, local=tmp_part),
+                           fmt.file_record(Path(), blocks, local=tmp_blocks)]
+    return {**record, "first_cell": int(cells[0]), "last_cell": int(cells[-1])}
 
 
 def _versions() -> dict[str, str]:

@@ -64,6 +64,9 @@ def configure_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--land-only", action="store_true", help="keep only cells that touch land")
     parser.add_argument("--precision", default="float16", choices=["float16", "float32", "int8"],
                         help="storage of the embeddings (default float16)")
+    parser.add_argument("--formats", default="parquet",
+                        help="faces to write, comma-separated: parquet (the store: plain Parquet, always written), "
+                             "zarr (adds a Zarr store per resolution for xarray/xdggs: a second copy)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this model (built beside it, swapped in when complete)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     parser.add_argument("--executor", default="local", choices=["local", "ray"],
@@ -82,6 +85,7 @@ def run_build(args: argparse.Namespace) -> int:
         land_only=args.land_only, device=args.device, precision=args.precision, batch_size=args.batch_size,
         overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
         progress=False if args.no_progress else None, executor=args.executor, ray_address=args.ray_address,
+        formats=args.formats,
     )
     print(f"built {summary}", file=sys.stderr)
     return 0

@@ -3,7 +3,7 @@
 The driver (the process that called :func:`builder.build`) plans the shards, submits one
 task per shard that is not done yet, and records each shard as done (``_build/done/``) as its
 result arrives; it then assembles the Zarr, the index and the manifest as a local build does.
-A task runs :func:`builder.build.process_shard`: it writes the shard's own Parquet file under
+A task runs :func:`builder.build.process_shard`: it writes the shard's own part file under
 a name fixed by the shard and returns the file's size and sha256.
 
 - Resources: one GPU per task when the cluster has GPUs (and the device is not ``cpu``),

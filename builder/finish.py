@@ -91,7 +91,7 @@ class ShardSource:
         self.dataset, self.parquet, self.cache, self.quantizer = dataset, parquet, cache, quantizer
         self._buffer: NDArray[np.float32] | None = None  # reused by unit_vectors
 
-    def tables(self, columns: tuple[str, ...] = ("cell", "lat", "lon", "embedding")) -> Iterator[pa.Table]:
+    def tables(self, columns: tuple[str, ...] = ("cell", "embedding")) -> Iterator[pa.Table]:
         import pyarrow.parquet as pq
 
         fs, root = self.dataset.filesystem()
@@ -229,9 +229,12 @@ class ZarrRows:
                     rows.files.append({**record, "path": f"{rel}/{key}"})
 
     def add(self, table: pa.Table) -> None:
+        from catalog.cells import cells_to_latlng
+
         values = embedding_matrix(table.column("embedding"))
-        columns = {"embedding": values, "cell_ids": table.column("cell").to_numpy(),
-                   "lat": table.column("lat").to_numpy(), "lon": table.column("lon").to_numpy()}
+        cells = table.column("cell").to_numpy()
+        lat, lon = cells_to_latlng(cells)  # the store does not keep the centres; xarray users want them
+        columns = {"embedding": values, "cell_ids": cells, "lat": lat, "lon": lon}
         if not self._arrays:
             self._arrays = _zarr_layout(self.path, self.res, self.n, values.shape[1], values.dtype, self.quantizer)
             self._block = {name: np.empty((min(self.n, ZARR_BLOCK_CELLS),) + col.shape[1:], col.dtype)

@@ -1,9 +1,11 @@
 """The H3 grid, split into independent shards.
 
-A shard is every cell of one resolution under one parent cell (or the whole resolution when
-it is small). Shards cover a resolution exactly once, can run in any order on any executor,
-and, because an H3 index sorts by base cell and then by its digits, each shard is one
-contiguous run of the resolution's cells in sorted order: the atlas is sorted by cell
+A shard is every cell of one resolution under a run of consecutive parent cells (or the
+whole resolution when it is small), grouped so that a shard holds up to about 7**7 cells:
+one part file of the atlas each, so files stay few and large (tens to hundreds of MB) at
+every resolution. Shards cover a resolution exactly once, can run in any order on any
+executor, and, because an H3 index sorts by base cell and then by its digits, each shard is
+one contiguous run of the resolution's cells in sorted order: the atlas is sorted by cell
 without a global sort.
 """
 
@@ -21,10 +23,11 @@ from catalog.errors import InvalidArgumentError, UnknownResolutionError
 __all__ = ["MAX_RES", "Shard", "cell_centers", "cell_count", "parse_resolutions", "plan_shards", "shard_cells"]
 
 MAX_RES = 15
-# Resolutions up to here are one shard; above, one shard per base cell, then per parent
-# SHARD_SPAN levels up, so that a shard holds at most 7**7 (~0.8M) cells.
+# Resolutions up to here are one shard; above, shards are runs of parents SHARD_SPAN levels up
+# (base cells, at least), as many consecutive parents as fit in SHARD_CELLS cells.
 SINGLE_SHARD_MAX_RES = 4
 SHARD_SPAN = 7
+SHARD_CELLS = 7**7
 
 
 def cell_count(res: int) -> int:
@@ -73,13 +76,15 @@ def parse_resolutions(spec: str | int | Iterable[int]) -> tuple[int, ...]:
 
 @dataclass(frozen=True, order=True)
 class Shard:
-    """All cells of resolution ``res`` under ``parent`` (an H3 cell at :func:`shard_resolution`).
+    """All cells of resolution ``res`` under ``count`` consecutive parents (H3 cells at
+    :func:`shard_resolution`, in sorted order) starting with ``parent``.
 
     ``parent`` is None for a one-shard resolution. ``key`` names the shard in file paths.
     """
 
     res: int
     parent: int | None = None
+    count: int = 1
 
     @property
     def key(self) -> str:
@@ -107,17 +112,44 @@ def plan_shards(resolutions: Iterable[int]) -> list[Shard]:
         if parent_res is None:
             shards.append(Shard(res))
             continue
-        parents = np.sort(np.concatenate([h3i.cell_to_children(c, parent_res) for c in h3i.get_res0_cells()]))
-        shards.extend(Shard(res, int(p)) for p in parents)
+        parents = _parents(parent_res)
+        group: list[int] = []
+        size = 0
+        for p in parents.tolist():
+            n = int(h3i.cell_to_children_size(p, res))
+            if group and size + n > SHARD_CELLS:
+                shards.append(Shard(res, group[0], len(group)))
+                group, size = [], 0
+            group.append(p)
+            size += n
+        shards.append(Shard(res, group[0], len(group)))
     return shards
+
+
+def _parents(parent_res: int) -> NDArray[np.uint64]:
+    import h3.api.numpy_int as h3i
+
+    return np.sort(np.concatenate([h3i.cell_to_children(c, parent_res) for c in h3i.get_res0_cells()]))
+
+
+def shard_parents(shard: Shard) -> list[int]:
+    """The parent cells a shard covers, in sorted order."""
+    import h3.api.numpy_int as h3i
+
+    if shard.parent is None:
+        return [int(c) for c in h3i.get_res0_cells()]
+    if shard.count == 1:
+        return [shard.parent]
+    parents = _parents(int(h3i.get_resolution(shard.parent)))
+    start = int(np.searchsorted(parents, np.uint64(shard.parent)))
+    return [int(p) for p in parents[start:start + shard.count]]
 
 
 def shard_cells(shard: Shard) -> NDArray[np.uint64]:
     """The shard's cells as sorted uint64 H3 indexes."""
     import h3.api.numpy_int as h3i
 
-    parents = h3i.get_res0_cells() if shard.parent is None else [np.uint64(shard.parent)]
-    cells = np.concatenate([h3i.cell_to_children(p, shard.res) for p in parents]).astype(np.uint64)
+    cells = np.concatenate([h3i.cell_to_children(p, shard.res) for p in shard_parents(shard)]).astype(np.uint64)
     cells.sort()
     return cells
 
@@ -128,7 +160,7 @@ def shard_size(shard: Shard) -> int:
 
     if shard.parent is None:
         return cell_count(shard.res)
-    return int(h3i.cell_to_children_size(np.uint64(shard.parent), shard.res))
+    return sum(int(h3i.cell_to_children_size(p, shard.res)) for p in shard_parents(shard))
 
 
 def cell_centers(cells: NDArray[np.uint64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:

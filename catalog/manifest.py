@@ -6,8 +6,9 @@ An atlas is a directory holding one dataset per model::
       <model>/
         manifest.json                       # written last: a dataset without it is unfinished
         collection.json                     # STAC Collection describing the dataset
-        parquet/res=<r>/shard=<key>/part-0.parquet
-        zarr/res=<r>.zarr/                  # xarray/xdggs: embedding(cell_ids, dim)
+        data/res=<r>/part-<key>.parquet      # the embeddings, once: plain Parquet read in place
+        data/res=<r>/part-<key>.blocks       # where each block's bytes are, with their CRC-32s
+        zarr/res=<r>.zarr/                  # opt-in (--formats zarr): xarray/xdggs embedding(cell_ids, dim)
         index/res=<r>.faiss                 # cosine index, ids = cells
         _build/                             # resume state while a build runs; removed at the end
 
@@ -23,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from catalog.blocks import read_block_table
 from catalog.errors import AtlasCorruptError, AtlasNotFoundError
 from catalog.provenance import sha256_file
 from catalog.storage import Store, open_store
@@ -42,7 +44,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "hexatlas"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMATS = ("parquet", "zarr")  # the faces a build can write; parquet (the store) always
 MANIFEST = "manifest.json"
 STAC = "collection.json"
 BUILD_DIR = "_build"
@@ -56,8 +59,12 @@ def dataset_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("._") or "model"
 
 
-def parquet_relpath(res: int, shard_key: str) -> str:
-    return f"parquet/res={res}/shard={shard_key}/part-0.parquet"
+def part_relpath(res: int, shard_key: str) -> str:
+    return f"data/res={res}/part-{shard_key}.parquet"
+
+
+def blocks_relpath(res: int, shard_key: str) -> str:
+    return f"data/res={res}/part-{shard_key}.blocks"
 
 
 def zarr_relpath(res: int) -> str:
@@ -119,6 +126,12 @@ def read_manifest(dataset_dir: str | Path | Store) -> dict[str, Any]:
         raise AtlasCorruptError(f"cannot read {where!r}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise AtlasCorruptError(f"{where!r} is not a hexatlas manifest")
+    if manifest.get("format_version") == 1:
+        raise AtlasCorruptError(
+            f"{where!r} is a format-1 atlas (three copies of the embeddings, read by decoding whole "
+            f"resolutions); this hexatlas reads format {FORMAT_VERSION}. Rebuild it with this version: "
+            "run the same 'hexatlas build' with --overwrite (its build arguments are in the manifest)"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise AtlasCorruptError(
             f"{where!r} has format version {manifest.get('format_version')!r}; this hexatlas reads "
@@ -160,15 +173,23 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
             problems.append(f"altered file (sha256 differs): {rel}")
     for res, info in manifest["resolutions"].items():
         rows = 0
-        for rel in info["parquet"]:
-            if rel in present:
+        for part in info["parts"]:
+            rel = part["path"]
+            if rel in present and part["blocks"] in present:
                 try:
                     with store.open_input(rel) as fh:
-                        rows += pq.ParquetFile(fh).metadata.num_rows
+                        in_file = pq.ParquetFile(fh).metadata.num_rows
+                    blocks = read_block_table(store.read_bytes(part["blocks"]), part["blocks"])
                 except Exception as exc:  # noqa: BLE001 - any unreadable file is a problem to report
-                    problems.append(f"unreadable Parquet file ({type(exc).__name__}): {rel}")
-        if rows != info["cells"] and not any(rel in p for p in problems for rel in info["parquet"]):
-            problems.append(f"resolution {res}: {rows} rows in Parquet, manifest says {info['cells']}")
+                    problems.append(f"unreadable part ({type(exc).__name__}): {rel}")
+                    continue
+                if in_file != part["rows"] or int(blocks["rows"].sum()) != part["rows"]:
+                    problems.append(f"{rel}: {in_file} rows, its block table {int(blocks['rows'].sum())}, "
+                                    f"the manifest {part['rows']}")
+                rows += in_file
+        paths = [p for part in info["parts"] for p in (part["path"], part["blocks"])]
+        if rows != info["cells"] and not any(rel in p for p in problems for rel in paths):
+            problems.append(f"resolution {res}: {rows} rows in its parts, manifest says {info['cells']}")
     return problems
 
 
@@ -178,13 +199,14 @@ def stac_collection(manifest: dict[str, Any]) -> dict[str, Any]:
     assets: dict[str, Any] = {}
     for res, info in sorted(manifest["resolutions"].items(), key=lambda kv: int(kv[0])):
         assets[f"parquet-res{res}"] = {
-            "href": f"./parquet/res={res}/", "type": "application/vnd.apache.parquet",
-            "title": f"Embeddings at H3 resolution {res} (hive-partitioned Parquet)", "roles": ["data"],
+            "href": f"./data/res={res}/", "type": "application/vnd.apache.parquet",
+            "title": f"Embeddings at H3 resolution {res} (Parquet, hive-partitioned by res)", "roles": ["data"],
         }
-        assets[f"zarr-res{res}"] = {
-            "href": f"./{info['zarr']}", "type": "application/vnd+zarr",
-            "title": f"Embeddings at H3 resolution {res} (Zarr, xdggs h3)", "roles": ["data"],
-        }
+        if info.get("zarr"):
+            assets[f"zarr-res{res}"] = {
+                "href": f"./{info['zarr']}", "type": "application/vnd+zarr",
+                "title": f"Embeddings at H3 resolution {res} (Zarr, xdggs h3)", "roles": ["data"],
+            }
         if info.get("index"):
             assets[f"index-res{res}"] = {
                 "href": f"./{info['index']['path']}", "type": "application/octet-stream",

@@ -94,10 +94,15 @@ def embedding_array(values: NDArray[Any]) -> pa.FixedSizeListArray:
 def embedding_matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> NDArray[Any]:
     """A fixed-size-list embedding column as a (n, dim) numpy array in its stored dtype.
 
-    The inverse of :func:`embedding_array`; rows must not be null.
+    The inverse of :func:`embedding_array`; rows must not be null. A fixed-size binary
+    column (format 2's int8 codes) gives int8.
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    if pa.types.is_fixed_size_binary(column.type):
+        dim = column.type.byte_width
+        data = np.frombuffer(column.buffers()[1], dtype=np.int8)
+        return data[column.offset * dim:(column.offset + len(column)) * dim].reshape(-1, dim)
     dim = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 

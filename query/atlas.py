@@ -1,26 +1,25 @@
 """Reading an atlas without PyTorch: lookups, joins, similar places and SQL.
 
-Embeddings of one resolution are served from a decoded copy in the user's cache
-(``$HEXATLAS_CACHE``, else ``~/.cache/hexatlas``): a sorted uint64 cell array and a
-(n, dim) matrix in the stored precision, memory-mapped. It is made once per dataset and
-resolution from the Parquet files (checked against the manifest's sha256) and makes a lookup
-a binary search plus a row read. The atlas itself is only ever read.
+Embeddings are read in place (:mod:`catalog.blocks`): opening reads the manifests only; a
+query reads the block table of each part it touches (a few KB) and then only the blocks
+(at most ~256 KB each) that hold its cells, each checked against its CRC-32 the first time
+this process reads it. Local parts are memory-mapped; parts in object storage
+(``query.open("s3://bucket/prefix")``) are read with range requests, and checked blocks
+are kept in a bounded cache. Nothing is decoded or copied up front, so memory follows the
+query, not the atlas. The atlas itself is only ever read.
 
-An atlas in object storage (``query.open("s3://bucket/prefix")``) is read through a local
-mirror in the same cache, ``remote/<manifest digest>/<dataset>/``: the manifests are read at
-open, and each file is downloaded the first time a query needs it (a resolution's Parquet
-files for a lookup, its index for ``similar``, all Parquet files for SQL), checked against
-the manifest's sha256. Keyed by the manifest's digest, a rebuilt atlas gets a fresh mirror
-and an unchanged one is never downloaded twice.
+Two things are still fetched whole from object storage, into a mirror in the user's cache
+(``$HEXATLAS_CACHE``, else ``~/.cache/hexatlas``, under ``remote/<manifest digest>/``) and
+checked against the manifest's sha256: a resolution's FAISS index for ``similar``, and the
+part files for the SQL view (DuckDB reads local files; its httpfs extension cannot be
+installed offline).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,10 @@ from catalog.errors import (
     UnknownEncoderError,
     UnknownResolutionError,
 )
+from catalog.blocks import ResolutionReader, part_infos
 from catalog.manifest import BUILD_DIR, MANIFEST, list_datasets, read_manifest
-from catalog.storage import Store, is_remote, open_store
-from catalog.tables import coordinate_columns, dequantize, embedding_array, embedding_matrix, read_points
+from catalog.storage import LocalStore, Store, is_remote, open_store
+from catalog.tables import coordinate_columns, dequantize, embedding_array, read_points
 
 __all__ = ["Atlas", "open_atlas"]
 
@@ -52,8 +52,7 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
     """Open an atlas directory (one dataset per model) or a single dataset directory.
 
     ``path`` may also be an ``s3://bucket/prefix`` (credentials and endpoint from the
-    standard AWS environment variables); its files are downloaded into ``$HEXATLAS_CACHE``
-    as queries need them.
+    standard AWS environment variables), read in place with range requests.
 
     Raises
     ------
@@ -80,7 +79,7 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
             raise AtlasCorruptError(f"{str(root)!r} holds no finished hexatlas dataset{hint}")
     else:
         raise AtlasNotFoundError(f"{str(root)!r} is not an atlas directory")
-    return Atlas({d.name: (d, read_manifest(d)) for d in dirs})
+    return Atlas({d.name: (LocalStore(d), read_manifest(d)) for d in dirs})
 
 
 def _open_remote(store: Store) -> Atlas:
@@ -93,65 +92,67 @@ def _open_remote(store: Store) -> Atlas:
             hint = (f"; unfinished builds: {', '.join(unfinished)} (run the same 'hexatlas build' again to resume)"
                     if unfinished else "")
             raise AtlasCorruptError(f"{str(store)!r} holds no finished hexatlas dataset{hint}")
-    datasets, remote = {}, {}
+    datasets, mirrors = {}, {}
     for dataset in stores:
         raw = dataset.read_bytes(MANIFEST)
         manifest = read_manifest(dataset)
-        mirror = _cache_dir() / "remote" / hashlib.sha256(raw).hexdigest()[:24] / dataset.name
-        if not (mirror / MANIFEST).is_file():
-            from catalog.tables import atomic_path
-
-            with atomic_path(mirror / MANIFEST) as tmp:
-                tmp.write_bytes(raw)
-        datasets[dataset.name] = (mirror, manifest)
-        remote[dataset.name] = dataset
-    return Atlas(datasets, remote=remote)
+        datasets[dataset.name] = (dataset, manifest)
+        mirrors[dataset.name] = _cache_dir() / "remote" / hashlib.sha256(raw).hexdigest()[:24] / dataset.name
+    return Atlas(datasets, mirrors=mirrors)
 
 
-@dataclass(frozen=True)
 class _Resolution:
-    """One resolution of one dataset, decoded: sorted cells and their embeddings."""
+    """One resolution of one dataset, read in place; vectors come back as float32."""
 
-    cells: NDArray[np.uint64]
-    values: NDArray[Any]  # (n, dim): float16, float32 or int8 as stored
-    scale: NDArray[np.float32] | None
-    offset: NDArray[np.float32] | None
+    def __init__(self, store: Store, manifest: dict[str, Any], res: int) -> None:
+        info = manifest["resolutions"][str(res)]
+        files = {rec["path"]: rec for rec in manifest["files"]}
+        self.dim = int(manifest["provenance"]["dim"])
+        self.cells_count = int(info["cells"])
+        self.reader = ResolutionReader(store, part_infos(info, files), self.dim, manifest["precision"], str(store))
+        quant = manifest.get("quantization")
+        self.scale = np.asarray(quant["scale"], np.float32) if quant else None
+        self.offset = np.asarray(quant["offset"], np.float32) if quant else None
 
-    def rows(self, cells: NDArray[np.uint64]) -> NDArray[np.int64]:
-        """Row of each cell, -1 where the atlas does not hold it."""
-        # Sorted keys make searchsorted walk the table once instead of jumping around it.
-        order = np.argsort(cells, kind="stable")
-        pos = np.empty(len(cells), dtype=np.int64)
-        pos[order] = np.searchsorted(self.cells, cells[order])
-        pos_c = np.minimum(pos, len(self.cells) - 1)
-        return np.where(self.cells[pos_c] == cells, pos_c, -1)
-
-    def vectors(self, rows: NDArray[np.int64]) -> NDArray[np.float32]:
+    def vectors(self, cells: NDArray[np.uint64]) -> NDArray[np.float32]:
+        """(n, dim) float32 embeddings of ``cells``; rows of cells the atlas lacks are NaN."""
+        out = np.full((len(cells), self.dim), np.nan, dtype=np.float32)
+        decode = None
         if self.scale is not None:
-            return dequantize(self.values[rows], self.scale, self.offset)
-        return np.asarray(self.values[rows], dtype=np.float32)
+            def decode(stored: NDArray[Any], dest: NDArray[np.intp]) -> None:
+                out[dest] = dequantize(stored, self.scale, self.offset)
+        self.reader.gather(cells, out, decode)
+        return out
+
+    def scan(self) -> tuple[NDArray[np.uint64], NDArray[np.float32]]:
+        """Every cell of the resolution and its embedding (only for small resolutions)."""
+        cells, stored = self.reader.scan()
+        if self.scale is not None:
+            return cells, dequantize(stored, self.scale, self.offset)
+        return cells, stored.astype(np.float32)
 
 
 class Atlas:
     """An opened atlas: use :func:`query.open`. Every method is read-only and thread-safe."""
 
-    def __init__(self, datasets: dict[str, tuple[Path, dict[str, Any]]],
-                 remote: dict[str, Store] | None = None) -> None:
+    def __init__(self, datasets: dict[str, tuple[Store, dict[str, Any]]],
+                 mirrors: dict[str, Path] | None = None) -> None:
         self._datasets = datasets
-        self._remote = remote or {}  # dataset name -> its object store, when the paths are local mirrors
+        self._mirrors = mirrors or {}  # remote dataset name -> local folder of the files fetched whole
         self._loaded: dict[tuple[str, int], _Resolution] = {}
         self._indexes: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
         self._fetch_lock = threading.Lock()
 
-    def _fetch(self, name: str, rels: list[str]) -> None:
-        """Download the files a query needs into a remote dataset's mirror, checking their sha256."""
-        store = self._remote.get(name)
-        if store is None:
-            return
+    def _local(self, name: str, rels: list[str]) -> Path:
+        """The local folder holding the files ``rels`` of a dataset: the dataset itself, or (for
+        one in object storage) its mirror, where missing files are downloaded and checked first."""
+        store, manifest = self._datasets[name]
+        if isinstance(store, LocalStore):
+            return store.root
         from catalog.provenance import sha256_file
 
-        mirror, manifest = self._datasets[name]
+        mirror = self._mirrors[name]
         digests = {rec["path"]: rec["sha256"] for rec in manifest["files"]}
         with self._fetch_lock:
             for rel in rels:
@@ -166,6 +167,7 @@ class Atlas:
                         f"{store}/{rel} does not match the sha256 in its manifest; run 'hexatlas validate {store}'"
                     )
                 os.replace(tmp, dest)
+        return mirror
 
     # ----------------------------------------------------------------- description
     @property
@@ -183,12 +185,13 @@ class Atlas:
     def info(self) -> dict[str, Any]:
         """A plain-JSON summary: per model its provenance, precision and per-resolution counts."""
         out = {}
-        for name, (path, manifest) in sorted(self._datasets.items()):
+        for name, (store, manifest) in sorted(self._datasets.items()):
             out[name] = {
-                "path": str(self._remote.get(name, path)), "model": manifest["provenance"]["model"], "dim": manifest["provenance"]["dim"],
+                "path": str(store), "format_version": manifest["format_version"], "model": manifest["provenance"]["model"], "dim": manifest["provenance"]["dim"],
                 "precision": manifest["precision"], "created": manifest["created"],
                 "land_only": manifest["build"]["land_only"],
-                "resolutions": {r: {"cells": i["cells"], "index": i["index"]["type"],
+                "resolutions": {r: {"cells": i["cells"], "parts": len(i["parts"]), "zarr": i.get("zarr"),
+                                    "index": i["index"]["type"],
                                     "recall_at_10": i["index"]["recall_at_10"]}
                                 for r, i in sorted(manifest["resolutions"].items(), key=lambda kv: int(kv[0]))},
                 "provenance": manifest["provenance"],
@@ -230,8 +233,7 @@ class Atlas:
         key = (name, res)
         with self._lock:
             if key not in self._loaded:
-                self._fetch(name, self._manifest(name)["resolutions"][str(res)]["parquet"])
-                self._loaded[key] = _decoded(*self._datasets[name], res)
+                self._loaded[key] = _Resolution(*self._datasets[name], res)
             return self._loaded[key]
 
     def _embed(self, lat: NDArray[np.float64], lon: NDArray[np.float64], res: int, model: str | None,
@@ -240,10 +242,7 @@ class Atlas:
         data = self._data(model, res)
         cells = latlng_to_cells(lat, lon, res)
         if not interpolate:
-            rows = data.rows(cells)
-            out = data.vectors(np.maximum(rows, 0))
-            out[rows < 0] = np.nan
-            return cells, out
+            return cells, data.vectors(cells)
         return cells, _interpolate(data, lat, lon, cells)
 
     def lookup(self, lat: ArrayLike, lon: ArrayLike, *, res: int | None = None, model: str | None = None,
@@ -317,13 +316,11 @@ class Atlas:
         from catalog.vector_index import require_faiss
 
         name = self._name(model)
-        path, manifest = self._datasets[name]
-        info = manifest["resolutions"][str(res)]["index"]
+        info = self._manifest(name)["resolutions"][str(res)]["index"]
         with self._lock:
             if (name, res) not in self._indexes:
                 faiss = require_faiss()
-                self._fetch(name, [info["path"]])
-                index = faiss.read_index(str(path / info["path"]))
+                index = faiss.read_index(str(self._local(name, [info["path"]]) / info["path"]))
                 if not info["exact"]:
                     faiss.extract_index_ivf(index).nprobe = info["nprobe"]
                 self._indexes[(name, res)] = index
@@ -362,10 +359,9 @@ class Atlas:
                 raise InvalidArgumentError(f"vector must hold {self.dim(model)} finite numbers, got shape {query.shape[1:]}")
         elif cell is not None:
             cid = hex_to_cell(cell)
-            row = data.rows(np.array([cid], dtype=np.uint64))[0]
-            if row < 0:
+            query = data.vectors(np.array([cid], dtype=np.uint64))
+            if np.isnan(query[0, 0]):
                 raise InvalidArgumentError(f"cell {cid:x} is not in this atlas at resolution {res}")
-            query = data.vectors(np.array([row]))
             origin = tuple(x[0] for x in cells_to_latlng(np.array([cid], dtype=np.uint64)))
         else:
             if lat is None or lon is None:
@@ -380,7 +376,11 @@ class Atlas:
         index, info = self._index(model, res)
 
         def exact(ids: NDArray[np.int64]) -> NDArray[np.float32]:
-            return normalize(data.vectors(data.rows(ids.astype(np.uint64))))
+            vectors = data.vectors(ids.astype(np.uint64))
+            if np.isnan(vectors[:, 0]).any():
+                raise AtlasCorruptError(f"the index of resolution {res} names cells its embeddings lack; "
+                                        f"run 'hexatlas validate {self._datasets[self._name(model)][0]}'")
+            return normalize(vectors)
 
         # One query split over OpenMP threads runs 2-2.5x slower than on one thread (measured on
         # 2 cores, flat and IVF). The setting is per calling thread, so it is restored here and
@@ -414,8 +414,8 @@ class Atlas:
 
     def _parquet_glob(self, name: str) -> str:
         manifest = self._datasets[name][1]
-        self._fetch(name, [rel for info in manifest["resolutions"].values() for rel in info["parquet"]])
-        return str(self._datasets[name][0] / "parquet" / "res=*" / "shard=*" / "*.parquet")
+        root = self._local(name, [p["path"] for info in manifest["resolutions"].values() for p in info["parts"]])
+        return str(root / "data" / "res=*" / "part-*.parquet")
 
 
 def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> None:
@@ -471,7 +471,10 @@ def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.fl
     for i, c in enumerate(cells.tolist()):
         disk = h3i.grid_disk(c, 1)  # 7 cells; 6 around a pentagon (the 7th repeats, masked below)
         disks[i, : len(disk)], disks[i, len(disk):] = disk, disk[0]
-    rows = data.rows(disks.ravel()).reshape(n, 7)
+    unique, inverse = np.unique(disks.ravel(), return_inverse=True)
+    stored = data.vectors(unique)  # neighbouring points share cells: each is read once
+    held = ~np.isnan(stored[:, 0])
+    rows = np.where(held[inverse], inverse, -1).reshape(n, 7)
     c_lat, c_lon = cells_to_latlng(disks.ravel())
     dist = _haversine_km(c_lat.reshape(n, 7), c_lon.reshape(n, 7), lat[:, None], lon[:, None])
     duplicate = np.zeros((n, 7), dtype=bool)
@@ -484,7 +487,7 @@ def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.fl
     weights[d3[:, 0] < 1e-6] = [1.0, 0.0, 0.0]
     total = weights.sum(axis=1, keepdims=True)
     weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-    vecs = data.vectors(np.maximum(r3, 0).ravel()).reshape(n, 3, -1)
+    vecs = stored[np.maximum(r3, 0).ravel()].reshape(n, 3, -1)
     out = np.einsum("nk,nkd->nd", weights, vecs).astype(np.float32)
     out[total[:, 0] == 0] = np.nan
     return out
@@ -494,7 +497,7 @@ def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32
                      data: _Resolution, bbox: Any, exclude_km: float | None, origin: Any) -> pa.Table:
     from catalog.vector_index import reranked_search
 
-    n = len(data.cells)
+    n = data.cells_count
     fetch = k
     while True:
         scores, ids = reranked_search(index, query, min(fetch, n), exact, rerank=info["rerank"])
@@ -516,37 +519,3 @@ def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("HEXATLAS_CACHE") or Path.home() / ".cache" / "hexatlas")
-
-
-def _decoded(path: Path, manifest: dict[str, Any], res: int) -> _Resolution:
-    """Memory-map (making it first if needed) the decoded copy of one resolution."""
-    import pyarrow.parquet as pq
-
-    info = manifest["resolutions"][str(res)]
-    digests = {rec["path"]: rec["sha256"] for rec in manifest["files"]}
-    key = hashlib.sha256(json.dumps([digests.get(p) for p in info["parquet"]]).encode()).hexdigest()[:24]
-    cache = _cache_dir() / key
-    quant = manifest.get("quantization")
-    scale = np.asarray(quant["scale"], np.float32) if quant else None
-    offset = np.asarray(quant["offset"], np.float32) if quant else None
-    if not (cache / "done").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tables = []
-        for rel in info["parquet"]:
-            if not (path / rel).is_file():
-                raise AtlasCorruptError(f"{path / rel} is missing; run 'hexatlas validate {path.parent}'")
-            tables.append(pq.read_table(path / rel, columns=["cell", "embedding"]))
-        table = pa.concat_tables(tables)
-        if table.num_rows != info["cells"]:
-            raise AtlasCorruptError(f"resolution {res} of {path} has {table.num_rows} rows, manifest says {info['cells']}")
-        values = embedding_matrix(table.column("embedding"))
-        tmp = cache / f".tmp-{os.getpid()}-{threading.get_ident()}"
-        tmp.mkdir(exist_ok=True)
-        np.save(tmp / "cells.npy", table.column("cell").to_numpy())
-        np.save(tmp / "values.npy", values)
-        for name in ("cells.npy", "values.npy"):
-            os.replace(tmp / name, cache / name)
-        tmp.rmdir()
-        (cache / "done").write_text(str(path))
-    return _Resolution(np.load(cache / "cells.npy", mmap_mode="r"), np.load(cache / "values.npy", mmap_mode="r"),
-                       scale, offset)

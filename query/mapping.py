@@ -82,9 +82,8 @@ def map_layer(atlas: Any, res: int | None = None, model: str | None = None) -> M
         hint = f"; choose a coarser one: {', '.join(map(str, coarser))}" if coarser else ""
         raise InvalidArgumentError(f"resolution {res} has {counts[res]:,} cells, more than a map shows "
                                    f"({MAX_MAP_CELLS:,}){hint}")
-    data = atlas._data(name, res)
-    cells = np.asarray(data.cells)
-    rgb, explained = principal_colors(data.vectors(np.arange(len(cells))))
+    cells, vectors = atlas._data(name, res).scan()
+    rgb, explained = principal_colors(vectors)
     return MapLayer(name, res, cells, rgb, explained)
 
 

@@ -30,21 +30,28 @@ def _to_numpy(arr: pa.Array) -> np.ndarray:
 
 
 def _latlng_to_cell(lat: pa.Array, lng: pa.Array, res: pa.Array) -> pa.Array:
-    import h3.api.numpy_int as h3i
+    from catalog.cells import latlng_to_cells
 
-    lat_n, lng_n, res_n = _to_numpy(lat.cast(pa.float64())), _to_numpy(lng.cast(pa.float64())), _to_numpy(res)
+    lat_n, lng_n = _to_numpy(lat.cast(pa.float64())), _to_numpy(lng.cast(pa.float64()))
+    res_n = _to_numpy(res.cast(pa.int64()).fill_null(-1))
     out = np.zeros(len(lat_n), dtype=np.uint64)
-    valid = np.isfinite(lat_n) & np.isfinite(lng_n) & (np.abs(lat_n) <= 90) & (np.abs(lng_n) <= 180)
-    for i in np.flatnonzero(valid):
-        out[i] = h3i.latlng_to_cell(lat_n[i], lng_n[i], int(res_n[i]))
+    valid = (np.isfinite(lat_n) & np.isfinite(lng_n) & (np.abs(lat_n) <= 90) & (np.abs(lng_n) <= 180)
+             & (res_n >= 0) & (res_n <= 15))
+    for r in np.unique(res_n[valid]).tolist():  # one vectorised call per resolution, not per row
+        rows = valid & (res_n == r)
+        out[rows] = latlng_to_cells(lat_n[rows], lng_n[rows], r)
     return pa.array(out, pa.uint64(), mask=~valid)
 
 
 def _cell_to_latlng(cell: pa.Array, which: int) -> pa.Array:
-    import h3.api.numpy_int as h3i
+    from catalog.cells import cells_to_latlng
 
     values = _to_numpy(cell.cast(pa.uint64()).fill_null(0))
-    return pa.array([h3i.cell_to_latlng(c)[which] if c else None for c in values.tolist()], pa.float64())
+    valid = values != 0
+    out = np.zeros(len(values), dtype=np.float64)
+    if valid.any():
+        out[valid] = cells_to_latlng(values[valid])[which]
+    return pa.array(out, pa.float64(), mask=~valid)
 
 
 def _cell_to_parent(cell: pa.Array, res: pa.Array) -> pa.Array:
@@ -59,6 +66,31 @@ def _cell_to_resolution(cell: pa.Array) -> pa.Array:
     # The resolution sits in bits 52-55 of an H3 index.
     values = _to_numpy(cell.cast(pa.uint64()).fill_null(0))
     return pa.array(((values >> np.uint64(52)) & np.uint64(15)).astype(np.int32), mask=_to_numpy(cell.is_null()))
+
+
+def _embedding_function(atlas: Atlas) -> Any:
+    """``hexatlas_embedding(lat, lon, res, model)`` over one Arrow chunk: the in-place lookup."""
+
+    def embed(lat: pa.Array, lon: pa.Array, res: pa.Array, model: pa.Array) -> pa.Array:
+        lat_n, lon_n = _to_numpy(lat.cast(pa.float64())), _to_numpy(lon.cast(pa.float64()))
+        res_n = _to_numpy(res.cast(pa.int64()).fill_null(-1))
+        models = model.cast(pa.string()).fill_null("").to_pylist() if len(set(model.to_pylist())) > 1 else None
+        names = [model[0].as_py() or None] if models is None else sorted(set(models))
+        dim = max(atlas.dim(m) for m in names) if names else 0
+        out = np.full((len(lat_n), dim), np.nan, dtype=np.float32)
+        for name in names:
+            rows = np.ones(len(lat_n), bool) if models is None else np.array([m == (name or "") for m in models])
+            if atlas.dim(name) != dim:
+                raise InvalidArgumentError("hexatlas_embedding: one call mixes models of different dimensions")
+            for r in np.unique(res_n[rows]).tolist():
+                sel = rows & (res_n == r)
+                out[sel] = atlas.lookup(lat_n[sel], lon_n[sel], res=int(r), model=name, on_invalid="null")
+        missing = np.isnan(out[:, 0]) if dim else np.ones(len(lat_n), bool)
+        offsets = pa.array(np.arange(0, (len(lat_n) + 1) * dim, dim, dtype=np.int32) if dim
+                           else np.zeros(len(lat_n) + 1, np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(out.reshape(-1)), mask=pa.array(missing))
+
+    return embed
 
 
 def _register_functions(con: Any) -> None:
@@ -87,20 +119,53 @@ def connect(atlas: Atlas) -> Any:
     """A read-only-by-convention DuckDB connection over an atlas (see :meth:`Atlas.connect`)."""
     import duckdb
 
+    try:
+        from duckdb.sqltypes import DOUBLE, FLOAT, INTEGER, VARCHAR
+    except ImportError:  # duckdb < 1.4
+        from duckdb.typing import DOUBLE, FLOAT, INTEGER, VARCHAR
+
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")
     _register_functions(con)
+    con.create_function("_hexatlas_embedding", _embedding_function(atlas), [DOUBLE, DOUBLE, INTEGER, VARCHAR],
+                        duckdb.list_type(FLOAT), type="arrow", null_handling="special")
+    # a macro gives the function its two forms (Python UDFs cannot be overloaded)
+    con.execute("CREATE MACRO hexatlas_embedding(lat, lon, res) AS _hexatlas_embedding(lat, lon, res, NULL), "
+                "(lat, lon, res, model) AS _hexatlas_embedding(lat, lon, res, model)")
     for i, name in enumerate(atlas.models):
         view = "embeddings_" + re.sub(r"\W", "_", name)
         glob = atlas._parquet_glob(name).replace("'", "''")
+        embedding = "CAST(embedding AS FLOAT[])"
+        quant = atlas._manifest(name).get("quantization")
+        if quant:  # int8 codes (a fixed-size binary per row) back to values, as the Python API does
+            function = f"_hexatlas_dequantize_{i}"
+            con.create_function(function, _dequantizer(quant), [duckdb.sqltype("BLOB")], duckdb.list_type(FLOAT),
+                                type="arrow", null_handling="special")
+            embedding = f"{function}(embedding)"
         con.execute(
-            f"CREATE VIEW {view} AS SELECT cell, CAST(res AS INTEGER) AS res, lat, lon, "
-            f"CAST(embedding AS FLOAT[]) AS embedding "
+            f"CREATE VIEW {view} AS SELECT cell, CAST(res AS INTEGER) AS res, h3_cell_to_lat(cell) AS lat, "
+            f"h3_cell_to_lng(cell) AS lon, {embedding} AS embedding "
             f"FROM read_parquet('{glob}', hive_partitioning = true)"
         )
         if i == 0:
             con.execute(f"CREATE VIEW embeddings AS SELECT * FROM {view}")
     return con
+
+
+def _dequantizer(quant: dict[str, list[float]]) -> Any:
+    from catalog.tables import dequantize
+
+    scale, offset = np.asarray(quant["scale"], np.float32), np.asarray(quant["offset"], np.float32)
+
+    def decode(codes: pa.Array) -> pa.Array:
+        dim = len(scale)
+        valid = _to_numpy(codes.is_valid())
+        raw = b"".join(v if v is not None else bytes(dim) for v in codes.to_pylist())
+        values = dequantize(np.frombuffer(raw, np.int8).reshape(-1, dim), scale, offset)
+        offsets = pa.array(np.arange(0, (len(codes) + 1) * dim, dim, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)), mask=pa.array(~valid))
+
+    return decode
 
 
 def run_sql(con: Any, text: str) -> pa.Table:

@@ -1,0 +1,365 @@
+"""Format 2's embedding store: plain Parquet files that are also read in place, block by block.
+
+Each part file holds a run of one resolution's cells, sorted, as a Parquet file with two
+columns, ``cell`` (uint64, with min/max statistics) and ``embedding`` (a fixed-size list of
+float16/float32, or for int8 a fixed-size binary of ``dim`` bytes). It is written
+uncompressed, PLAIN-encoded, without dictionaries, one data page per column chunk, in row
+groups of :func:`block_rows` cells (about 256 KB of embeddings), so each row group's cell
+ids and embeddings are two contiguous runs of raw little-endian values at the end of their
+column chunks. Beside it, ``<part>.blocks`` (a ``.npy`` of :data:`BLOCK_DTYPE`, one row per
+row group) records where those runs are and a CRC-32 of each.
+
+So the same bytes serve two readers. DuckDB, Polars, Spark and pyarrow read the files as
+ordinary Parquet (row groups pruned by the cell statistics). hexatlas reads them in place:
+a point lookup finds its part from the manifest, its block from the part's block table (a
+few KB, the only per-part state it keeps), and reads just that block's two runs, checking
+their CRCs; locally through a memory map, remotely with two range requests.
+(zstd shrinks float16 embeddings by ~7%, not worth losing in-place reads.)
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from catalog.errors import AtlasCorruptError
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from catalog.storage import Store
+
+__all__ = ["BLOCK_BYTES", "BLOCK_DTYPE", "Part", "ResolutionReader", "block_rows", "embedding_column",
+           "write_part"]
+
+BLOCK_BYTES = 256 * 1024  # embedding bytes per block: what one point lookup reads at most
+MAX_BLOCK_ROWS = 4096  # cells per block at most (tiny embeddings would make the cell run dominate)
+BLOCK_DTYPE = np.dtype([
+    ("first_cell", "<u8"), ("last_cell", "<u8"), ("rows", "<u8"),
+    ("cells_offset", "<u8"), ("values_offset", "<u8"), ("cells_crc", "<u4"), ("values_crc", "<u4"),
+])
+STORED_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
+# A call that touched more of a memory-mapped part than this drops the part's pages from the
+# process (they stay in the page cache): memory follows the query, not the atlas.
+RELEASE_BYTES = 64 << 20
+
+
+def block_rows(dim: int, precision: str) -> int:
+    """Cells per block for embeddings of ``dim`` values stored as ``precision``: a power of two
+    with at most :data:`BLOCK_BYTES` of embeddings (and at most :data:`MAX_BLOCK_ROWS`)."""
+    row = dim * STORED_DTYPES[precision].itemsize
+    return int(min(MAX_BLOCK_ROWS, 1 << max(0, (BLOCK_BYTES // row).bit_length() - 1)))
+
+
+def embedding_column(values: NDArray[Any]) -> pa.Array:
+    """A (n, dim) stored matrix as the part files' ``embedding`` column, without copying.
+
+    Floats are a fixed-size list; int8 a fixed-size binary of ``dim`` bytes, because Parquet
+    would widen each int8 to a 4-byte INT32 and the runs would no longer be the raw codes.
+    """
+    values = np.ascontiguousarray(values)
+    n, dim = values.shape
+    if values.dtype == np.int8:
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim), n, [None, pa.py_buffer(values)])
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+
+
+def write_part(path: Path, blocks_path: Path, cells: NDArray[np.uint64], values: NDArray[Any], *,
+               metadata: dict[str, str]) -> NDArray[Any]:
+    """Write one part file and its block table (both to the local paths given).
+
+    The byte runs are located from the Parquet footer, then checked against ``cells`` and
+    ``values`` as read back from the file, and their CRC-32s taken from those bytes: what
+    the table records is what the file holds. Returns the block table.
+    """
+    import pyarrow.parquet as pq
+
+    n, dim = values.shape
+    precision = next(k for k, v in STORED_DTYPES.items() if v == values.dtype.newbyteorder("<"))
+    rows = block_rows(dim, precision)
+    table = pa.table({"cell": pa.array(cells, pa.uint64()), "embedding": embedding_column(values)})
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+    pq.write_table(table, path, row_group_size=rows, compression="none", use_dictionary=False,
+                   write_statistics=["cell"], data_page_size=4 * rows * dim * values.itemsize + (1 << 16))
+    meta = pq.read_metadata(path)
+    blocks = np.zeros(meta.num_row_groups, BLOCK_DTYPE)
+    cell_bytes, value_bytes = np.dtype("<u8").itemsize, dim * values.itemsize
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        start = 0
+        for i in range(meta.num_row_groups):
+            group = meta.row_group(i)
+            count = group.num_rows
+            stop = start + count
+            ends = [group.column(j).data_page_offset + group.column(j).total_compressed_size for j in (0, 1)]
+            c_off, v_off = ends[0] - count * cell_bytes, ends[1] - count * value_bytes
+            c_run, v_run = mm[c_off:ends[0]], mm[v_off:ends[1]]
+            if c_run != cells[start:stop].astype("<u8").tobytes() or v_run != values[start:stop].tobytes():
+                raise AtlasCorruptError(
+                    f"{path}: row group {i} is not laid out as format 2 expects (this pyarrow "
+                    f"{pa.__version__} split or encoded its pages); report it with the pyarrow version"
+                )
+            blocks[i] = (cells[start], cells[stop - 1], count, c_off, v_off, zlib.crc32(c_run), zlib.crc32(v_run))
+            start = stop
+    if start != n:
+        raise AtlasCorruptError(f"{path} holds {start} rows, expected {n}")
+    with open(blocks_path, "wb") as fh:
+        np.save(fh, blocks, allow_pickle=False)
+    return blocks
+
+
+def read_block_table(data: bytes, where: str) -> NDArray[Any]:
+    """Parse a ``.blocks`` file's bytes (already checked against the manifest)."""
+    try:
+        blocks = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise AtlasCorruptError(f"{where} is not a block table ({exc}); run 'hexatlas validate'") from None
+    if blocks.dtype != BLOCK_DTYPE or blocks.ndim != 1:
+        raise AtlasCorruptError(f"{where} is not a format-2 block table; run 'hexatlas validate'")
+    return blocks
+
+
+class _LocalBytes:
+    """A local part file, memory-mapped read-only; runs are views into the map."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as fh:
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.size = len(self._map)
+        self.view = memoryview(self._map)
+
+    def read(self, offset: int, size: int) -> memoryview:
+        return self.view[offset:offset + size]
+
+    def release(self) -> None:
+        """Drop this file's pages from the process (the page cache keeps them)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+
+class _RemoteBytes:
+    """A part file in object storage, read by range requests."""
+
+    def __init__(self, store: Store, rel: str) -> None:
+        self.store, self.rel = store, rel
+        self._file = store.open_input(rel)
+        self.size = self._file.size()
+
+    def read(self, offset: int, size: int) -> bytes:
+        data = self._file.read_at(size, offset)
+        return data.to_pybytes() if hasattr(data, "to_pybytes") else bytes(data)
+
+    def release(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """A part as the manifest lists it."""
+
+    path: str
+    blocks: str
+    rows: int
+    first_cell: int
+    last_cell: int
+    bytes: int
+    blocks_sha256: str
+
+
+class Part:
+    """One part file opened for in-place reads: its block table in memory, blocks read on demand.
+
+    Each block's two runs are checked against their CRC-32s the first time this process
+    reads them (later reads of a local block trust the check; remote blocks are cached
+    only once checked). A mismatch, a file of the wrong size or a missing file is an
+    :class:`AtlasCorruptError` naming the file and what to do.
+    """
+
+    def __init__(self, store: Store, info: PartInfo, dim: int, dtype: np.dtype, where: str) -> None:
+        import hashlib
+
+        self.info, self.dim, self.dtype, self.where = info, dim, np.dtype(dtype), where
+        try:
+            raw = store.read_bytes(info.blocks)
+        except FileNotFoundError:
+            raise AtlasCorruptError(f"{where}/{info.blocks} is missing; run 'hexatlas validate {where}'") from None
+        if hashlib.sha256(raw).hexdigest() != info.blocks_sha256:
+            raise AtlasCorruptError(
+                f"{where}/{info.blocks} does not match the sha256 in its manifest (altered or damaged); "
+                f"run 'hexatlas validate {where}' and rebuild or re-download the dataset")
+        self.blocks = read_block_table(raw, f"{where}/{info.blocks}")
+        if int(self.blocks["rows"].sum()) != info.rows:
+            raise AtlasCorruptError(f"{where}/{info.blocks} lists {int(self.blocks['rows'].sum())} rows, "
+                                    f"the manifest {info.rows}; run 'hexatlas validate {where}'")
+        self.first = np.ascontiguousarray(self.blocks["first_cell"])
+        try:
+            self.bytes = _LocalBytes(store.path(info.path)) if store.is_local else _RemoteBytes(store, info.path)
+        except FileNotFoundError:
+            raise AtlasCorruptError(f"{where}/{info.path} is missing; run 'hexatlas validate {where}' "
+                                    "and rebuild or re-download the dataset") from None
+        if self.bytes.size != info.bytes:
+            raise AtlasCorruptError(
+                f"{where}/{info.path} has {self.bytes.size:,} bytes, its manifest says {info.bytes:,} "
+                f"(truncated or altered); run 'hexatlas validate {where}' and rebuild or re-download it")
+        self._checked = np.zeros(len(self.blocks), dtype=bool)
+        self.value_bytes = dim * self.dtype.itemsize
+
+    def block(self, b: int) -> tuple[NDArray[np.uint64], NDArray[Any]]:
+        """Cells (uint64, sorted) and stored embeddings ((rows, dim)) of block ``b``, checked."""
+        entry = self.blocks[b]
+        rows = int(entry["rows"])
+        c_run = self.bytes.read(int(entry["cells_offset"]), rows * 8)
+        v_run = self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes)
+        if not self._checked[b]:
+            if zlib.crc32(c_run) != int(entry["cells_crc"]) or zlib.crc32(v_run) != int(entry["values_crc"]):
+                raise AtlasCorruptError(
+                    f"{self.where}/{self.info.path}: block {b} (cells {int(entry['first_cell']):x}.."
+                    f"{int(entry['last_cell']):x}) does not match its checksum (altered or damaged); run "
+                    f"'hexatlas validate {self.where}' and rebuild or re-download the dataset")
+            self._checked[b] = True
+        cells = np.frombuffer(c_run, dtype="<u8")
+        values = np.frombuffer(v_run, dtype=self.dtype).reshape(rows, self.dim)
+        return cells, values
+
+    def release(self) -> None:
+        self.bytes.release()
+
+
+class ResolutionReader:
+    """One resolution of a dataset, read in place: parts opened lazily, blocks read as needed.
+
+    Thread-safe. Remote blocks are kept in a bounded cache of checked blocks.
+    """
+
+    def __init__(self, store: Store, parts: list[PartInfo], dim: int, precision: str, where: str,
+                 cache_bytes: int = 256 << 20) -> None:
+        self.store, self.infos, self.dim, self.where = store, parts, dim, where
+        self.dtype = STORED_DTYPES[precision]
+        self.first = np.array([p.first_cell for p in parts], dtype=np.uint64)
+        self.last = np.array([p.last_cell for p in parts], dtype=np.uint64)
+        self.cells_count = sum(p.rows for p in parts)
+        self._parts: dict[int, Part] = {}
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, int], tuple[NDArray[np.uint64], NDArray[Any]]] = OrderedDict()
+        self._cache_bytes, self._cache_max = 0, cache_bytes if not store.is_local else 0
+
+    def part(self, p: int) -> Part:
+        with self._lock:
+            if p not in self._parts:
+                self._parts[p] = Part(self.store, self.infos[p], self.dim, self.dtype, self.where)
+            return self._parts[p]
+
+    def _block(self, p: int, b: int) -> tuple[NDArray[np.uint64], NDArray[Any]]:
+        if not self._cache_max:
+            return self.part(p).block(b)
+        with self._lock:
+            hit = self._cache.get((p, b))
+            if hit is not None:
+                self._cache.move_to_end((p, b))
+                return hit
+        got = self.part(p).block(b)
+        with self._lock:
+            self._cache[(p, b)] = got
+            self._cache_bytes += got[0].nbytes + got[1].nbytes
+            while self._cache_bytes > self._cache_max and len(self._cache) > 1:
+                _, (c, v) = self._cache.popitem(last=False)
+                self._cache_bytes -= c.nbytes + v.nbytes
+        return got
+
+    def gather(self, cells: NDArray[np.uint64], out: NDArray[Any],
+               decode: Callable[[NDArray[Any], NDArray[Any]], None] | None = None) -> NDArray[np.bool_]:
+        """Write the stored embedding of each cell into ``out`` (n, dim); returns which were found.
+
+        Rows of cells the resolution does not hold are left as they are. ``decode(stored,
+        dest)`` converts stored rows into ``out``'s rows (default: an assignment).
+        """
+        cells = np.asarray(cells, dtype=np.uint64)
+        found = np.zeros(len(cells), dtype=bool)
+        if not len(cells) or not len(self.infos):
+            return found
+        order = np.argsort(cells, kind="stable")
+        sorted_cells = cells[order]
+        part_of = np.searchsorted(self.first, sorted_cells, side="right") - 1
+        ok = (part_of >= 0) & (sorted_cells <= self.last[np.maximum(part_of, 0)])
+        work = self._plan(sorted_cells, part_of, ok)
+        if not self.store.is_local:
+            self._prefetch(work)
+        touched: dict[int, int] = {}
+        for p, b, lo, hi in work:
+            block_cells, values = self._block(p, b)
+            pos = np.searchsorted(block_cells, sorted_cells[lo:hi])
+            pos_c = np.minimum(pos, len(block_cells) - 1)
+            hit = block_cells[pos_c] == sorted_cells[lo:hi]
+            dest = order[lo:hi][hit]
+            if decode is None:
+                out[dest] = values[pos_c[hit]]
+            else:
+                decode(values[pos_c[hit]], dest)
+            found[dest] = True
+            touched[p] = touched.get(p, 0) + values.nbytes
+        for p, nbytes in touched.items():
+            if nbytes > RELEASE_BYTES:
+                self._parts[p].release()
+        return found
+
+    def _plan(self, sorted_cells: NDArray[np.uint64], part_of: NDArray[np.intp],
+              ok: NDArray[np.bool_]) -> list[tuple[int, int, int, int]]:
+        """(part, block, lo, hi): the runs of sorted cells that each block may hold."""
+        work = []
+        idx = np.flatnonzero(ok)
+        if not idx.size:
+            return work
+        part_ids = part_of[idx]
+        bounds = np.flatnonzero(np.diff(part_ids)) + 1
+        for group in np.split(idx, bounds):
+            p = int(part_of[group[0]])
+            part = self.part(p)
+            block_of = np.searchsorted(part.first, sorted_cells[group], side="right") - 1
+            inside = (block_of >= 0) & (sorted_cells[group] <= part.blocks["last_cell"][np.maximum(block_of, 0)])
+            group, block_of = group[inside], block_of[inside]
+            if not group.size:
+                continue
+            cuts = np.flatnonzero(np.diff(block_of)) + 1
+            starts = np.concatenate([[0], cuts])
+            stops = np.concatenate([cuts, [len(group)]])
+            # the group's sorted cells are contiguous in sorted_cells, and so is each block's run
+            work.extend((p, int(block_of[s]), int(group[s]), int(group[e - 1]) + 1) for s, e in zip(starts, stops))
+        return work
+
+    def _prefetch(self, work: list[tuple[int, int, int, int]]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        wanted = list(dict.fromkeys((p, b) for p, b, _, _ in work))
+        if len(wanted) > 1:
+            with ThreadPoolExecutor(min(16, len(wanted)), thread_name_prefix="range-read") as pool:
+                list(pool.map(lambda pb: self._block(*pb), wanted))
+
+    def scan(self) -> tuple[NDArray[np.uint64], NDArray[Any]]:
+        """Every cell and its stored embedding (for small resolutions: the map, the recall check)."""
+        cells, values = [], []
+        for p in range(len(self.infos)):
+            part = self.part(p)
+            for b in range(len(part.blocks)):
+                c, v = self._block(p, b)
+                cells.append(c)
+                values.append(v)
+        if not cells:
+            return np.empty(0, np.uint64), np.empty((0, self.dim), self.dtype)
+        return np.concatenate(cells), np.concatenate(values)
+
+
+def part_infos(manifest_res: dict[str, Any], files: dict[str, dict[str, Any]]) -> list[PartInfo]:
+    """The parts of one resolution from its manifest entry and the manifest's file records."""
+    return [PartInfo(p["path"], p["blocks"], int(p["rows"]), int(p["first_cell"]), int(p["last_cell"]),
+                     int(files[p["path"]]["bytes"]), files[p["blocks"]]["sha256"])
+            for p in manifest_res["parts"]]
