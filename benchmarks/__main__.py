@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--only encoders]``: print the benchmark table (markdown)."""
+"""``python -m benchmarks [--quick] [--only encoders] [--only scale]``: print the benchmark table (markdown)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import sys
 
 from benchmarks._common import machine, markdown
 
-SUITES = ["encoders", "builder", "query", "serve"]
+SUITES = ["encoders", "builder", "query", "serve", "scale"]
+DEFAULT = ["encoders", "builder", "query", "serve"]  # scale (an hour, tens of GB on disk) runs only when asked for
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer points: a smoke run, noisier numbers")
-    parser.add_argument("--only", choices=SUITES, action="append", help="run only these suites")
+    parser.add_argument("--only", choices=SUITES, action="append", help="run only these suites (scale runs only when named)")
     args = parser.parse_args()
     rows = []
-    for suite in args.only or SUITES:
+    for suite in args.only or DEFAULT:
         print(f"running {suite} ...", file=sys.stderr)
         rows += importlib.import_module(f"benchmarks.{suite}").run(quick=args.quick)
     print(f"Machine: {machine()}\n")

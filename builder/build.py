@@ -434,7 +434,7 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
 
     shards = plan_shards(config.resolutions)
     done_records = state.all_done()
-    present = set(dataset.files("data"))
+    present = set(dataset.files("data")) | set(dataset.files("blocks"))
     todo = [s for s in shards
             if (r := done_records.get(_step_name(s))) is None or not all(f["path"] in present for f in r["files"])]
     resumed = len(shards) - len(todo)

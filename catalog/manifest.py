@@ -7,7 +7,7 @@ An atlas is a directory holding one dataset per model::
         manifest.json                       # written last: a dataset without it is unfinished
         collection.json                     # STAC Collection describing the dataset
         data/res=<r>/part-<key>.parquet      # the embeddings, once: plain Parquet read in place
-        data/res=<r>/part-<key>.blocks       # where each block's bytes are, with their CRC-32s
+        blocks/res=<r>/part-<key>.blocks     # where each block's bytes are, with their CRC-32s
         zarr/res=<r>.zarr/                  # opt-in (--formats zarr): xarray/xdggs embedding(cell_ids, dim)
         index/res=<r>.faiss                 # cosine index, ids = cells
         _build/                             # resume state while a build runs; removed at the end
@@ -64,7 +64,7 @@ def part_relpath(res: int, shard_key: str) -> str:
 
 
 def blocks_relpath(res: int, shard_key: str) -> str:
-    return f"data/res={res}/part-{shard_key}.blocks"
+    return f"blocks/res={res}/part-{shard_key}.blocks"
 
 
 def zarr_relpath(res: int) -> str:

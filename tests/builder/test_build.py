@@ -19,6 +19,7 @@ from builder.grid import cell_centers, cell_count, plan_shards, shard_cells
 from catalog.cli import main
 from catalog.errors import AtlasBusyError, InvalidArgumentError, UnknownResolutionError
 from catalog.manifest import read_manifest, validate_dataset
+from catalog.tables import embedding_matrix
 from tests.data.faults import crash_on_shard_write
 from tests.data.toy_encoder import load as load_toy
 
@@ -26,15 +27,18 @@ TOY = "tests.data.toy_encoder:load"
 
 
 def _read(dataset, res):
-    table = pq.read_table(dataset / "parquet" / f"res={res}")
-    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    return table.column("cell").to_numpy(), table.column("lat").to_numpy(), table.column("lon").to_numpy(), emb
+    """A resolution as a plain Parquet reader sees it: cells, their centres, embeddings."""
+    table = pq.read_table(dataset / "data" / f"res={res}")
+    cells = table.column("cell").to_numpy()
+    lat, lon = cell_centers(cells)
+    return cells, lat, lon, embedding_matrix(table.column("embedding")).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def toy_atlas(tmp_path_factory):
     out = tmp_path_factory.mktemp("atlas")
-    summary = build(TOY, resolutions="0-2", output=out, device="cpu", precision="float32", progress=False)
+    summary = build(TOY, resolutions="0-2", output=out, device="cpu", precision="float32", progress=False,
+                    formats="parquet,zarr")
     return out, summary
 
 
@@ -98,26 +102,29 @@ def test_validate_names_missing_extra_and_altered_files(toy_atlas, tmp_path, cap
     assert main(["validate", str(copy)]) == 0
     assert "ok" in capsys.readouterr().out
     dataset = copy / "toy"
-    shard = dataset / "parquet/res=1/shard=all/part-0.parquet"
+    shard = dataset / "data/res=1/part-all.parquet"
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
     (dataset / "zarr/res=0.zarr/.zattrs").unlink()
-    (dataset / "parquet/res=2/stray.parquet").write_bytes(b"x")
+    (dataset / "data/res=2/stray.parquet").write_bytes(b"x")
+    (dataset / "blocks/res=0/part-all.blocks").unlink()
     problems = validate_dataset(dataset)
-    assert "altered file (sha256 differs): parquet/res=1/shard=all/part-0.parquet" in problems
+    assert "altered file (sha256 differs): data/res=1/part-all.parquet" in problems
     assert "missing file: zarr/res=0.zarr/.zattrs" in problems
-    assert "extra file: parquet/res=2/stray.parquet" in problems
+    assert "missing file: blocks/res=0/part-all.blocks" in problems
+    assert "extra file: data/res=2/stray.parquet" in problems
     assert main(["validate", str(copy)]) == 1
     assert "altered file" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("precision", "tolerance", "dtype"), [("float16", 2e-3, "halffloat"), ("int8", 1e-2, "int8")])
+@pytest.mark.parametrize(("precision", "tolerance", "dtype"),
+                         [("float16", 2e-3, "fixed_size_list<element: halffloat>[4]"), ("int8", 1e-2, "fixed_size_binary[4]")])
 def test_reduced_precision(tmp_path, precision, tolerance, dtype) -> None:
     build(TOY, resolutions=1, output=tmp_path, device="cpu", precision=precision, progress=False)
     dataset = tmp_path / "toy"
-    table = pq.read_table(dataset / "parquet/res=1")
-    assert str(table.schema.field("embedding").type.value_type) == dtype
+    table = pq.read_table(dataset / "data/res=1")
+    assert str(table.schema.field("embedding").type) == dtype
     _, lat, lon, stored = _read(dataset, 1)
     manifest = read_manifest(dataset)
     if precision == "int8":
@@ -158,9 +165,9 @@ def test_overwrite_keeps_the_old_dataset_readable_until_the_new_one_is_complete(
     manifest = read_manifest(dataset)
     assert list(manifest["resolutions"]) == ["2"] and manifest["dataset"] == "toy"
     assert validate_dataset(dataset) == []
-    assert sorted(p.name for p in dataset.iterdir()) == ["_build.lock", "collection.json", "index", "manifest.json",
-                                                         "parquet", "zarr"]
-    assert [p.name for p in (dataset / "parquet").iterdir()] == ["res=2"]  # no empty res=0, res=1 left
+    assert sorted(p.name for p in dataset.iterdir()) == ["_build.lock", "blocks", "collection.json", "data", "index",
+                                                         "manifest.json"]
+    assert [p.name for p in (dataset / "data").iterdir()] == ["res=2"]  # no empty res=0, res=1 left
 
 
 def test_a_swap_killed_halfway_is_finished_by_the_next_run(tmp_path, monkeypatch) -> None:
@@ -200,21 +207,28 @@ def test_a_second_build_at_the_same_time_is_refused(tmp_path) -> None:
         build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)
 
 
+def _small_shards(monkeypatch) -> None:
+    import builder.grid
+
+    monkeypatch.setattr(builder.grid, "SHARD_CELLS", 7**5)  # 122 shards at resolution 5, as at 7 by default
+
+
 def test_crash_mid_build_then_resume(tmp_path, monkeypatch, capsys) -> None:
     import builder.build as b
 
     monkeypatch.setattr(b, "PARQUET_WRITERS", 1)
+    _small_shards(monkeypatch)
     restore = crash_on_shard_write(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=False)
+        build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=False, formats="zarr")
     assert not (tmp_path / "toy" / "manifest.json").exists()
-    written = len(list((tmp_path / "toy" / "parquet").rglob("*.parquet")))
+    written = len(list((tmp_path / "toy" / "data").rglob("*.parquet")))
     restore()
-    summary = build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=True)
+    summary = build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=True, formats="zarr")
     assert 2 <= summary.resumed_shards == written <= 3 and summary.cells == {0: 122, 5: cell_count(5)}
     # res 5 was not streamed (a shard came from the first run): finished from its files, with a bar
     assert "finish res 5" in capsys.readouterr().err and summary.seconds["read back"] > 0
-    cells = pq.read_table(tmp_path / "toy" / "parquet/res=5", columns=["cell"]).column("cell").to_numpy()
+    cells = pq.read_table(tmp_path / "toy" / "data/res=5", columns=["cell"]).column("cell").to_numpy()
     assert len(cells) == len(np.unique(cells)) == cell_count(5)
     assert validate_dataset(tmp_path / "toy") == []
     # res 5 spans several Zarr append blocks (sliced remainders): they must match the Parquet
@@ -230,15 +244,16 @@ def test_shard_files_written_in_parallel_survive_a_crash(tmp_path, monkeypatch) 
     import builder.build as b
 
     monkeypatch.setattr(b, "PARQUET_WRITERS", 3)  # files finish out of order; some after the crash
+    _small_shards(monkeypatch)
     restore = crash_on_shard_write(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False)
-    written = len(list((tmp_path / "toy" / "parquet").rglob("*.parquet")))
+    written = len(list((tmp_path / "toy" / "data").rglob("*.parquet")))
     assert 4 <= written < len(plan_shards([5])) and not list((tmp_path / "toy").rglob("*.tmpdir"))
     restore()
     summary = build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False)
     assert summary.resumed_shards == written and summary.cells == {5: cell_count(5)}
-    cells = pq.read_table(tmp_path / "toy" / "parquet/res=5", columns=["cell"]).column("cell").to_numpy()
+    cells = pq.read_table(tmp_path / "toy" / "data/res=5", columns=["cell"]).column("cell").to_numpy()
     np.testing.assert_array_equal(cells, np.sort(np.concatenate([shard_cells(s) for s in plan_shards([5])])))
     assert validate_dataset(tmp_path / "toy") == []
 
@@ -266,7 +281,7 @@ def test_a_resolution_failing_to_publish_stops_the_build_and_resumes(tmp_path, m
     dataset = tmp_path / "toy"
     assert not (dataset / "manifest.json").exists() and not list(dataset.rglob("*.tmp*"))
     assert not (dataset / "index" / "res=2.faiss").exists()
-    assert not (dataset / "parquet" / "res=0").exists()  # stopped before encoding resolution 0
+    assert not (dataset / "data" / "res=0").exists()  # stopped before encoding resolution 0
     monkeypatch.setattr(IndexBuilder, "publish", real_publish)
     summary = build(TOY, resolutions="0-2", output=tmp_path, device="cpu", progress=False)
     assert summary.resumed_shards == 2 and validate_dataset(dataset) == []
@@ -282,7 +297,7 @@ def test_sigkill_at_any_moment_then_resume(tmp_path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert subprocess.run(argv, capture_output=True, check=False).returncode == 0
-    cells = pq.read_table(out / "toy" / "parquet/res=5", columns=["cell"]).column("cell").to_numpy()
+    cells = pq.read_table(out / "toy" / "data/res=5", columns=["cell"]).column("cell").to_numpy()
     assert len(cells) == len(np.unique(cells)) == cell_count(5)
     assert validate_dataset(out / "toy") == []
 
@@ -319,8 +334,9 @@ def test_a_failure_while_a_shard_is_being_written_leaves_no_half_store(tmp_path,
 
     monkeypatch.setattr(b, "_write_shard", slow_write)
     monkeypatch.setattr(b, "_encode_stored", failing_encode)
+    _small_shards(monkeypatch)
     with pytest.raises(RuntimeError, match="encoder failed"):
-        build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False)
+        build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False, formats="zarr")
     time.sleep(0.7)  # a write left running would have finished by now
     assert not list((tmp_path / "toy").rglob("*.tmpdir"))
-    assert len(list((tmp_path / "toy" / "parquet").rglob("*.parquet"))) == 1  # the shard written is kept
+    assert len(list((tmp_path / "toy" / "data").rglob("*.parquet"))) == 1  # the shard written is kept

@@ -87,7 +87,7 @@ def reference(tmp_path_factory):
 
 
 def _contents(dataset, res, filesystem=None):
-    table = pq.read_table(f"{dataset}/parquet/res={res}", filesystem=filesystem)
+    table = pq.read_table(f"{dataset}/data/res={res}", filesystem=filesystem)
     emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     return table.column("cell").to_numpy(), emb
 
@@ -215,17 +215,17 @@ def test_sigkill_of_the_ray_driver_then_resume(tmp_path) -> None:
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = out / "toy" / "_build" / "done"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(done.glob("res=5_*.json")) if done.is_dir() else []) < 10:
+    while time.monotonic() < deadline and len(list(done.glob("res=5_*.json")) if done.is_dir() else []) < 1:
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "toy" / "manifest.json").exists()
     before = len(list(done.glob("res=*.json")))
-    assert before >= 10
+    assert before >= 1
     result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert f"{before} shards reused" in result.stderr
-    cells = pq.read_table(out / "toy" / "parquet/res=5", columns=["cell"]).column("cell").to_numpy()
+    cells = pq.read_table(out / "toy" / "data/res=5", columns=["cell"]).column("cell").to_numpy()
     assert len(cells) == len(np.unique(cells)) == cell_count(5)
     assert validate_dataset(out / "toy") == []
 

@@ -59,7 +59,7 @@ def test_build_to_s3_writes_the_same_files_as_a_local_build(built) -> None:
     assert parquet_digests == {r["path"]: r["sha256"] for r in local_manifest["files"] if r["path"].endswith(".parquet")}
     assert remote_manifest["build"]["output"] == URI
     fs, root = store.filesystem()
-    table = pq.read_table(f"{root}/parquet/res=1/shard=all/part-0.parquet", filesystem=fs)
+    table = pq.read_table(f"{root}/data/res=1/part-all.parquet", filesystem=fs)
     assert table.num_rows == cell_count(1) and len(np.unique(table.column("cell").to_numpy())) == cell_count(1)
     assert list_datasets(URI) == ["toy"]
 
@@ -74,25 +74,27 @@ def test_validate_on_s3_names_altered_missing_and_extra_objects(built, capsys) -
         with dst.staged(rel) as tmp:
             tmp.write_bytes(src.read_bytes(rel))
     assert validate_dataset(dst) == []
-    data = bytearray(dst.read_bytes("parquet/res=1/shard=all/part-0.parquet"))
-    data[100] ^= 0xFF
-    with dst.staged("parquet/res=1/shard=all/part-0.parquet") as tmp:
+    data = bytearray(dst.read_bytes("data/res=1/part-all.parquet"))
+    data[100] ^= 0xFF  # inside the first block's cell ids
+    with dst.staged("data/res=1/part-all.parquet") as tmp:
         tmp.write_bytes(bytes(data))
-    dst.delete("zarr/res=0.zarr/.zattrs")
-    with dst.staged("parquet/res=0/stray.parquet") as tmp:
+    dst.delete("blocks/res=0/part-all.blocks")
+    with dst.staged("data/res=0/stray.parquet") as tmp:
         tmp.write_bytes(b"x")
     problems = validate_dataset(dst)
-    assert "altered file (sha256 differs): parquet/res=1/shard=all/part-0.parquet" in problems
-    assert "missing file: zarr/res=0.zarr/.zattrs" in problems
-    assert "extra file: parquet/res=0/stray.parquet" in problems
+    assert "altered file (sha256 differs): data/res=1/part-all.parquet" in problems
+    assert "missing file: blocks/res=0/part-all.blocks" in problems
+    assert "extra file: data/res=0/stray.parquet" in problems
     assert main(["validate", f"s3://{BUCKET}/damaged"]) == 1
     assert "altered file" in capsys.readouterr().out
-    # the query layer checks what it downloads against the manifest
+    # the query layer checks each block it reads against its checksum, and names what is missing
     import query
 
     atlas = query.open(f"s3://{BUCKET}/damaged")
-    with pytest.raises(AtlasCorruptError, match="does not match the sha256 in its manifest.*hexatlas validate"):
+    with pytest.raises(AtlasCorruptError, match="part-all.parquet: block 0 .* does not match its checksum.*validate"):
         atlas.lookup([0.0], [0.0], res=1)
+    with pytest.raises(AtlasCorruptError, match="part-all.blocks is missing; run 'hexatlas validate"):
+        atlas.lookup([0.0], [0.0], res=0)
 
 
 def test_query_open_s3_matches_the_local_atlas(built, tmp_path) -> None:
@@ -106,15 +108,17 @@ def test_query_open_s3_matches_the_local_atlas(built, tmp_path) -> None:
     lat, lon = rng.uniform(-80, 80, 50), rng.uniform(-180, 180, 50)
     for res in (0, 1):
         np.testing.assert_array_equal(remote.lookup(lat, lon, res=res), near.lookup(lat, lon, res=res))
+        np.testing.assert_array_equal(remote.lookup(lat, lon, res=res, interpolate=True),
+                                      near.lookup(lat, lon, res=res, interpolate=True))
+    assert not (tmp_path / "cache" / "remote").exists()  # lookups read blocks in place: nothing downloaded
     counts = remote.sql("SELECT res, count(*) AS n FROM embeddings GROUP BY res ORDER BY res").to_pydict()
     assert counts == {"res": [0, 1], "n": [122, 842]}
     assert remote.similar(lat=10.0, lon=20.0, k=5).equals(near.similar(lat=10.0, lon=20.0, k=5))
-    # files were fetched once into the cache, keyed by the manifest, and only those needed
+    # the SQL view's parts and the index were fetched whole into the cache, keyed by the manifest
     mirrors = list((tmp_path / "cache" / "remote").glob("*/toy"))
     assert len(mirrors) == 1
     fetched = sorted(p.relative_to(mirrors[0]).as_posix() for p in mirrors[0].rglob("*") if p.is_file())
-    assert fetched == ["index/res=1.faiss", "manifest.json", "parquet/res=0/shard=all/part-0.parquet",
-                       "parquet/res=1/shard=all/part-0.parquet"]
+    assert fetched == ["data/res=0/part-all.parquet", "data/res=1/part-all.parquet", "index/res=1.faiss"]
     # the dataset prefix itself opens too, and `hexatlas info` reads it
     assert query.open(f"{URI}/toy").models == ["toy"]
     assert main(["info", URI]) == 0
@@ -132,14 +136,14 @@ def test_interrupted_build_on_s3_resumes(s3, monkeypatch) -> None:
     assert summary.resumed_shards == 2 and summary.cells == {r: cell_count(r) for r in (0, 1, 2)}
     fs, root = open_store(f"{uri}/toy").filesystem()
     for res in (0, 1, 2):
-        cells = pq.read_table(f"{root}/parquet/res={res}", columns=["cell"], filesystem=fs).column("cell").to_numpy()
+        cells = pq.read_table(f"{root}/data/res={res}", columns=["cell"], filesystem=fs).column("cell").to_numpy()
         assert len(cells) == len(np.unique(cells)) == cell_count(res)
     assert validate_dataset(f"{uri}/toy") == []
     # a finished dataset is not clobbered; --overwrite replaces it
     with pytest.raises(InvalidArgumentError, match="already holds a finished toy dataset"):
         build(TOY, resolutions="0", output=uri, device="cpu", progress=False)
     build(TOY, resolutions="0", output=uri, device="cpu", progress=False, overwrite=True)
-    assert set(open_store(f"{uri}/toy").files("parquet")) == {"parquet/res=0/shard=all/part-0.parquet"}
+    assert set(open_store(f"{uri}/toy").files("data")) == {"data/res=0/part-all.parquet"}
     assert validate_dataset(f"{uri}/toy") == [] and not open_store(f"{uri}/toy").files("_build.rebuild")
 
 

@@ -38,7 +38,7 @@ def atlas(atlas_dir):
 
 @pytest.fixture(scope="module")
 def stored(atlas_dir):
-    table = pq.read_table(atlas_dir[0] / MODEL / "parquet" / "res=2")
+    table = pq.read_table(atlas_dir[0] / MODEL / "data" / "res=2")  # plain Parquet, as any reader sees it
     emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     return table.column("cell").to_numpy(), emb
 

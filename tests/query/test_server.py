@@ -123,7 +123,7 @@ def test_similar_matches_the_python_api(client, atlas) -> None:
 
 def test_map_layer_colours_every_cell(client, atlas, monkeypatch) -> None:
     data = client.get("/v1/map", params={"res": 2, "model": MODEL}).json()
-    cells = np.asarray(atlas._data(MODEL, 2).cells)
+    cells = np.asarray(atlas._data(MODEL, 2).scan()[0])
     assert data["cells"] == [h3.int_to_str(c) for c in cells.tolist()]
     colours = np.asarray(data["colors"]).reshape(-1, 3)
     assert colours.shape == (len(cells), 3) and colours.min() >= 0 and colours.max() <= 255
