@@ -140,7 +140,7 @@ def _run(snippet: str, *, code: Path, scratch: Path, **params: object) -> tuple[
     try:
         command = [sys.executable, "-c", _PRELUDE + textwrap.dedent(snippet), json.dumps(params)]
         proc = subprocess.run(["/usr/bin/time", "-v", *command], cwd=code, env=env, capture_output=True,
-                              text=True)
+                              text=True, check=False)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     own_stderr, _, report = proc.stderr.rpartition("\tCommand being timed:")
@@ -282,7 +282,7 @@ class _Scale:
         raw = next((r["raw"] for (name, _), r in self.results.items() if "raw" in r), math.nan)
         for part, target in (("data", "<= 1.25x raw"), ("index", "reported apart")):
             rows += [Row(f"bytes on disk per cell: {part}", self.label("disk", key),
-                         self.value("disk", key, lambda r: r[part]), "B", "raw float16 embedding", raw,
+                         self.value("disk", key, lambda r, part=part: r[part]), "B", "raw float16 embedding", raw,
                          target if self.atlases[key].format == 2 else "") for key in self.atlases]
         first = "first lookup"
         rows += self.vs_format1(f"{first}, 1 point, fresh process, cold (query.open + lookup)", first,
@@ -291,7 +291,7 @@ class _Scale:
         for kind, what in (("clustered", "points clustered in France"), ("random", "random land points")):
             name, big = f"join {kind}", kind == "random"
             for when in ("cold", "warm"):
-                rows += self.vs_format1(f"join {n[kind]:,} {what}, {when}", name, lambda r: r[when], "pts/s",
+                rows += self.vs_format1(f"join {n[kind]:,} {what}, {when}", name, lambda r, when=when: r[when], "pts/s",
                                         ">= 300,000 pts/s" if big and when == "warm" else "")
             rows += self.vs_format1(f"join {n[kind]:,} {what}: peak RSS beyond the result table", name,
                                     lambda r: (r["rss"] - r["result_bytes"]) / gb, "GB",
@@ -305,7 +305,7 @@ class _Scale:
                             join, target))
         for counter in ("read_bytes", "rchar"):
             rows += self.vs_format1(f"bytes read per point ({counter}), cold {n['io']:,}-point lookup",
-                                    "bytes read", lambda r: r[counter], "B")
+                                    "bytes read", lambda r, counter=counter: r[counter], "B")
         return rows
 
 

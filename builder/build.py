@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from builder.finish import IndexBuilder, ShardCache, ShardSource, ZarrRows
+from builder.finish import IndexBuilder, ShardSource, ZarrRows
 from builder.grid import Shard, cell_centers, cell_count, parse_resolutions, plan_shards, shard_cells
 from catalog import manifest as fmt
+from catalog.blocks import block_rows, embedding_column, write_part
 from catalog.errors import AtlasBusyError, InvalidArgumentError
 from catalog.storage import LocalStore, Store, is_remote, open_store
-from catalog.blocks import block_rows, embedding_column, write_part
 from catalog.tables import dequantize
 
 if TYPE_CHECKING:
@@ -56,10 +56,6 @@ PRECISIONS = ("float16", "float32", "int8")
 EXECUTORS = ("local", "ray")
 PARQUET_WRITERS = max(1, (os.cpu_count() or 2) // 2)  # shard files written at once (pyarrow frees the GIL)
 ENCODE_CHUNK = 65536  # cells per encode call: the progress bar's granularity
-# Shards written in this process are kept in memory (up to this many bytes) until their
-# resolution is finished: the index's recall measurement looks candidates up in them, and a
-# resolution finished after the fact reads them instead of its Parquet files.
-SHARD_CACHE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -446,10 +442,8 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
 
         run_ray(todo, job, config, encoder, land, state, timer, progress, _total_cells(todo, land, state),
                 encoder_given=encoder_given)
-        cache = ShardCache(0)  # the shards were written by the workers
     else:
-        cache = ShardCache(SHARD_CACHE_BYTES)
-        _run_shards(todo, encoder, job, land, state, timer, progress, cache)
+        _run_shards(todo, encoder, job, land, state, timer, progress)
 
     cells: dict[int, int] = {}
     res_info: dict[str, Any] = {}
@@ -462,7 +456,7 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         info = {"cells": cells[res], "block_rows": block_rows(encoder.dim, config.precision),
                 "parts": [{k: r[k] for k in ("path", "blocks", "rows", "first_cell", "last_cell")} for r in records]}
         # a resolution not streamed while its shards were written (Ray, resumed) is finished now
-        source = ShardSource(dataset, [r["path"] for r in records], cache, quantizer)
+        source = ShardSource(dataset, records, encoder.dim, config.precision, quantizer)
         with _finishing(res, cells[res], encoder, job, land.get(res), state, timer, source) as finish:
             if finish is not None:
                 with timer("read back"), _progress(progress, cells[res], f"finish res {res}") as bar:
@@ -582,29 +576,28 @@ def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
 
 
 def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[int, NDArray[np.uint64]],
-                state: _BuildState, timer: _Timer, progress: bool | None, cache: ShardCache) -> None:
+                state: _BuildState, timer: _Timer, progress: bool | None) -> None:
     """Encode shards in this process; enumerating and writing run beside the encoder.
 
     Resolutions go largest first, each with a writer thread of its own: it writes the
-    shards' Parquet files (keeping the tables in ``cache`` as far as it has room) and, when
-    this run writes every shard of the resolution, feeds them straight into its Zarr store
-    and index, which it then publishes while the encoder goes on with the next resolution.
+    shards' part files and, when this run writes every shard of the resolution, feeds them
+    straight into its index (and Zarr store, when asked for), which it then publishes while
+    the encoder goes on with the next resolution.
     """
     quantizer = job.quantizer()
     by_res = {res: [s for s in todo if s.res == res] for res in sorted({s.res for s in todo}, reverse=True)}
     order = [shard for shards in by_res.values() for shard in shards]
 
-    def write_one(shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any], table: pa.Table) -> None:
+    def write_one(shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any]) -> None:
         record = _write_shard(job.dataset, shard, cells, stored, job.metadata)
         state.mark(_step_name(shard), record)
-        if record["rows"]:
-            cache.put(record["path"], table)
 
     def write_res(res: int, shards: list[Shard], feed: queue.Queue[Any]) -> None:
         # streamed only when this run writes every shard of the resolution, in cell order
         streamed = len(shards) == len(plan_shards([res]))
         n = len(land[res]) if res in land else cell_count(res)
-        source = ShardSource(job.dataset, [fmt.part_relpath(res, s.key) for s in shards], cache, quantizer)
+        source = ShardSource(job.dataset, lambda: [r for s in shards if (r := state.done(_step_name(s)))["rows"]],
+                             encoder.dim, job.precision, quantizer)
         with (_finishing(res, n, encoder, job, land.get(res), state, timer, source) if streamed
               else contextlib.nullcontext()) as finish:
             written: list[Future[None]] = []  # Parquet files being written, oldest first
@@ -614,7 +607,7 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                         raise _Cancelled
                     shard, cells, stored = item
                     table = _shard_table(cells, stored)
-                    written.append(parquet_pool.submit(_timed, timer, "write", write_one, shard, cells, stored, table))
+                    written.append(parquet_pool.submit(_timed, timer, "write", write_one, shard, cells, stored))
                     if finish is not None:
                         finish.add(table, stored)
                     # at most 2 x PARQUET_WRITERS files in flight; a failed write stops the resolution

@@ -4,7 +4,7 @@ Both take the shards one at a time: :class:`ZarrRows` copies them into whole-chu
 :class:`IndexBuilder` adds their unit vectors to an index trained beforehand on a sample
 of cells spread over the sphere. A local build feeds them each shard as it is written, so
 they overlap the encoder; a resumed or distributed build feeds them afterwards from
-:class:`ShardSource` (shards kept in memory, else their Parquet files). Besides the index
+:class:`ShardSource` (the published part files). Besides the index
 itself they hold one shard and one Zarr block at a time, in buffers allocated once, so
 memory does not grow with the resolution (res 7 has 99M cells) and few fresh pages are
 touched (first touches are a large part of these stages' cost).
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,8 +30,9 @@ from catalog.tables import embedding_matrix
 
 if TYPE_CHECKING:
     from builder.build import Quantizer
+    from catalog.blocks import ResolutionReader
 
-__all__ = ["IndexBuilder", "ShardCache", "ShardSource", "ZarrRows", "ivf_sample"]
+__all__ = ["IndexBuilder", "ShardSource", "ZarrRows", "ivf_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -41,63 +41,48 @@ ZARR_BLOCK_CELLS = 64 * ZARR_CHUNK_CELLS  # cells per Zarr write: whole chunks, 
 RECALL_TARGET = 0.95
 RECALL_K = 10
 RECALL_QUERIES = 100
-RERANK = 4
+RERANKS = (4, 16)  # candidates per result re-ranked exactly, tried in this order
 NPROBES = (4, 8, 16, 32, 64, 128, 256)
-
-
-class ShardCache:
-    """Shard tables by Parquet path, kept for the finishing stages, within a byte budget."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._tables: dict[str, pa.Table] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def put(self, rel: str, table: pa.Table) -> None:
-        with self._lock:
-            if self._bytes + table.nbytes <= self.max_bytes:
-                self._tables[rel] = table
-                self._bytes += table.nbytes
-
-    def get(self, rel: str) -> pa.Table | None:
-        with self._lock:
-            return self._tables.get(rel)
-
-    def drop(self, rels: list[str]) -> None:
-        with self._lock:
-            for rel in rels:
-                table = self._tables.pop(rel, None)
-                if table is not None:
-                    self._bytes -= table.nbytes
+# Codes of 8 bits a dimension (SQ8) while they take at most this many bytes; above, product
+# quantisation with one byte per 8 dimensions (PQ), 8x smaller: SQ8 for a resolution-7 land
+# SatCLIP atlas would hold 7.4 GB in the build (and in every process that searches it).
+SQ8_MAX_BYTES = 1 << 30
+# An index that misses the recall target is replaced by an exact one only up to this size.
+FLAT_MAX_BYTES = 2 << 30
 
 
 class ShardSource:
-    """One resolution's shards in cell order, read as often as a stage needs.
+    """One resolution's part files in cell order: replayed whole, or read in place by cell.
 
     Parameters
     ----------
     dataset : Store
-    parquet : list of str
-        The resolution's shard files, in cell order.
-    cache : ShardCache
-        Tables this process wrote; the others are read from ``parquet``.
+    records : list of dict, or a callable returning them
+        The done records of the resolution's shards (those with rows), in cell order; a
+        callable is asked when the files are first read (a local build's last shards are
+        still being written when the source is made).
+    dim, precision :
+        The embeddings' length and storage.
     quantizer : Quantizer, optional
         For int8 datasets: how stored values map back to floats.
     """
 
-    def __init__(self, dataset: Store, parquet: list[str], cache: ShardCache,
-                 quantizer: Quantizer | None = None) -> None:
-        self.dataset, self.parquet, self.cache, self.quantizer = dataset, parquet, cache, quantizer
+    def __init__(self, dataset: Store, records: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]],
+                 dim: int, precision: str, quantizer: Quantizer | None = None) -> None:
+        self.dataset, self._records, self.dim, self.precision = dataset, records, dim, precision
+        self.quantizer = quantizer
         self._buffer: NDArray[np.float32] | None = None  # reused by unit_vectors
+        self._reader: ResolutionReader | None = None
+
+    def records(self) -> list[dict[str, Any]]:
+        return self._records() if callable(self._records) else self._records
 
     def tables(self, columns: tuple[str, ...] = ("cell", "embedding")) -> Iterator[pa.Table]:
         import pyarrow.parquet as pq
 
         fs, root = self.dataset.filesystem()
-        for rel in self.parquet:
-            table = self.cache.get(rel)
-            yield table if table is not None else pq.read_table(f"{root}/{rel}", columns=list(columns), filesystem=fs)
+        for record in self.records():
+            yield pq.read_table(f"{root}/{record['path']}", columns=list(columns), filesystem=fs)
 
     def unit_vectors(self, values: pa.Table | NDArray[Any], rows: NDArray[np.intp] | None = None
                      ) -> NDArray[np.float32]:
@@ -122,49 +107,24 @@ class ShardSource:
         return normalize(out, out=out)
 
     def gather_cells(self, wanted: NDArray[Any]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        """Cells (as int64) and unit vectors of those of ``wanted`` that the shards hold.
+        """Cells (as int64) and unit vectors of those of ``wanted`` that the parts hold, read
+        in place: only the blocks that hold them, each checked against its CRC."""
+        from catalog.blocks import STORED_DTYPES, ResolutionReader, part_infos
 
-        Shards not in memory are read only in the row groups whose cell range holds a wanted
-        cell (their statistics say; the files are sorted by cell).
-        """
         wanted = np.unique(np.asarray(wanted).astype(np.uint64))
-        ids, vectors = [], []
-        for rel in self.parquet:
-            table = self.cache.get(rel)
-            if table is None:
-                table = _read_row_groups_holding(self.dataset, rel, wanted)
-            cells = table.column("cell").to_numpy()
-            if not len(cells):
-                continue
-            pos = np.searchsorted(cells, wanted)
-            rows = pos[(pos < len(cells)) & (cells[np.minimum(pos, len(cells) - 1)] == wanted)]
-            if rows.size:
-                ids.append(cells[rows].astype(np.int64))
-                vectors.append(self.unit_vectors(table, rows).copy())
-        if not vectors:
-            return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-        return np.concatenate(ids), np.concatenate(vectors)
+        if self._reader is None:
+            records = self.records()
+            files = {f["path"]: f for r in records for f in r["files"]}
+            self._reader = ResolutionReader(self.dataset, part_infos({"parts": records}, files), self.dim,
+                                            self.precision, str(self.dataset), cache_bytes=64 << 20)
+        stored = np.empty((len(wanted), self.dim), STORED_DTYPES[self.precision])
+        found = self._reader.gather(wanted, stored)
+        if not found.any():
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
+        return wanted[found].astype(np.int64), self.unit_vectors(stored[found]).copy()
 
     def release(self) -> None:
-        self.cache.drop(self.parquet)
-        self._buffer = None
-
-
-def _read_row_groups_holding(dataset: Store, rel: str, cells: NDArray[np.uint64]) -> pa.Table:
-    """``cell`` and ``embedding`` of the row groups of ``rel`` whose cell range holds one of
-    the sorted ``cells``."""
-    import pyarrow.parquet as pq
-
-    with dataset.open_input(rel) as fh:
-        parquet = pq.ParquetFile(fh)
-        column = parquet.schema_arrow.get_field_index("cell")
-        groups = []
-        for i in range(parquet.metadata.num_row_groups):
-            stats = parquet.metadata.row_group(i).column(column).statistics
-            if (stats is None or not stats.has_min_max
-                    or np.searchsorted(cells, stats.min) < np.searchsorted(cells, stats.max, side="right")):
-                groups.append(i)
-        return parquet.read_row_groups(groups, columns=["cell", "embedding"])
+        self._buffer = self._reader = None
 
 
 def _to_float32(values: NDArray[Any], out: NDArray[np.float32]) -> None:
@@ -323,12 +283,14 @@ VectorsOf = Callable[[NDArray[np.uint64]], tuple[NDArray[np.int64], NDArray[np.f
 class IndexBuilder:
     """The FAISS index of one resolution (cosine over unit vectors, ids = cells), filled shard by shard.
 
-    Exact (flat) up to :data:`catalog.vector_index.EXACT_MAX_CELLS` cells. Above, IVF-SQ8
-    trained on :func:`ivf_sample` cells, whose vectors ``vectors_of`` supplies (as stored),
-    before the first :meth:`add`; :meth:`publish` then picks the smallest nprobe whose
+    Exact (flat) up to :data:`catalog.vector_index.EXACT_MAX_CELLS` cells. Above, IVF with
+    SQ8 codes (PQ codes where SQ8's would pass :data:`SQ8_MAX_BYTES`), trained on
+    :func:`ivf_sample` cells, whose vectors ``vectors_of`` supplies (as stored), before the
+    first :meth:`add`; :meth:`publish` then picks the cheapest re-rank depth and nprobe whose
     recall@10 (re-ranked, as the query layer searches) reaches 0.95 against exact search on
-    100 of those cells, or falls back to an exact index. Built on the GPUs where faiss-gpu
-    sees any.
+    100 of those cells, else an exact index where one fits in :data:`FLAT_MAX_BYTES`, else
+    the best setting found, with its recall recorded and a warning. Built on the GPUs where
+    faiss-gpu sees any.
     """
 
     def __init__(self, res: int, n: int, dim: int, vectors_of: VectorsOf,
@@ -351,7 +313,8 @@ class IndexBuilder:
         ids, train = vectors_of(train_cells)
         start = time.perf_counter()
         self.queries = np.ascontiguousarray(train[np.isin(ids, query_cells.astype(np.int64))])
-        self.index = self.faiss.index_factory(dim, f"IVF{self.nlist},SQ8", self.faiss.METRIC_INNER_PRODUCT)
+        self.codes = "SQ8" if n * dim <= SQ8_MAX_BYTES or dim % 8 else f"PQ{dim // 8}"
+        self.index = self.faiss.index_factory(dim, f"IVF{self.nlist},{self.codes}", self.faiss.METRIC_INNER_PRODUCT)
         if getattr(self.faiss, "get_num_gpus", lambda: 0)() > 0:
             self.index, self._on_gpus = self.faiss.index_cpu_to_all_gpus(self.index), True
         self.index.train(train)
@@ -385,14 +348,19 @@ class IndexBuilder:
             if self._on_gpus:
                 self.index = self.faiss.index_gpu_to_cpu(self.index)
             params, recall = self._tune(source)
-            if params is None:
-                log.warning("IVF%d reached recall@%d %.3f < %.2f at res %d; keeping an exact index",
-                            self.nlist, RECALL_K, recall, RECALL_TARGET, self.res)
+            if not params["met"] and self.n * self.dim * 4 > FLAT_MAX_BYTES:
+                log.warning("IVF%d,%s reached recall@%d %.3f < %.2f at res %d; an exact index would not fit, "
+                            "keeping the best setting", self.nlist, self.codes, RECALL_K, recall, RECALL_TARGET,
+                            self.res)
+            elif not params["met"]:
+                log.warning("IVF%d,%s reached recall@%d %.3f < %.2f at res %d; keeping an exact index",
+                            self.nlist, self.codes, RECALL_K, recall, RECALL_TARGET, self.res)
                 self.index = _flat_index(self.faiss, self.dim)
                 for table in source.tables(("cell", "embedding")):
                     cells = table.column("cell").to_numpy().astype(np.int64)
                     self.index.add_with_ids(source.unit_vectors(table), cells)
                 params, recall = {"type": "IDMap2,Flat", "exact": True, "rerank": 1}, 1.0
+            params.pop("met", None)
         rel = fmt.index_relpath(self.res)
         params.update({"metric": "inner_product", "recall_at_10": round(recall, 4), "normalized": True,
                        "build_s": round(self.seconds + time.perf_counter() - start, 2), "path": rel,
@@ -402,7 +370,7 @@ class IndexBuilder:
             file = fmt.file_record(Path(), rel, local=tmp)
         return params, file
 
-    def _tune(self, source: ShardSource) -> tuple[dict[str, Any] | None, float]:
+    def _tune(self, source: ShardSource) -> tuple[dict[str, Any], float]:
         from catalog.vector_index import reranked_search
 
         exact: dict[int, NDArray[np.float32]] = {}
@@ -411,21 +379,25 @@ class IndexBuilder:
             return np.stack([exact[c] for c in cand.tolist()])
 
         ivf = self.faiss.extract_index_ivf(self.index)
-        recall = 0.0
-        for nprobe in NPROBES:
-            ivf.nprobe = nprobe
-            _, cand = self.index.search(self.queries, RECALL_K * RERANK)
-            missing = np.setdiff1d(cand[cand >= 0], np.fromiter(exact, np.int64, len(exact)))
-            if missing.size:
-                ids, vectors = source.gather_cells(missing)
-                exact.update(zip(ids.tolist(), vectors, strict=True))
-            found, _ = reranked_search(self.index, self.queries, RECALL_K, lookup, rerank=RERANK)
-            # a hit is a result whose exact score reaches the true k-th score: ties are not misses
-            recall = float(np.mean(found >= self.kth.scores()[:, None] - 1e-6))
-            if recall >= RECALL_TARGET:
-                return {"type": f"IVF{self.nlist},SQ8", "exact": False, "nlist": self.nlist, "nprobe": nprobe,
-                        "rerank": RERANK}, recall
-        return None, recall
+        best: tuple[float, dict[str, Any]] = (-1.0, {})
+        for rerank in RERANKS:
+            for nprobe in NPROBES:
+                ivf.nprobe = nprobe
+                _, cand = self.index.search(self.queries, RECALL_K * rerank)
+                missing = np.setdiff1d(cand[cand >= 0], np.fromiter(exact, np.int64, len(exact)))
+                if missing.size:
+                    ids, vectors = source.gather_cells(missing)
+                    exact.update(zip(ids.tolist(), vectors, strict=True))
+                found, _ = reranked_search(self.index, self.queries, RECALL_K, lookup, rerank=rerank)
+                # a hit is a result whose exact score reaches the true k-th score: ties are not misses
+                recall = float(np.mean(found >= self.kth.scores()[:, None] - 1e-6))
+                params = {"type": f"IVF{self.nlist},{self.codes}", "exact": False, "nlist": self.nlist,
+                          "nprobe": nprobe, "rerank": rerank, "met": recall >= RECALL_TARGET}
+                if recall > best[0]:
+                    best = (recall, params)
+                if params["met"]:
+                    return params, recall
+        return best[1], best[0]
 
 
 def _flat_index(faiss: Any, dim: int) -> Any:

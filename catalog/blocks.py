@@ -213,6 +213,7 @@ class Part:
                 f"(truncated or altered); run 'hexatlas validate {where}' and rebuild or re-download it")
         self._checked = np.zeros(len(self.blocks), dtype=bool)
         self.value_bytes = dim * self.dtype.itemsize
+        self._views: tuple[NDArray[Any], NDArray[Any]] | None = None
 
     def block(self, b: int) -> tuple[NDArray[np.uint64], NDArray[Any]]:
         """Cells (uint64, sorted) and stored embeddings ((rows, dim)) of block ``b``, checked."""
@@ -221,15 +222,57 @@ class Part:
         c_run = self.bytes.read(int(entry["cells_offset"]), rows * 8)
         v_run = self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes)
         if not self._checked[b]:
-            if zlib.crc32(c_run) != int(entry["cells_crc"]) or zlib.crc32(v_run) != int(entry["values_crc"]):
-                raise AtlasCorruptError(
-                    f"{self.where}/{self.info.path}: block {b} (cells {int(entry['first_cell']):x}.."
-                    f"{int(entry['last_cell']):x}) does not match its checksum (altered or damaged); run "
-                    f"'hexatlas validate {self.where}' and rebuild or re-download the dataset")
-            self._checked[b] = True
+            self._check(b, c_run, v_run)
         cells = np.frombuffer(c_run, dtype="<u8")
         values = np.frombuffer(v_run, dtype=self.dtype).reshape(rows, self.dim)
         return cells, values
+
+    def _check(self, b: int, c_run: Any, v_run: Any) -> None:
+        entry = self.blocks[b]
+        if zlib.crc32(c_run) != int(entry["cells_crc"]) or zlib.crc32(v_run) != int(entry["values_crc"]):
+            raise AtlasCorruptError(
+                f"{self.where}/{self.info.path}: block {b} (cells {int(entry['first_cell']):x}.."
+                f"{int(entry['last_cell']):x}) does not match its checksum (altered or damaged); run "
+                f"'hexatlas validate {self.where}' and rebuild or re-download the dataset")
+        self._checked[b] = True
+
+    def find_local(self, targets: NDArray[np.uint64], block_of: NDArray[np.intp]
+                   ) -> tuple[NDArray[np.bool_], NDArray[Any]]:
+        """For a memory-mapped part: which ``targets`` (each in block ``block_of``) it holds, and
+        their stored embeddings (found rows only), without a Python loop over blocks.
+
+        Blocks are checked first (a loop, once per block and process); then one binary search
+        runs for all targets at once over views of the map that start at every byte (cell
+        runs and rows need not be aligned), and the rows are gathered in one fancy index.
+        """
+        for b in np.unique(block_of[~self._checked[block_of]]).tolist():
+            entry = self.blocks[b]
+            rows = int(entry["rows"])
+            self._check(b, self.bytes.read(int(entry["cells_offset"]), rows * 8),
+                        self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes))
+        if self._views is None:
+            size, width = self.bytes.size, self.value_bytes
+            self._views = (np.ndarray((size - 7,), "<u8", self.bytes.view, strides=(1,)),
+                           np.ndarray((size - width + 1,), np.dtype((np.void, width)), self.bytes.view, strides=(1,)))
+        cells_at, rows_at = self._views
+        start = self.blocks["cells_offset"][block_of].astype(np.int64)
+        lo = np.zeros(len(targets), np.int64)
+        hi = self.blocks["rows"][block_of].astype(np.int64)
+        count = hi.copy()
+        while True:  # lower bound of each target in its block's cell run
+            active = lo < hi
+            if not active.any():
+                break
+            mid = (lo + hi) // 2
+            below = np.zeros(len(targets), bool)
+            below[active] = cells_at[start[active] + 8 * mid[active]] < targets[active]
+            lo = np.where(active & below, mid + 1, lo)
+            hi = np.where(active & ~below, mid, hi)
+        found = lo < count
+        found[found] = cells_at[start[found] + 8 * lo[found]] == targets[found]
+        offsets = self.blocks["values_offset"][block_of[found]].astype(np.int64) + lo[found] * self.value_bytes
+        values = rows_at[offsets].view(self.dtype).reshape(-1, self.dim)
+        return found, values
 
     def release(self) -> None:
         self.bytes.release()
@@ -291,10 +334,11 @@ class ResolutionReader:
         sorted_cells = cells[order]
         part_of = np.searchsorted(self.first, sorted_cells, side="right") - 1
         ok = (part_of >= 0) & (sorted_cells <= self.last[np.maximum(part_of, 0)])
+        if self.store.is_local:
+            self._gather_local(sorted_cells, order, part_of, ok, out, found, decode)
+            return found
         work = self._plan(sorted_cells, part_of, ok)
-        if not self.store.is_local:
-            self._prefetch(work)
-        touched: dict[int, int] = {}
+        self._prefetch(work)
         for p, b, lo, hi in work:
             block_cells, values = self._block(p, b)
             pos = np.searchsorted(block_cells, sorted_cells[lo:hi])
@@ -306,15 +350,36 @@ class ResolutionReader:
             else:
                 decode(values[pos_c[hit]], dest)
             found[dest] = True
-            touched[p] = touched.get(p, 0) + values.nbytes
-        for p, nbytes in touched.items():
-            if nbytes > RELEASE_BYTES:
-                self._parts[p].release()
         return found
+
+    def _gather_local(self, sorted_cells: NDArray[np.uint64], order: NDArray[np.intp], part_of: NDArray[np.intp],
+                      ok: NDArray[np.bool_], out: NDArray[Any], found: NDArray[np.bool_],
+                      decode: Callable[[NDArray[Any], NDArray[Any]], None] | None) -> None:
+        idx = np.flatnonzero(ok)
+        for group in np.split(idx, np.flatnonzero(np.diff(part_of[idx])) + 1) if idx.size else []:
+            p = int(part_of[group[0]])
+            part = self.part(p)
+            targets = sorted_cells[group]
+            block_of = np.searchsorted(part.first, targets, side="right") - 1
+            inside = (block_of >= 0) & (targets <= part.blocks["last_cell"][np.maximum(block_of, 0)])
+            group, targets, block_of = group[inside], targets[inside], block_of[inside]
+            checked_before = int(part._checked.sum())
+            hit, values = part.find_local(targets, block_of)
+            dest = order[group[hit]]
+            if decode is None:
+                out[dest] = values
+            else:
+                decode(values, dest)
+            found[dest] = True
+            # pages this call mapped: rows gathered, cell runs searched, blocks checked now
+            touched = (len(group) * 8192
+                       + (int(part._checked.sum()) - checked_before) * (BLOCK_BYTES + MAX_BLOCK_ROWS * 8))
+            if touched > RELEASE_BYTES:
+                part.release()
 
     def _plan(self, sorted_cells: NDArray[np.uint64], part_of: NDArray[np.intp],
               ok: NDArray[np.bool_]) -> list[tuple[int, int, int, int]]:
-        """(part, block, lo, hi): the runs of sorted cells that each block may hold."""
+        """(part, block, lo, hi): the runs of sorted cells that each block may hold (remote reads)."""
         work = []
         idx = np.flatnonzero(ok)
         if not idx.size:

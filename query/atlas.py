@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import ArrayLike, NDArray
 
+from catalog.blocks import ResolutionReader, part_infos
 from catalog.cells import cells_to_latlng, hex_to_cell, latlng_to_cells
 from catalog.coords import as_coordinates, invalid_mask
 from catalog.errors import (
@@ -37,7 +38,6 @@ from catalog.errors import (
     UnknownEncoderError,
     UnknownResolutionError,
 )
-from catalog.blocks import ResolutionReader, part_infos
 from catalog.manifest import BUILD_DIR, MANIFEST, list_datasets, read_manifest
 from catalog.storage import LocalStore, Store, is_remote, open_store
 from catalog.tables import coordinate_columns, dequantize, embedding_array, read_points

@@ -5,20 +5,19 @@ from __future__ import annotations
 import faiss
 import h3.api.numpy_int as h3i
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import xarray as xr
 
 from builder import finish
 from builder.build import build
-from builder.finish import IndexBuilder, ShardCache, ShardSource, _KthBest, ivf_sample
+from builder.finish import IndexBuilder, ShardSource, _KthBest, ivf_sample
 from builder.grid import Shard, cell_centers, shard_cells
 from catalog import vector_index
 from catalog.errors import AtlasCorruptError
 from catalog.manifest import read_manifest
 from catalog.storage import open_store
-from catalog.tables import embedding_array, embedding_matrix
+from catalog.tables import embedding_matrix
 from catalog.vector_index import ivf_lists, normalize
 from query import open as open_atlas
 from tests.data.satclip_checkpoint import make_checkpoint
@@ -62,14 +61,21 @@ def test_kth_best_over_blocks_equals_a_full_sort() -> None:
 
 
 def _source(tmp_path, vectors, ids, shard_rows=7000):
-    """Shards as the builder keeps them in memory (the Parquet paths are never read)."""
-    cache, paths = ShardCache(1 << 30), []
+    """Shards as part files of format 2 (float16), with their done records."""
+    from catalog.blocks import write_part
+    from catalog.manifest import file_record
+
+    records = []
     for i, start in enumerate(range(0, len(ids), shard_rows)):
-        table = pa.table({"cell": pa.array(ids[start:start + shard_rows].astype(np.uint64)),
-                          "embedding": embedding_array(vectors[start:start + shard_rows].astype(np.float16))})
-        paths.append(f"parquet/shard={i}.parquet")
-        cache.put(paths[-1], table)
-    return ShardSource(open_store(tmp_path), paths, cache)
+        cells = ids[start:start + shard_rows].astype(np.uint64)
+        part, table = f"data/res=9/part-{i}.parquet", f"blocks/res=9/part-{i}.blocks"
+        for rel in (part, table):
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_part(tmp_path / part, tmp_path / table, cells, vectors[start:start + shard_rows].astype(np.float16),
+                   metadata={})
+        records.append({"path": part, "blocks": table, "rows": len(cells), "first_cell": int(cells[0]),
+                        "last_cell": int(cells[-1]), "files": [file_record(tmp_path, part), file_record(tmp_path, table)]})
+    return ShardSource(open_store(tmp_path), records, vectors.shape[1], "float16")
 
 
 def _write_index(tmp_path, source, res, n, dim):
@@ -80,36 +86,21 @@ def _write_index(tmp_path, source, res, n, dim):
     return index.publish(open_store(tmp_path), source)
 
 
-def test_shard_source_gathers_cells_across_shards(tmp_path) -> None:
+def test_shard_source_gathers_cells_across_shards_reading_only_their_blocks(tmp_path, monkeypatch) -> None:
+    from catalog import blocks
+
     rng = np.random.default_rng(2)
     vectors = rng.normal(size=(20_000, 6)).astype(np.float32)
     ids = np.arange(20_000, dtype=np.int64) * 3 + 5
     source = _source(tmp_path, vectors, ids)
+    read, real = [], blocks.Part._check
+    monkeypatch.setattr(blocks.Part, "_check", lambda self, b, *runs: read.append((self.info.path, b)) or real(self, b, *runs))
     got_ids, got = source.gather_cells(np.array([4, 5, 21_003, 21_005, 59_999, 60_005]))  # 4, 21_003, 60_005 absent
     np.testing.assert_array_equal(got_ids, [5, 21_005, 59_999])
     rows = (got_ids - 5) // 3
     np.testing.assert_allclose(got, normalize(vectors[rows].astype(np.float16)), atol=1e-6)
-
-
-def test_cells_not_in_memory_are_read_from_the_row_groups_that_hold_them(tmp_path, monkeypatch) -> None:
-    rng = np.random.default_rng(4)
-    vectors = rng.normal(size=(21_000, 6)).astype(np.float32)
-    ids = np.arange(21_000, dtype=np.int64) * 3 + 5
-    cached = _source(tmp_path, vectors, ids)
-    for rel in cached.parquet:  # the same shards as files of 1,000-row groups, none in memory
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(cached.cache.get(rel), tmp_path / rel, row_group_size=1000)
-    on_disk = ShardSource(open_store(tmp_path), cached.parquet, ShardCache(0))
-    read: list[list[int]] = []
-    real = pq.ParquetFile.read_row_groups
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
-                        lambda self, groups, **kw: read.append(list(groups)) or real(self, groups, **kw))
-    wanted = np.array([5, 8, 3_005, 21_005, 62_996, 62_999, 7])  # rows 0, 1, 1000, 7000, 20997, 20998; 7 absent
-    got_ids, got = on_disk.gather_cells(wanted)
-    want_ids, want = cached.gather_cells(wanted)
-    np.testing.assert_array_equal(got_ids, want_ids)
-    np.testing.assert_array_equal(got, want)
-    assert read == [[0, 1], [0], [6]]  # of 7 groups per file
+    assert read == [("data/res=9/part-0.parquet", 0), ("data/res=9/part-1.parquet", 0),
+                    ("data/res=9/part-2.parquet", 1)]  # 7,000 rows a part, 4,096 a block (6-d float16)
 
 
 def test_ivf_sample_spreads_distinct_cells_over_the_sphere_or_the_kept_ones() -> None:

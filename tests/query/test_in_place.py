@@ -45,13 +45,13 @@ def _block_of(dataset, res, cell):
 
 def test_a_lookup_reads_one_block_and_opening_reads_none(toy, monkeypatch) -> None:
     reads = []
-    real = blocks.Part.block
+    real = blocks.Part._check
 
-    def counting(self, b):
+    def counting(self, b, *runs):
         reads.append((self.info.path, b))
-        return real(self, b)
+        return real(self, b, *runs)
 
-    monkeypatch.setattr(blocks.Part, "block", counting)
+    monkeypatch.setattr(blocks.Part, "_check", counting)
     atlas = query.open(toy)
     assert atlas.info()["toy"]["format_version"] == 2 and not reads
     assert not atlas._loaded  # no resolution opened, no block table read
