@@ -52,7 +52,7 @@ def _speed_rows(tmp: Path, quick: bool) -> list[Row]:
     rows = []
 
     lat, lon = _points(1000, seed=1)
-    atlas.lookup(lat[:10], lon[:10])  # warm: decoded cache and mappings
+    atlas.lookup(lat[:10], lon[:10])  # warm: the blocks' mappings
     it = iter(range(1000))
     look = _p50(lambda: atlas.lookup([lat[next(it) % 1000]], [lon[0]]), 500)
     enc = _p50(lambda: encoder.encode(lat=[lat[0]], lon=[lon[0]]), 200)

@@ -84,7 +84,7 @@ def run(quick: bool = False) -> list[Row]:
         one_worker = {}
         for workers in (1, 2):
             with _server(tmp / "atlas", env, workers) as url:
-                _load(url, gets[:200] + sims[:100])  # warm: decoded cache, index, connections
+                _load(url, gets[:200] + sims[:100])  # warm: block mappings, index, connections
                 for name, requests, direct, base_name in cases:
                     rate, p50, p99 = _load(url, requests)
                     label = f"{name}, {CLIENTS} clients, --workers {workers}: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"

@@ -3,7 +3,7 @@
 The driver (the process that called :func:`builder.build`) plans the shards, submits one
 task per shard that is not done yet, and records each shard as done (``_build/done/``) as its
 result arrives; it then assembles the Zarr, the index and the manifest as a local build does.
-A task runs :func:`builder.build.process_shard`: it writes the shard's own part file under
+A task runs :func:`builder.write.process_shard`: it writes the shard's own part file under
 a name fixed by the shard and returns the file's size and sha256.
 
 - Resources: one GPU per task when the cluster has GPUs (and the device is not ``cpu``),
@@ -33,9 +33,11 @@ if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-    from builder.build import BuildConfig, ShardJob, _BuildState, _Timer
+    from builder._timing import Timer
     from builder.encoders._base import Encoder
     from builder.grid import Shard
+    from builder.plan import BuildConfig, BuildState
+    from builder.write import ShardJob
 
 __all__ = ["MAX_RETRIES", "EncoderSpec", "require_ray", "run_ray", "task_resources"]
 
@@ -84,7 +86,7 @@ _LOADED: dict[EncoderSpec, Any] = {}
 def _shard_task(job: ShardJob, shard: Shard, encoder: EncoderSpec | Encoder,
                 land: dict[int, NDArray[np.uint64]] | None) -> tuple[dict[str, Any], dict[str, float]]:
     """The body of one Ray task (``encoder`` arrives already resolved from an object ref)."""
-    from builder.build import process_shard
+    from builder.write import process_shard
 
     if isinstance(encoder, EncoderSpec):
         encoder = encoder.load()
@@ -92,7 +94,7 @@ def _shard_task(job: ShardJob, shard: Shard, encoder: EncoderSpec | Encoder,
 
 
 def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Encoder,
-            land: dict[int, NDArray[np.uint64]], state: _BuildState, timer: _Timer, progress: bool | None,
+            land: dict[int, NDArray[np.uint64]], state: BuildState, timer: Timer, progress: bool | None,
             total_cells: int, *, encoder_given: bool = False) -> None:
     """Run ``todo`` as Ray tasks, marking each shard done as its result arrives.
 
@@ -106,7 +108,8 @@ def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Enco
     BuildFailedError
         Some shards failed after their retries (the others are recorded as done).
     """
-    from builder.build import _progress, _step_name
+    from builder._timing import progress_bar
+    from builder.plan import step_name
 
     ray = require_ray()
     started_here = not ray.is_initialized()
@@ -131,7 +134,7 @@ def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Enco
         start = time.perf_counter()
         pending = {task.remote(job, shard, payload, land_ref): shard for shard in todo}
         failed: list[tuple[Shard, BaseException]] = []
-        with _progress(progress, total_cells, f"build {encoder.name} (ray)") as bar:
+        with progress_bar(progress, total_cells, f"build {encoder.name} (ray)") as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
@@ -142,7 +145,7 @@ def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Enco
                         log.error("shard %s failed after %d retries: %s", shard, MAX_RETRIES, exc)
                         failed.append((shard, exc))
                         continue
-                    state.mark(_step_name(shard), record)
+                    state.mark(step_name(shard), record)
                     bar.update(record["rows"])
                     for stage, s in seconds.items():  # summed over workers: CPU/GPU-seconds, not wall time
                         timer.seconds[f"{stage} (tasks)"] = timer.seconds.get(f"{stage} (tasks)", 0.0) + s

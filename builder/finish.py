@@ -23,16 +23,22 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
+from builder import encode
+from builder._timing import Timer, progress_bar
+from builder.grid import cell_centers
+from builder.plan import BuildState
+from builder.write import ShardJob
 from catalog import manifest as fmt
 from catalog.errors import AtlasCorruptError
 from catalog.storage import Store, settle
 from catalog.tables import embedding_matrix
 
 if TYPE_CHECKING:
-    from builder.build import Quantizer
+    from builder.encode import Quantizer
+    from builder.encoders._base import Encoder
     from catalog.blocks import ResolutionReader
 
-__all__ = ["IndexBuilder", "ShardSource", "ZarrRows", "ivf_sample"]
+__all__ = ["Finisher", "IndexBuilder", "ShardSource", "ZarrRows", "finish_resolution", "finishing", "ivf_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -429,3 +435,91 @@ class _KthBest:
 
     def scores(self) -> NDArray[np.float32]:
         return self.best[:, 0]
+
+
+class Finisher:
+    """A resolution's Zarr rows and index (each None when an earlier run finished it), fed
+    shard tables in cell order."""
+
+    def __init__(self, zarr_rows: ZarrRows | None, index: IndexBuilder | None, source: ShardSource,
+                 timer: Timer) -> None:
+        self.zarr_rows, self.index, self.source, self.timer = zarr_rows, index, source, timer
+        self.columns = ("cell", "embedding")
+
+    def add(self, table: pa.Table, stored: NDArray[Any] | None = None) -> None:
+        """Add a shard's rows; ``stored``: its embeddings as a writeable array, when at hand."""
+        if self.zarr_rows is not None:
+            with self.timer("zarr"):
+                self.zarr_rows.add(table)
+        if self.index is not None:
+            with self.timer("index"):
+                self.index.add(table.column("cell").to_numpy(),
+                               self.source.unit_vectors(table if stored is None else stored))
+
+
+@contextlib.contextmanager
+def finishing(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray[np.uint64] | None,
+               state: BuildState, timer: Timer, source: ShardSource) -> Iterator[Finisher | None]:
+    """The Zarr store and FAISS index of one resolution of ``n`` cells, from the shard tables
+    the block feeds in cell order; when the block ends each is published and recorded as done.
+
+    What an earlier run finished is kept (None is yielded when that is both). A local build
+    feeds each shard as it is written; otherwise the caller replays ``source``.
+    """
+    dataset = job.dataset
+    zarr_done = not job.zarr or (state.done(f"zarr-res={res}") is not None
+                                 and dataset.exists(f"{fmt.zarr_relpath(res)}/.zmetadata"))
+    index_done = state.done(f"index-res={res}") is not None and dataset.exists(fmt.index_relpath(res))
+    if zarr_done and index_done:
+        yield None
+        source.release()
+        return
+    quantizer = job.quantizer()
+
+    def vectors_of(cells: NDArray[np.uint64]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        # the index's training sample, encoded now and stored as the shards are
+        lat, lon = cell_centers(cells)
+        stored = encode.encode_stored(encoder, lat, lon, job.precision, quantizer)
+        return cells.astype(np.int64), source.unit_vectors(stored).copy()
+
+    index = None
+    if not index_done:
+        with timer("index"):
+            index = IndexBuilder(res, n, encoder.dim, vectors_of, keep)
+    with (contextlib.nullcontext() if zarr_done else ZarrRows.staged(dataset, res, n, quantizer)) as zarr_rows:
+        yield Finisher(zarr_rows, index, source, timer)
+    if zarr_rows is not None:
+        state.mark(f"zarr-res={res}", {"files": zarr_rows.files})
+    if index is not None:
+        with timer("index"):
+            params, file = index.publish(dataset, source)
+        state.mark(f"index-res={res}", {"index": params, "file": file})
+    source.release()
+
+
+def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder, job: ShardJob,
+                      keep: NDArray[np.uint64] | None, state: BuildState, timer: Timer,
+                      progress: bool | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A resolution's manifest entry and file records, once its shards are written.
+
+    A resolution whose index (or Zarr face) was not streamed while its shards were written
+    (a Ray or resumed build) is finished here, by streaming its part files in cell order:
+    one part at a time in memory.
+    """
+    from catalog.blocks import block_rows
+
+    cells = sum(r["rows"] for r in records)
+    files = [f for r in records for f in r["files"]]
+    info = {"cells": cells, "block_rows": block_rows(encoder.dim, job.precision),
+            "parts": [{k: r[k] for k in ("path", "blocks", "rows", "first_cell", "last_cell")} for r in records]}
+    source = ShardSource(job.dataset, records, encoder.dim, job.precision, job.quantizer())
+    with finishing(res, cells, encoder, job, keep, state, timer, source) as finish:
+        if finish is not None:
+            with timer("read back"), progress_bar(progress, cells, f"finish res {res}") as bar:
+                for table in source.tables(finish.columns):  # the Zarr and index time is their own
+                    finish.add(table)
+                    bar.update(table.num_rows)
+    zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")
+    info["zarr"], info["index"] = (fmt.zarr_relpath(res) if job.zarr else None), index_done["index"]
+    files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]
+    return info, files

@@ -128,10 +128,35 @@ def read_block_table(data: bytes, where: str) -> NDArray[Any]:
     return blocks
 
 
+def _allow_open_maps() -> None:
+    """Raise this process's soft limit on open files towards the hard one (once).
+
+    Python's mmap keeps a duplicate of the file descriptor for each map, and a global query
+    on a resolution-8 atlas maps all of its 842 parts.
+    """
+    global _LIMIT_RAISED
+    if _LIMIT_RAISED:
+        return
+    _LIMIT_RAISED = True
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: keep the limit
+        pass
+
+
+_LIMIT_RAISED = False
+
+
 class _LocalBytes:
     """A local part file, memory-mapped read-only; runs are views into the map."""
 
     def __init__(self, path: Path) -> None:
+        _allow_open_maps()
         self.path = path
         with open(path, "rb") as fh:
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)

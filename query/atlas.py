@@ -402,9 +402,15 @@ class Atlas:
         named as in DuckDB's h3 extension: ``h3_latlng_to_cell(lat, lng, res)``,
         ``h3_cell_to_lat``, ``h3_cell_to_lng``, ``h3_cell_to_parent``, ``h3_cell_to_resolution``.
         """
-        from query.sql import connect
+        from query.sql import View, connect
 
-        return connect(self)
+        views = [View(name, self.dim(name), self._parquet_glob(name), self._manifest(name).get("quantization"))
+                 for name in self.models]
+
+        def lookup(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int, model: str | None) -> NDArray:
+            return self.lookup(lat, lon, res=res, model=model, on_invalid="null")
+
+        return connect(views, lookup)
 
     def sql(self, text: str) -> pa.Table:
         """Run SQL on :meth:`connect`'s connection and return an Arrow table."""

@@ -8,17 +8,29 @@ vectorised Python UDFs; when the extension is already installed it is loaded ins
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from catalog.errors import HexatlasError, InvalidArgumentError
 
-if TYPE_CHECKING:
-    from query.atlas import Atlas
+__all__ = ["QueryError", "View", "connect", "run_sql"]
 
-__all__ = ["QueryError", "connect", "run_sql"]
+# (lat, lon, res, model) -> (n, dim) float32 embeddings, NaN rows where there is none
+Lookup = Callable[[np.ndarray, np.ndarray, int, "str | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class View:
+    """What the SQL layer needs of one dataset: its name, dimension and part files."""
+
+    name: str
+    dim: int
+    glob: str  # the dataset's local part files
+    quantization: dict[str, list[float]] | None = None
 
 
 class QueryError(HexatlasError, ValueError):
@@ -68,23 +80,35 @@ def _cell_to_resolution(cell: pa.Array) -> pa.Array:
     return pa.array(((values >> np.uint64(52)) & np.uint64(15)).astype(np.int32), mask=_to_numpy(cell.is_null()))
 
 
-def _embedding_function(atlas: Atlas) -> Any:
+def _embedding_function(views: list[View], lookup: Lookup) -> Any:
     """``hexatlas_embedding(lat, lon, res, model)`` over one Arrow chunk: the in-place lookup."""
+    dims = {v.name: v.dim for v in views}
+
+    def dim_of(name: str | None) -> int:
+        if name is None:
+            if len(views) != 1:
+                raise InvalidArgumentError(f"hexatlas_embedding: this atlas holds several models ({', '.join(dims)});"
+                                           " name one as the fourth argument")
+            return views[0].dim
+        if name not in dims:
+            raise InvalidArgumentError(f"hexatlas_embedding: model {name!r} is not in this atlas; it holds "
+                                       f"{', '.join(dims)}")
+        return dims[name]
 
     def embed(lat: pa.Array, lon: pa.Array, res: pa.Array, model: pa.Array) -> pa.Array:
         lat_n, lon_n = _to_numpy(lat.cast(pa.float64())), _to_numpy(lon.cast(pa.float64()))
         res_n = _to_numpy(res.cast(pa.int64()).fill_null(-1))
         models = model.cast(pa.string()).fill_null("").to_pylist() if len(set(model.to_pylist())) > 1 else None
         names = [model[0].as_py() or None] if models is None else sorted(set(models))
-        dim = max(atlas.dim(m) for m in names) if names else 0
+        dim = max(dim_of(m) for m in names) if names else 0
         out = np.full((len(lat_n), dim), np.nan, dtype=np.float32)
         for name in names:
             rows = np.ones(len(lat_n), bool) if models is None else np.array([m == (name or "") for m in models])
-            if atlas.dim(name) != dim:
+            if dim_of(name) != dim:
                 raise InvalidArgumentError("hexatlas_embedding: one call mixes models of different dimensions")
             for r in np.unique(res_n[rows]).tolist():
                 sel = rows & (res_n == r)
-                out[sel] = atlas.lookup(lat_n[sel], lon_n[sel], res=int(r), model=name, on_invalid="null")
+                out[sel] = lookup(lat_n[sel], lon_n[sel], int(r), name)
         missing = np.isnan(out[:, 0]) if dim else np.ones(len(lat_n), bool)
         offsets = pa.array(np.arange(0, (len(lat_n) + 1) * dim, dim, dtype=np.int32) if dim
                            else np.zeros(len(lat_n) + 1, np.int32))
@@ -103,40 +127,43 @@ def _register_functions(con: Any) -> None:
     except duckdb.Error:
         pass
     try:
-        from duckdb.sqltypes import DOUBLE, INTEGER, UBIGINT
+        from duckdb.sqltypes import BIGINT, DOUBLE, INTEGER, UBIGINT
     except ImportError:  # duckdb < 1.4
-        from duckdb.typing import DOUBLE, INTEGER, UBIGINT
+        from duckdb.typing import BIGINT, DOUBLE, INTEGER, UBIGINT
 
     arrow = {"type": "arrow", "null_handling": "special"}
-    con.create_function("h3_latlng_to_cell", _latlng_to_cell, [DOUBLE, DOUBLE, INTEGER], UBIGINT, **arrow)
+    # resolutions as BIGINT: INTEGER literals widen to it, and a BIGINT column works too
+    con.create_function("h3_latlng_to_cell", _latlng_to_cell, [DOUBLE, DOUBLE, BIGINT], UBIGINT, **arrow)
     con.create_function("h3_cell_to_lat", lambda c: _cell_to_latlng(c, 0), [UBIGINT], DOUBLE, **arrow)
     con.create_function("h3_cell_to_lng", lambda c: _cell_to_latlng(c, 1), [UBIGINT], DOUBLE, **arrow)
-    con.create_function("h3_cell_to_parent", _cell_to_parent, [UBIGINT, INTEGER], UBIGINT, **arrow)
+    con.create_function("h3_cell_to_parent", _cell_to_parent, [UBIGINT, BIGINT], UBIGINT, **arrow)
     con.create_function("h3_cell_to_resolution", _cell_to_resolution, [UBIGINT], INTEGER, **arrow)
 
 
-def connect(atlas: Atlas) -> Any:
-    """A read-only-by-convention DuckDB connection over an atlas (see :meth:`Atlas.connect`)."""
+def connect(views: list[View], lookup: Lookup) -> Any:
+    """A read-only-by-convention DuckDB connection over an atlas's datasets (see
+    :meth:`query.Atlas.connect`): a view per dataset over its part files, the h3 functions,
+    and ``hexatlas_embedding``, which answers through ``lookup``."""
     import duckdb
 
     try:
-        from duckdb.sqltypes import DOUBLE, FLOAT, INTEGER, VARCHAR
+        from duckdb.sqltypes import BIGINT, DOUBLE, FLOAT, VARCHAR
     except ImportError:  # duckdb < 1.4
-        from duckdb.typing import DOUBLE, FLOAT, INTEGER, VARCHAR
+        from duckdb.typing import BIGINT, DOUBLE, FLOAT, VARCHAR
 
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")
     _register_functions(con)
-    con.create_function("_hexatlas_embedding", _embedding_function(atlas), [DOUBLE, DOUBLE, INTEGER, VARCHAR],
+    con.create_function("_hexatlas_embedding", _embedding_function(views, lookup), [DOUBLE, DOUBLE, BIGINT, VARCHAR],
                         duckdb.list_type(FLOAT), type="arrow", null_handling="special")
     # a macro gives the function its two forms (Python UDFs cannot be overloaded)
     con.execute("CREATE MACRO hexatlas_embedding(lat, lon, res) AS _hexatlas_embedding(lat, lon, res, NULL), "
                 "(lat, lon, res, model) AS _hexatlas_embedding(lat, lon, res, model)")
-    for i, name in enumerate(atlas.models):
-        view = "embeddings_" + re.sub(r"\W", "_", name)
-        glob = atlas._parquet_glob(name).replace("'", "''")
+    for i, dataset in enumerate(views):
+        view = "embeddings_" + re.sub(r"\W", "_", dataset.name)
+        glob = dataset.glob.replace("'", "''")
         embedding = "CAST(embedding AS FLOAT[])"
-        quant = atlas._manifest(name).get("quantization")
+        quant = dataset.quantization
         if quant:  # int8 codes (a fixed-size binary per row) back to values, as the Python API does
             function = f"_hexatlas_dequantize_{i}"
             con.create_function(function, _dequantizer(quant), [duckdb.sqltype("BLOB")], duckdb.list_type(FLOAT),

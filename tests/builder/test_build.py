@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from builder.build import _exclusive, build
+from builder.build import build
 from builder.grid import cell_centers, cell_count, plan_shards, shard_cells
+from builder.publish import exclusive
 from catalog.cli import main
 from catalog.errors import AtlasBusyError, InvalidArgumentError, UnknownResolutionError
 from catalog.manifest import read_manifest, validate_dataset
@@ -203,7 +204,7 @@ def test_bad_arguments() -> None:
 
 
 def test_a_second_build_at_the_same_time_is_refused(tmp_path) -> None:
-    with _exclusive(tmp_path / "toy"), pytest.raises(AtlasBusyError, match="another build is writing"):
+    with exclusive(tmp_path / "toy"), pytest.raises(AtlasBusyError, match="another build is writing"):
         build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)
 
 
@@ -259,10 +260,10 @@ def test_shard_files_written_in_parallel_survive_a_crash(tmp_path, monkeypatch) 
 
 
 def test_a_resolution_failing_to_publish_stops_the_build_and_resumes(tmp_path, monkeypatch) -> None:
-    import builder.build as b
+    import builder.encode
     from builder.finish import IndexBuilder
 
-    real_publish, real_encode = IndexBuilder.publish, b._encode_stored
+    real_publish, real_encode = IndexBuilder.publish, builder.encode.encode_stored
 
     def failing(self, *args):
         if self.res == 2:  # the first resolution: published while resolution 1 is encoded
@@ -275,7 +276,7 @@ def test_a_resolution_failing_to_publish_stops_the_build_and_resumes(tmp_path, m
         return real_encode(encoder, lat, *args)
 
     monkeypatch.setattr(IndexBuilder, "publish", failing)
-    monkeypatch.setattr(b, "_encode_stored", slow)
+    monkeypatch.setattr(builder.encode, "encode_stored", slow)
     with pytest.raises(OSError, match="disk full"):
         build(TOY, resolutions="0-2", output=tmp_path, device="cpu", progress=False)
     dataset = tmp_path / "toy"
@@ -317,9 +318,11 @@ def test_land_only_keeps_exactly_the_land_cells(tmp_path) -> None:
 
 
 def test_a_failure_while_a_shard_is_being_written_leaves_no_half_store(tmp_path, monkeypatch) -> None:
-    import builder.build as b
 
-    real_write, real_encode, calls = b._write_shard, b._encode_stored, {"n": 0}
+    import builder.encode
+    import builder.write
+
+    real_write, real_encode, calls = builder.write.write_shard, builder.encode.encode_stored, {"n": 0}
 
     def slow_write(*args):
         time.sleep(0.5)  # still writing (and then feeding the Zarr store) when the encoder fails
@@ -332,8 +335,8 @@ def test_a_failure_while_a_shard_is_being_written_leaves_no_half_store(tmp_path,
             raise RuntimeError("encoder failed")
         return real_encode(*args)
 
-    monkeypatch.setattr(b, "_write_shard", slow_write)
-    monkeypatch.setattr(b, "_encode_stored", failing_encode)
+    monkeypatch.setattr(builder.write, "write_shard", slow_write)
+    monkeypatch.setattr(builder.encode, "encode_stored", failing_encode)
     _small_shards(monkeypatch)
     with pytest.raises(RuntimeError, match="encoder failed"):
         build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False, formats="zarr")

@@ -11,9 +11,9 @@ def crash_on_shard_write(monkeypatch: pytest.MonkeyPatch, nth: int,
                          message: str = "simulated crash") -> Callable[[], None]:
     """Make the builder's ``nth`` shard write (1-based) raise ``RuntimeError(message)``, as a
     crash of the build process would stop it there; returns the function that undoes it."""
-    import builder.build as b
+    import builder.write as b
 
-    real, calls = b._write_shard, {"n": 0}
+    real, calls = b.write_shard, {"n": 0}
 
     def crashing(*args):
         calls["n"] += 1
@@ -21,5 +21,5 @@ def crash_on_shard_write(monkeypatch: pytest.MonkeyPatch, nth: int,
             raise RuntimeError(message)
         return real(*args)
 
-    monkeypatch.setattr(b, "_write_shard", crashing)
-    return lambda: monkeypatch.setattr(b, "_write_shard", real)
+    monkeypatch.setattr(b, "write_shard", crashing)
+    return lambda: monkeypatch.setattr(b, "write_shard", real)

@@ -181,6 +181,31 @@ def test_sql_views_and_h3_functions(atlas) -> None:
         atlas.sql("SELECT * FROM no_such_table")
 
 
+def test_sql_embedding_function_reads_in_place_row_by_row(atlas) -> None:
+    lat, lon = _points(5000, seed=7)
+    lat[:3], lon[3] = [np.nan, 95.0, 0.0], 200.0  # NaN, out of range, fine, out of range
+    res = np.where(np.arange(5000) % 2, 1, 2)
+    con = atlas.connect()
+    con.register("pts", pa.table({"lat": lat, "lon": lon, "res": res}))
+    got = con.sql(f"SELECT hexatlas_embedding(lat, lon, res, '{MODEL}') AS e, h3_latlng_to_cell(lat, lon, res) AS c "
+                  "FROM pts").to_arrow_table()
+    emb = got.column("e").to_pylist()
+    assert emb[0] is None and emb[1] is None and emb[3] is None and emb[2] is not None  # invalid rows: NULL
+    for r in (1, 2):
+        rows = np.flatnonzero((res == r) & (np.arange(5000) > 3))
+        expected = atlas.lookup(lat[rows], lon[rows], res=r, model=MODEL)
+        np.testing.assert_array_equal(np.array([emb[i] for i in rows], np.float32), expected)
+        cells = got.column("c").fill_null(0).to_numpy()[rows]
+        np.testing.assert_array_equal(cells, [h3i.latlng_to_cell(a, o, r) for a, o in zip(lat[rows], lon[rows])])
+    assert got.column("c").null_count == 3
+    toy = con.sql("SELECT hexatlas_embedding(10.0, 20.0, 1, 'toy') AS e").fetchall()[0][0]
+    np.testing.assert_allclose(toy, atlas.lookup([10.0], [20.0], model="toy")[0], rtol=1e-6)
+    with pytest.raises(QueryError, match="holds several models .*name one as the fourth argument"):
+        atlas.sql("SELECT hexatlas_embedding(10.0, 20.0, 1)")
+    with pytest.raises(QueryError, match="model 'nope' is not in this atlas"):
+        atlas.sql("SELECT hexatlas_embedding(10.0, 20.0, 1, 'nope')")
+
+
 def test_open_errors(tmp_path, atlas_dir) -> None:
     with pytest.raises(AtlasNotFoundError):
         query.open(tmp_path / "nothing")

@@ -1,0 +1,105 @@
+"""Write: a shard's part file of format 2 (:mod:`catalog.blocks`), published atomically.
+
+:func:`process_shard` is one shard from start to finish (enumerate, encode, write): the unit
+of work of a distributed build. The index and the Zarr face of a resolution are written by
+:mod:`builder.finish` from the same shards.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from builder import encode
+from builder._timing import Timer
+from builder.encode import Quantizer
+from builder.grid import Shard
+from builder.plan import enumerate_shard
+from catalog import manifest as fmt
+from catalog.blocks import embedding_column, write_part
+from catalog.storage import Store
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from builder.encoders._base import Encoder
+
+__all__ = ["ShardJob", "parquet_metadata", "process_shard", "shard_table", "write_shard"]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What writing a shard of one dataset needs besides the encoder; small and picklable.
+
+    ``dataset`` travels as its location: an ``s3://`` store is re-resolved from the
+    environment of the process that unpickles it, so credentials never ride with a task.
+    """
+
+    dataset: Store
+    precision: str
+    quantization: dict[str, list[float]] | None
+    metadata: dict[str, str]
+    zarr: bool = False  # also write the Zarr face
+
+    def quantizer(self) -> Quantizer | None:
+        return Quantizer(**self.quantization) if self.quantization else None
+
+
+def parquet_metadata(encoder: Encoder, precision: str, quantizer: Quantizer | None) -> dict[str, str]:
+    return {
+        "hexatlas.provenance": encoder.provenance.to_json(), "hexatlas.precision": precision,
+        **({"hexatlas.quantization": json.dumps(quantizer.to_dict())} if quantizer else {}),
+    }
+
+
+def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
+                  land: dict[int, NDArray[np.uint64]] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+    """One shard, start to finish: enumerate, encode, write its part file.
+
+    The unit of work of a distributed build (a Ray task runs exactly this). The file name
+    depends only on the shard and is published atomically, so running a shard twice (a
+    retried task) replaces the file with the same content instead of adding a second one.
+
+    Returns
+    -------
+    record : dict
+        The shard's done record: ``res``, ``rows``, ``path``, ``blocks``, ``first_cell``,
+        ``last_cell`` and ``files`` (path, bytes, sha256 of each; none for an empty shard).
+    seconds : dict
+        Seconds spent per stage (enumerate, encode, write).
+    """
+    timer = Timer()
+    with timer("enumerate"):
+        cells, lat, lon = enumerate_shard(shard, land or {})
+    with timer("encode"):
+        stored = encode.encode_stored(encoder, lat, lon, job.precision, job.quantizer())
+    with timer("write"):
+        record = write_shard(job.dataset, shard, cells, stored, job.metadata)
+    return record, timer.seconds
+
+
+def shard_table(cells: NDArray[np.uint64], stored: NDArray[Any]) -> pa.Table:
+    """A shard's rows as its part file holds them (no copies of the arrays)."""
+    return pa.table({"cell": pa.array(cells, pa.uint64()), "embedding": embedding_column(stored)})
+
+
+def write_shard(dataset: Store, shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any],
+                 metadata: dict[str, str]) -> dict[str, Any]:
+    """Write one shard's part file and block table (atomically, under fixed names); returns
+    its done record. A shard without cells (open ocean in a land-only build) writes nothing."""
+    part, blocks = fmt.part_relpath(shard.res, shard.key), fmt.blocks_relpath(shard.res, shard.key)
+    record: dict[str, Any] = {"res": shard.res, "rows": len(cells), "path": part, "blocks": blocks, "files": []}
+    if not len(cells):
+        return record
+    with dataset.staged(part) as tmp_part, dataset.staged(blocks) as tmp_blocks:
+        write_part(tmp_part, tmp_blocks, cells, stored, metadata={**metadata, "hexatlas.res": str(shard.res)})
+        record["files"] = [fmt.file_record(Path(), part, local=tmp_part),
+                           fmt.file_record(Path(), blocks, local=tmp_blocks)]
+    return {**record, "first_cell": int(cells[0]), "last_cell": int(cells[-1])}
+
+
