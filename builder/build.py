@@ -269,7 +269,7 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                              encoder.dim, job.precision, quantizer)
         with (finishing(res, n, encoder, job, land.get(res), state, timer, source) if streamed
               else contextlib.nullcontext()) as finish:
-            written: list[Future[None]] = []  # Parquet files being written, oldest first
+            written: list[Future[None]] = []  # part files being written, oldest first
             try:
                 while (item := feed.get()) is not _END:
                     if item is _CANCEL:  # the encoder failed: unwind without publishing
@@ -282,7 +282,7 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                     # at most 2 x PARQUET_WRITERS files in flight; a failed write stops the resolution
                     while written and (written[0].done() or len(written) > 2 * PARQUET_WRITERS):
                         written.pop(0).result()
-            finally:  # the resolution is published only once its Parquet files are
+            finally:  # the resolution is published only once its part files are
                 for future in written:
                     future.result()
 

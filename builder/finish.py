@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ZARR_CHUNK_CELLS = 4096
 ZARR_BLOCK_CELLS = 64 * ZARR_CHUNK_CELLS  # cells per Zarr write: whole chunks, one buffer
+INDEX_BATCH = 65536  # cells per index add: the unit vectors' buffer is this many rows
 RECALL_TARGET = 0.95
 RECALL_K = 10
 RECALL_QUERIES = 100
@@ -453,8 +454,11 @@ class Finisher:
                 self.zarr_rows.add(table)
         if self.index is not None:
             with self.timer("index"):
-                self.index.add(table.column("cell").to_numpy(),
-                               self.source.unit_vectors(table if stored is None else stored))
+                cells = table.column("cell").to_numpy()
+                values = embedding_matrix(table.column("embedding")) if stored is None else stored
+                for start in range(0, len(cells), INDEX_BATCH):  # float32 copies of a slice, not a shard
+                    self.index.add(cells[start:start + INDEX_BATCH],
+                                   self.source.unit_vectors(values[start:start + INDEX_BATCH]))
 
 
 @contextlib.contextmanager

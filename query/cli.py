@@ -85,10 +85,12 @@ def run_info(args: argparse.Namespace) -> int:
     for name, d in info.items():
         prov = d["provenance"]
         print(f"{name}: {d['model']} {d['dim']}-d, {d['precision']}{', land only' if d['land_only'] else ''}, "
-              f"built {d['created']}")
+              f"built {d['created']}, format {d['format_version']}")
         print(f"  weights: {prov['source']} (sha256 {prov['sha256'][:12]}...), {prov['licence']}")
         for r, ri in d["resolutions"].items():
-            print(f"  res {r}: {ri['cells']:,} cells, index {ri['index']} (recall@10 {ri['recall_at_10']})")
+            zarr = " + Zarr" if ri["zarr"] else ""
+            print(f"  res {r}: {ri['cells']:,} cells in {ri['parts']} part{'s' * (ri['parts'] != 1)}{zarr}, "
+                  f"index {ri['index']} (recall@10 {ri['recall_at_10']})")
     return 0
 
 
