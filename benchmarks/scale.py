@@ -19,7 +19,10 @@ resolution 6 in the same run unless said otherwise:
 - bytes read (``/proc/self/io`` ``read_bytes`` and ``rchar``) per point of a cold 1,000-point lookup.
 
 The atlases go under ``$HEXATLAS_BENCH_DIR`` (default: a new directory under /tmp) and are deleted at
-the end unless ``$HEXATLAS_BENCH_KEEP`` is set. A measurement that fails (a process killed for memory,
+the end unless ``$HEXATLAS_BENCH_KEEP`` is set. ``$HEXATLAS_BENCH_RESUME=<that directory>`` measures
+again on the atlases (and results, ``results.json``) an earlier kept run left there: builds that
+finished are not redone, unless named in ``$HEXATLAS_BENCH_REDO`` (``build:f2-hi,build:f1-lo``...);
+every query measurement is. A measurement that fails (a process killed for memory,
 say) becomes a row marked failed, and the suite goes on.
 """
 
@@ -201,7 +204,10 @@ class _Scale:
         self.atlases = {"f2-hi": _Atlas(2, hi, work / f"format2-res{hi}", REPO),
                         "f2-lo": _Atlas(2, lo, work / f"format2-res{lo}", REPO),
                         "f1-lo": _Atlas(1, lo, work / f"format1-res{lo}", format1_code)}
+        self.saved = work / "results.json"
         self.results: dict[tuple[str, str], dict] = {}
+        if self.saved.is_file():
+            self.results = {tuple(k.split("|")): v for k, v in json.loads(self.saved.read_text()).items()}
         self.points = {kind: work / f"points-{kind}.parquet" for kind in counts}
 
     def measure(self, name: str, key: str, snippet: str, *, cold: bool = True, **params: object) -> None:
@@ -216,6 +222,7 @@ class _Scale:
         except (RuntimeError, OSError) as exc:
             result = {"error": str(exc)}
         self.results[name, key] = result
+        self.saved.write_text(json.dumps({f"{n}|{k}": v for (n, k), v in self.results.items()}, indent=1))
         _log(f"{name}, {atlas.label}: " + ", ".join(
             f"{k} {v:,.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in result.items()))
 
@@ -223,13 +230,18 @@ class _Scale:
         from tests.data.satclip_checkpoint import make_checkpoint
 
         checkpoint = str(make_checkpoint(self.work / "satclip-l40.ckpt", legendre_polys=40))
+        redo = set(filter(None, os.environ.get("HEXATLAS_BENCH_REDO", "").split(",")))
         for key, atlas in self.atlases.items():
-            extra = {"formats": "parquet"} if atlas.format == 2 else {}
-            self.measure("build", key, _BUILD, cold=False, model=MODEL, checkpoint=checkpoint, extra=extra)
+            built = self.results.get(("build", key), {"error": "not run"})
+            if "error" in built or f"build:{key}" in redo or not (atlas.path / MODEL / "manifest.json").is_file():
+                shutil.rmtree(atlas.path, ignore_errors=True)
+                extra = {"formats": "parquet"} if atlas.format == 2 else {}
+                self.measure("build", key, _BUILD, cold=False, model=MODEL, checkpoint=checkpoint, extra=extra)
             self._disk(key)
-        _log("drawing land points ...")  # in a process of its own: the land mask takes 1 GB
-        _run(_POINTS, code=REPO, scratch=self.work, points={k: str(p) for k, p in self.points.items()},
-             counts=self.counts)
+        if not all(p.is_file() for p in self.points.values()):
+            _log("drawing land points ...")  # in a process of its own: the land mask takes 1 GB
+            _run(_POINTS, code=REPO, scratch=self.work, points={k: str(p) for k, p in self.points.items()},
+                 counts=self.counts)
         for key in self.atlases:
             self.measure("first lookup", key, _FIRST_LOOKUP)
             self.measure("bytes read", key, _BYTES_READ, points=str(self.points["io"]))
@@ -312,12 +324,15 @@ class _Scale:
 def run(quick: bool = False) -> list[Row]:
     base = Path(os.environ.get("HEXATLAS_BENCH_DIR") or "/tmp")
     base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="hexatlas-scale-", dir=base))
+    resume = os.environ.get("HEXATLAS_BENCH_RESUME")
+    work = Path(resume) if resume else Path(tempfile.mkdtemp(prefix="hexatlas-scale-", dir=base))
     format1_code = work / "format1-code"
     _log(f"atlases in {work}; format-1 code ({FORMAT1}) in a worktree at {format1_code}")
     try:
-        subprocess.run(["git", "worktree", "add", "--detach", str(format1_code), FORMAT1], cwd=REPO,
-                       check=True, capture_output=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=REPO, check=False, capture_output=True)
+        if not (format1_code / "query").is_dir():
+            subprocess.run(["git", "worktree", "add", "--detach", str(format1_code), FORMAT1], cwd=REPO,
+                           check=True, capture_output=True)
         hi, lo = (4, 3) if quick else (7, 6)
         return _Scale(work, format1_code, hi, lo, QUICK_POINTS if quick else POINTS).run_all()
     finally:

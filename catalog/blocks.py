@@ -13,7 +13,7 @@ So the same bytes serve two readers. DuckDB, Polars, Spark and pyarrow read the 
 ordinary Parquet (row groups pruned by the cell statistics). hexatlas reads them in place:
 a point lookup finds its part from the manifest, its block from the part's block table (a
 few KB, the only per-part state it keeps), and reads just that block's two runs, checking
-their CRCs; locally through a memory map, remotely with two range requests.
+their CRCs; locally with ``pread``, remotely with range requests.
 (zstd shrinks float16 embeddings by ~7%, not worth losing in-place reads.)
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 import threading
 import zlib
 from collections import OrderedDict
@@ -49,9 +50,11 @@ BLOCK_DTYPE = np.dtype([
     ("cells_offset", "<u8"), ("values_offset", "<u8"), ("cells_crc", "<u4"), ("values_crc", "<u4"),
 ])
 STORED_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
-# A call that touched more of a memory-mapped part than this drops the part's pages from the
-# process (they stay in the page cache): memory follows the query, not the atlas.
-RELEASE_BYTES = 64 << 20
+# A part that has answered this many lookups keeps its cell ids in memory (8 B a cell, checked
+# run by run): one vectorised search instead of a binary search through the map. Small
+# queries never pay for it; at most CELL_INDEX_BYTES of them per resolution, oldest dropped.
+INDEX_AFTER_ROWS = 256
+CELL_INDEX_BYTES = 256 << 20
 
 
 def block_rows(dim: int, precision: str) -> int:
@@ -128,12 +131,9 @@ def read_block_table(data: bytes, where: str) -> NDArray[Any]:
     return blocks
 
 
-def _allow_open_maps() -> None:
-    """Raise this process's soft limit on open files towards the hard one (once).
-
-    Python's mmap keeps a duplicate of the file descriptor for each map, and a global query
-    on a resolution-8 atlas maps all of its 842 parts.
-    """
+def _allow_open_files() -> None:
+    """Raise this process's soft limit on open files towards the hard one (once): a global
+    query on a resolution-8 atlas opens all of its 842 parts."""
     global _LIMIT_RAISED
     if _LIMIT_RAISED:
         return
@@ -153,23 +153,33 @@ _LIMIT_RAISED = False
 
 
 class _LocalBytes:
-    """A local part file, memory-mapped read-only; runs are views into the map."""
+    """A local part file, read with ``pread``: exactly the bytes asked for, through the page
+    cache, nothing mapped into the process (so nothing accumulates in its memory).
+
+    The kernel is told the reads are random: on this project's VM a read would otherwise
+    pull in up to 8 MB ahead (``read_ahead_kb``).
+    """
 
     def __init__(self, path: Path) -> None:
-        _allow_open_maps()
+        _allow_open_files()
         self.path = path
-        with open(path, "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self.size = len(self._map)
-        self.view = memoryview(self._map)
+        self._fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
 
-    def read(self, offset: int, size: int) -> memoryview:
-        return self.view[offset:offset + size]
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self._fd, size, offset)
 
-    def release(self) -> None:
-        """Drop this file's pages from the process (the page cache keeps them)."""
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
+    def rows(self, offsets: list[int], size: int) -> bytes:
+        """``size`` bytes at each offset, concatenated (one ``pread`` a row, ~1 us warm)."""
+        pread, fd = os.pread, self._fd
+        return b"".join([pread(fd, size, offset) for offset in offsets])
+
+    def __del__(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class _RemoteBytes:
@@ -183,9 +193,6 @@ class _RemoteBytes:
     def read(self, offset: int, size: int) -> bytes:
         data = self._file.read_at(size, offset)
         return data.to_pybytes() if hasattr(data, "to_pybytes") else bytes(data)
-
-    def release(self) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,7 @@ class Part:
             raise AtlasCorruptError(f"{where}/{info.blocks} lists {int(self.blocks['rows'].sum())} rows, "
                                     f"the manifest {info.rows}; run 'hexatlas validate {where}'")
         self.first = np.ascontiguousarray(self.blocks["first_cell"])
+        self._values_offset = self.blocks["values_offset"].astype(np.int64)
         try:
             self.bytes = _LocalBytes(store.path(info.path)) if store.is_local else _RemoteBytes(store, info.path)
         except FileNotFoundError:
@@ -236,9 +244,15 @@ class Part:
             raise AtlasCorruptError(
                 f"{where}/{info.path} has {self.bytes.size:,} bytes, its manifest says {info.bytes:,} "
                 f"(truncated or altered); run 'hexatlas validate {where}' and rebuild or re-download it")
-        self._checked = np.zeros(len(self.blocks), dtype=bool)
+        self.block_size = int(self.blocks["rows"][0]) if len(self.blocks) else 0
+        if len(self.blocks) and (self.blocks["rows"][:-1] != self.block_size).any():
+            raise AtlasCorruptError(f"{where}/{info.blocks}: blocks are not all of {self.block_size} rows but the "
+                                    f"last; run 'hexatlas validate {where}'")
+        self._cells_ok = np.zeros(len(self.blocks), dtype=bool)  # runs checked against their CRC
+        self._values_ok = np.zeros(len(self.blocks), dtype=bool)
         self.value_bytes = dim * self.dtype.itemsize
-        self._views: tuple[NDArray[Any], NDArray[Any]] | None = None
+        self.cells: NDArray[np.uint64] | None = None  # every cell id, once this part is looked up often
+        self._looked_up = 0
 
     def block(self, b: int) -> tuple[NDArray[np.uint64], NDArray[Any]]:
         """Cells (uint64, sorted) and stored embeddings ((rows, dim)) of block ``b``, checked."""
@@ -246,61 +260,74 @@ class Part:
         rows = int(entry["rows"])
         c_run = self.bytes.read(int(entry["cells_offset"]), rows * 8)
         v_run = self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes)
-        if not self._checked[b]:
-            self._check(b, c_run, v_run)
+        if not self._cells_ok[b]:
+            self._check(b, "cells", c_run)
+        if not self._values_ok[b]:
+            self._check(b, "values", v_run)
         cells = np.frombuffer(c_run, dtype="<u8")
         values = np.frombuffer(v_run, dtype=self.dtype).reshape(rows, self.dim)
         return cells, values
 
-    def _check(self, b: int, c_run: Any, v_run: Any) -> None:
+    def _check(self, b: int, run: str, data: Any) -> None:
+        """Check block ``b``'s ``run`` ("cells" or "values") against its CRC-32."""
         entry = self.blocks[b]
-        if zlib.crc32(c_run) != int(entry["cells_crc"]) or zlib.crc32(v_run) != int(entry["values_crc"]):
+        if zlib.crc32(data) != int(entry[f"{run}_crc"]):
             raise AtlasCorruptError(
                 f"{self.where}/{self.info.path}: block {b} (cells {int(entry['first_cell']):x}.."
-                f"{int(entry['last_cell']):x}) does not match its checksum (altered or damaged); run "
+                f"{int(entry['last_cell']):x}) does not match its checksum ({run} altered or damaged); run "
                 f"'hexatlas validate {self.where}' and rebuild or re-download the dataset")
-        self._checked[b] = True
+        (self._cells_ok if run == "cells" else self._values_ok)[b] = True
 
-    def find_local(self, targets: NDArray[np.uint64], block_of: NDArray[np.intp]
-                   ) -> tuple[NDArray[np.bool_], NDArray[Any]]:
-        """For a memory-mapped part: which ``targets`` (each in block ``block_of``) it holds, and
-        their stored embeddings (found rows only), without a Python loop over blocks.
-
-        Blocks are checked first (a loop, once per block and process); then one binary search
-        runs for all targets at once over views of the map that start at every byte (cell
-        runs and rows need not be aligned), and the rows are gathered in one fancy index.
-        """
-        for b in np.unique(block_of[~self._checked[block_of]]).tolist():
+    def _check_local(self, blocks: NDArray[np.intp], run: str) -> None:
+        """Check the ``run`` of each of ``blocks`` not checked yet, read with one ``pread`` each."""
+        done = self._cells_ok if run == "cells" else self._values_ok
+        width = 8 if run == "cells" else self.value_bytes
+        for b in np.unique(blocks[~done[blocks]]).tolist():
             entry = self.blocks[b]
-            rows = int(entry["rows"])
-            self._check(b, self.bytes.read(int(entry["cells_offset"]), rows * 8),
-                        self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes))
-        if self._views is None:
-            size, width = self.bytes.size, self.value_bytes
-            self._views = (np.ndarray((size - 7,), "<u8", self.bytes.view, strides=(1,)),
-                           np.ndarray((size - width + 1,), np.dtype((np.void, width)), self.bytes.view, strides=(1,)))
-        cells_at, rows_at = self._views
-        start = self.blocks["cells_offset"][block_of].astype(np.int64)
-        lo = np.zeros(len(targets), np.int64)
-        hi = self.blocks["rows"][block_of].astype(np.int64)
-        count = hi.copy()
-        while True:  # lower bound of each target in its block's cell run
-            active = lo < hi
-            if not active.any():
-                break
-            mid = (lo + hi) // 2
-            below = np.zeros(len(targets), bool)
-            below[active] = cells_at[start[active] + 8 * mid[active]] < targets[active]
-            lo = np.where(active & below, mid + 1, lo)
-            hi = np.where(active & ~below, mid, hi)
-        found = lo < count
-        found[found] = cells_at[start[found] + 8 * lo[found]] == targets[found]
-        offsets = self.blocks["values_offset"][block_of[found]].astype(np.int64) + lo[found] * self.value_bytes
-        values = rows_at[offsets].view(self.dtype).reshape(-1, self.dim)
-        return found, values
+            self._check(b, run, self.bytes.read(int(entry[f"{run}_offset"]), int(entry["rows"]) * width))
 
-    def release(self) -> None:
-        self.bytes.release()
+    def _cell_run(self, b: int) -> NDArray[np.uint64]:
+        entry = self.blocks[b]
+        data = self.bytes.read(int(entry["cells_offset"]), int(entry["rows"]) * 8)
+        if not self._cells_ok[b]:
+            self._check(b, "cells", data)
+        return np.frombuffer(data, "<u8")
+
+    def load_cells(self) -> None:
+        """Keep every cell id of this (local) part in memory, each run checked."""
+        self.cells = np.concatenate([self._cell_run(b) for b in range(len(self.blocks))])
+
+    def find_local(self, targets: NDArray[np.uint64]) -> tuple[NDArray[np.bool_], NDArray[Any]]:
+        """For a local part: which of the sorted ``targets`` it holds, and their stored
+        embeddings (found rows only).
+
+        A part looked up often keeps its cell ids (:meth:`load_cells`) and is searched in
+        memory, all targets at once; one looked up rarely reads (and checks) the cell run of
+        each block it needs. Then the value runs of the blocks hit are checked (once per
+        process), and each row is read with a ``pread`` of its own bytes.
+        """
+        self._looked_up += len(targets)
+        if self.cells is None and self._looked_up >= INDEX_AFTER_ROWS:
+            self.load_cells()
+        cells = self.cells
+        if cells is not None:
+            pos = np.minimum(np.searchsorted(cells, targets), len(cells) - 1)
+            found = cells[pos] == targets
+            block, row = np.divmod(pos[found], self.block_size)
+        else:
+            block_of = np.maximum(np.searchsorted(self.first, targets, side="right") - 1, 0)
+            found = np.zeros(len(targets), bool)
+            row = np.zeros(len(targets), np.int64)
+            cuts = np.flatnonzero(np.diff(block_of)) + 1
+            for lo, hi in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(targets)]]).tolist()):
+                run = self._cell_run(int(block_of[lo]))
+                pos = np.minimum(np.searchsorted(run, targets[lo:hi]), len(run) - 1)
+                found[lo:hi], row[lo:hi] = run[pos] == targets[lo:hi], pos
+            block, row = block_of[found], row[found]
+        self._check_local(block, "values")
+        offsets = self._values_offset[block] + row * self.value_bytes
+        values = np.frombuffer(self.bytes.rows(offsets.tolist(), self.value_bytes), self.dtype)
+        return found, values.reshape(-1, self.dim)
 
 
 class ResolutionReader:
@@ -320,6 +347,7 @@ class ResolutionReader:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, int], tuple[NDArray[np.uint64], NDArray[Any]]] = OrderedDict()
         self._cache_bytes, self._cache_max = 0, cache_bytes if not store.is_local else 0
+        self._indexed: OrderedDict[int, int] = OrderedDict()  # parts holding their cell ids -> bytes
 
     def part(self, p: int) -> Part:
         with self._lock:
@@ -357,11 +385,11 @@ class ResolutionReader:
             return found
         order = np.argsort(cells, kind="stable")
         sorted_cells = cells[order]
+        if self.store.is_local:
+            self._gather_local(sorted_cells, order, out, found, decode)
+            return found
         part_of = np.searchsorted(self.first, sorted_cells, side="right") - 1
         ok = (part_of >= 0) & (sorted_cells <= self.last[np.maximum(part_of, 0)])
-        if self.store.is_local:
-            self._gather_local(sorted_cells, order, part_of, ok, out, found, decode)
-            return found
         work = self._plan(sorted_cells, part_of, ok)
         self._prefetch(work)
         for p, b, lo, hi in work:
@@ -377,30 +405,33 @@ class ResolutionReader:
             found[dest] = True
         return found
 
-    def _gather_local(self, sorted_cells: NDArray[np.uint64], order: NDArray[np.intp], part_of: NDArray[np.intp],
-                      ok: NDArray[np.bool_], out: NDArray[Any], found: NDArray[np.bool_],
-                      decode: Callable[[NDArray[Any], NDArray[Any]], None] | None) -> None:
-        idx = np.flatnonzero(ok)
-        for group in np.split(idx, np.flatnonzero(np.diff(part_of[idx])) + 1) if idx.size else []:
-            p = int(part_of[group[0]])
-            part = self.part(p)
-            targets = sorted_cells[group]
-            block_of = np.searchsorted(part.first, targets, side="right") - 1
-            inside = (block_of >= 0) & (targets <= part.blocks["last_cell"][np.maximum(block_of, 0)])
-            group, targets, block_of = group[inside], targets[inside], block_of[inside]
-            checked_before = int(part._checked.sum())
-            hit, values = part.find_local(targets, block_of)
-            dest = order[group[hit]]
+    def _gather_local(self, sorted_cells: NDArray[np.uint64], order: NDArray[np.intp], out: NDArray[Any],
+                      found: NDArray[np.bool_], decode: Callable[[NDArray[Any], NDArray[Any]], None] | None) -> None:
+        # each part's targets are one run of the sorted cells: two searches find them all
+        starts = np.searchsorted(sorted_cells, self.first).tolist()
+        stops = np.searchsorted(sorted_cells, self.last, side="right").tolist()
+        for p, (lo, hi) in enumerate(zip(starts, stops)):
+            if lo == hi:
+                continue
+            part = self._parts.get(p) or self.part(p)
+            indexed = part.cells is not None
+            hit, values = part.find_local(sorted_cells[lo:hi])
+            if not indexed and part.cells is not None:
+                self._keep_cells(p, part)
+            dest = order[lo:hi][hit]
             if decode is None:
                 out[dest] = values
             else:
                 decode(values, dest)
             found[dest] = True
-            # pages this call mapped: rows gathered, cell runs searched, blocks checked now
-            touched = (len(group) * 8192
-                       + (int(part._checked.sum()) - checked_before) * (BLOCK_BYTES + MAX_BLOCK_ROWS * 8))
-            if touched > RELEASE_BYTES:
-                part.release()
+
+    def _keep_cells(self, p: int, part: Part) -> None:
+        """Note that part ``p`` now holds its cell ids; drop the oldest others' past the budget."""
+        with self._lock:
+            self._indexed[p] = part.cells.nbytes if part.cells is not None else 0
+            while sum(self._indexed.values()) > CELL_INDEX_BYTES and len(self._indexed) > 1:
+                old, _ = self._indexed.popitem(last=False)
+                self._parts[old].cells, self._parts[old]._looked_up = None, 0
 
     def _plan(self, sorted_cells: NDArray[np.uint64], part_of: NDArray[np.intp],
               ok: NDArray[np.bool_]) -> list[tuple[int, int, int, int]]:

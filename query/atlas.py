@@ -3,7 +3,8 @@
 Embeddings are read in place (:mod:`catalog.blocks`): opening reads the manifests only; a
 query reads the block table of each part it touches (a few KB) and then only the blocks
 (at most ~256 KB each) that hold its cells, each checked against its CRC-32 the first time
-this process reads it. Local parts are memory-mapped; parts in object storage
+this process reads it. Local parts are read with ``pread`` (through the page cache, nothing
+mapped or copied into the process but what a query returns); parts in object storage
 (``query.open("s3://bucket/prefix")``) are read with range requests, and checked blocks
 are kept in a bounded cache. Nothing is decoded or copied up front, so memory follows the
 query, not the atlas. The atlas itself is only ever read.

@@ -94,13 +94,14 @@ def test_shard_source_gathers_cells_across_shards_reading_only_their_blocks(tmp_
     ids = np.arange(20_000, dtype=np.int64) * 3 + 5
     source = _source(tmp_path, vectors, ids)
     read, real = [], blocks.Part._check
-    monkeypatch.setattr(blocks.Part, "_check", lambda self, b, *runs: read.append((self.info.path, b)) or real(self, b, *runs))
+    monkeypatch.setattr(blocks.Part, "_check",
+                        lambda self, b, run, data: read.append((self.info.path, b)) or real(self, b, run, data))
     got_ids, got = source.gather_cells(np.array([4, 5, 21_003, 21_005, 59_999, 60_005]))  # 4, 21_003, 60_005 absent
     np.testing.assert_array_equal(got_ids, [5, 21_005, 59_999])
     rows = (got_ids - 5) // 3
     np.testing.assert_allclose(got, normalize(vectors[rows].astype(np.float16)), atol=1e-6)
-    assert read == [("data/res=9/part-0.parquet", 0), ("data/res=9/part-1.parquet", 0),
-                    ("data/res=9/part-2.parquet", 1)]  # 7,000 rows a part, 4,096 a block (6-d float16)
+    assert list(dict.fromkeys(read)) == [("data/res=9/part-0.parquet", 0), ("data/res=9/part-1.parquet", 0),
+                                         ("data/res=9/part-2.parquet", 1)]  # 7,000 rows a part, 4,096 a block
 
 
 def test_ivf_sample_spreads_distinct_cells_over_the_sphere_or_the_kept_ones() -> None:

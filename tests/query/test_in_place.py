@@ -47,16 +47,17 @@ def test_a_lookup_reads_one_block_and_opening_reads_none(toy, monkeypatch) -> No
     reads = []
     real = blocks.Part._check
 
-    def counting(self, b, *runs):
-        reads.append((self.info.path, b))
-        return real(self, b, *runs)
+    def counting(self, b, run, data):
+        reads.append((self.info.path, b, run))
+        return real(self, b, run, data)
 
     monkeypatch.setattr(blocks.Part, "_check", counting)
     atlas = query.open(toy)
     assert atlas.info()["toy"]["format_version"] == 2 and not reads
     assert not atlas._loaded  # no resolution opened, no block table read
     emb = atlas.lookup([48.85], [2.35], res=3)
-    assert len(reads) == 1 and emb.shape == (1, 4)
+    assert [r[2] for r in reads] == ["cells", "values"] and len({r[:2] for r in reads}) == 1  # one block
+    assert emb.shape == (1, 4)
     info = read_manifest(toy / "toy")["resolutions"]["3"]
     assert info["block_rows"] == blocks.block_rows(4, "float16") and len(info["parts"]) == 1
 
@@ -74,6 +75,10 @@ def test_results_equal_a_plain_parquet_read(toy) -> None:
     np.testing.assert_array_equal(got, stored[pick])
     missing = atlas._data("toy", 3).vectors(np.array([0, cells[0] - 1, cells[-1] + 1], np.uint64))
     assert np.isnan(missing).all()
+    between = cells[pick[:100]] + np.uint64(1)  # inside a block's range, but not cells the atlas holds
+    mixed = atlas._data("toy", 3).vectors(np.concatenate([between, cells[pick[:100]]]))
+    assert np.isnan(mixed[:100]).all()
+    np.testing.assert_array_equal(mixed[100:], stored[pick[:100]])
     everything = atlas._data("toy", 3).scan()
     np.testing.assert_array_equal(everything[0], cells)
     np.testing.assert_array_equal(everything[1], stored)
