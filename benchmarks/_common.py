@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,16 @@ def best_rate(fn: Callable[[], object], items: int, *, repeats: int = 3, warmup:
         fn()
         best = min(best, time.perf_counter() - start)
     return items / best
+
+
+def p50(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def machine() -> str:

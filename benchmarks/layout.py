@@ -21,18 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import Row
+from benchmarks._common import Row, p50
 
 DIM = 256
-
-
-def _p50(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def _size(path: Path) -> int:
@@ -67,9 +58,9 @@ def run(quick: bool = False) -> list[Row]:
         reader = ResolutionReader(LocalStore(tmp), [info], DIM, "float16", str(tmp))
         out = np.empty((len(wanted), DIM), np.float32)
         reader.gather(wanted, out)  # warm: blocks checked once
-        f2_many = len(wanted) / _p50(lambda: reader.gather(wanted, out), 3)
+        f2_many = len(wanted) / p50(lambda: reader.gather(wanted, out), 3)
         one = np.empty((1, DIM), np.float32)
-        f2_one = _p50(lambda: [reader.gather(c, one) for c in single], 3) / len(single)
+        f2_one = p50(lambda: [reader.gather(c, one) for c in single], 3) / len(single)
 
         start = time.perf_counter()
         group = zarr.open_group(str(tmp / "z.zarr"), mode="w", zarr_format=3)
@@ -91,8 +82,8 @@ def run(quick: bool = False) -> list[Row]:
             return got
 
         zarr_gather(wanted[:1000])
-        zarr_many = len(wanted) / _p50(lambda: zarr_gather(wanted), 2 if quick else 3)
-        zarr_one = _p50(lambda: [zarr_gather(c) for c in single], 3) / len(single)
+        zarr_many = len(wanted) / p50(lambda: zarr_gather(wanted), 2 if quick else 3)
+        zarr_one = p50(lambda: [zarr_gather(c) for c in single], 3) / len(single)
 
         table = pa.table({"cell": pa.array(cells), "embedding": embedding_column(values)})
         pq.write_table(table, tmp / "zstd.parquet", compression="zstd", row_group_size=8192)

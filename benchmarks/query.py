@@ -19,16 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from benchmarks._common import Row
-
-
-def _p50(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from benchmarks._common import Row, p50
 
 
 def _points(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -54,16 +45,16 @@ def _speed_rows(tmp: Path, quick: bool) -> list[Row]:
     lat, lon = _points(1000, seed=1)
     atlas.lookup(lat[:10], lon[:10])  # warm: the blocks' mappings
     it = iter(range(1000))
-    look = _p50(lambda: atlas.lookup([lat[next(it) % 1000]], [lon[0]]), 500)
-    enc = _p50(lambda: encoder.encode(lat=[lat[0]], lon=[lon[0]]), 200)
+    look = p50(lambda: atlas.lookup([lat[next(it) % 1000]], [lon[0]]), 500)
+    enc = p50(lambda: encoder.encode(lat=[lat[0]], lon=[lon[0]]), 200)
     rows.append(Row("lookup p50, 1 point (warm)", label, look * 1e3, "ms", "encoder, 1 point", enc * 1e3, "< 1 ms"))
 
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
-    cold = _p50(lambda: subprocess.run([sys.executable, "-m", "catalog.cli", "lookup", str(tmp / "atlas"), "--lat", "48.85",
+    cold = p50(lambda: subprocess.run([sys.executable, "-m", "catalog.cli", "lookup", str(tmp / "atlas"), "--lat", "48.85",
                                          "--lon", "2.35"], check=True, capture_output=True, env=env), 5)
     pts = tmp / "one.csv"
     pts.write_text("lat,lon\n48.85,2.35\n")
-    cold_enc = _p50(lambda: subprocess.run([sys.executable, "-m", "catalog.cli", "encode", "--model", "satclip-vit16-l40",
+    cold_enc = p50(lambda: subprocess.run([sys.executable, "-m", "catalog.cli", "encode", "--model", "satclip-vit16-l40",
                                              "--checkpoint", str(ckpt), "--input", str(pts), "--output",
                                              str(tmp / "one.parquet"), "--device", "cpu"],
                                             check=True, capture_output=True, env=env), 3)
@@ -73,16 +64,16 @@ def _speed_rows(tmp: Path, quick: bool) -> list[Row]:
     n = 100_000 if quick else 1_000_000
     lat, lon = _points(n, seed=2)
     points = pa.table({"id": np.arange(n), "lat": lat, "lon": lon})
-    first_s = _p50(lambda: atlas.join(points), 1)  # pages the memory-mapped embeddings in
-    join_s = _p50(lambda: atlas.join(points), 3)
-    enc_s = _p50(lambda: encoder.encode(lat=lat, lon=lon), 1)
+    first_s = p50(lambda: atlas.join(points), 1)  # reads (and checks) the blocks from disk
+    join_s = p50(lambda: atlas.join(points), 3)
+    enc_s = p50(lambda: encoder.encode(lat=lat, lon=lon), 1)
     rows.append(Row(f"join {n:,} points (p50 of 3 warm; first run {n / first_s:,.0f} pts/s)", label, n / join_s,
                     "pts/s", "encoding them (SatCLIP L=40 float32)", n / enc_s, ">= 300,000 pts/s"))
 
     rows.append(_interpolation_row(atlas, encoder, label))
 
     data = atlas._data(None, res)
-    unit = normalize(data.vectors(np.arange(len(data.cells))))
+    unit = normalize(data.scan()[1])
     qrows = np.random.default_rng(3).choice(len(unit), 200, replace=False)
     found, times = [], []
     for r in qrows:
