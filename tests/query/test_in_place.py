@@ -154,3 +154,33 @@ def test_the_zarr_face_is_what_xdggs_decodes(tmp_path) -> None:
     plain = tmp_path / "plain"
     build(TOY, resolutions="2", output=plain, device="cpu", progress=False)
     assert not (plain / "toy" / "zarr").exists() and read_manifest(plain / "toy")["resolutions"]["2"]["zarr"] is None
+
+
+def test_concurrent_readers_get_what_one_reader_gets(toy, monkeypatch) -> None:
+    """The server's thread pool shares one Atlas: parts opened, checked and indexed by several
+    threads at once must still answer every query exactly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(blocks, "INDEX_AFTER_ROWS", 50)  # parts switch to their cell index mid-run
+    rng = np.random.default_rng(11)
+    queries = [(np.degrees(np.arcsin(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n))
+               for n in rng.integers(1, 400, 64)]
+    expected = [query.open(toy).lookup(lat, lon, res=3) for lat, lon in queries]
+    shared = query.open(toy)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda q: shared.lookup(q[0], q[1], res=3), queries))
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_land_only_atlas_has_no_answer_at_sea(tmp_path) -> None:
+    pytest.importorskip("global_land_mask")
+    from catalog.errors import InvalidCoordinateError
+
+    build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False, land_only=True)
+    atlas = query.open(tmp_path)
+    lat, lon = np.array([48.85, 0.0, -33.87]), np.array([2.35, -140.0, 151.21])  # Paris, the Pacific, Sydney
+    emb = atlas.lookup(lat, lon, on_invalid="null")
+    assert np.isfinite(emb[[0, 2]]).all() and np.isnan(emb[1]).all()
+    with pytest.raises(InvalidCoordinateError, match="1 of 3 points fall in cells this atlas does not hold"):
+        atlas.lookup(lat, lon)
