@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
     from catalog.storage import Store
 
-__all__ = ["BLOCK_BYTES", "BLOCK_DTYPE", "Part", "ResolutionReader", "block_rows", "embedding_column",
-           "write_part"]
+__all__ = ["BLOCK_BYTES", "BLOCK_DTYPE", "STORED_DTYPES", "Part", "PartInfo", "ResolutionReader", "block_rows",
+           "embedding_column", "part_infos", "read_block_table", "write_part"]
 
 BLOCK_BYTES = 256 * 1024  # embedding bytes per block: what one point lookup reads at most
 MAX_BLOCK_ROWS = 4096  # cells per block at most (tiny embeddings would make the cell run dominate)
