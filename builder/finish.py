@@ -54,6 +54,7 @@ NPROBES = (4, 8, 16, 32, 64, 128, 256)
 # quantisation with one byte per 8 dimensions (PQ), 8x smaller: SQ8 for a resolution-7 land
 # SatCLIP atlas would hold 7.4 GB in the build (and in every process that searches it).
 SQ8_MAX_BYTES = 1 << 30
+PQ_TRAIN_POINTS = 39 * 256
 # An index that misses the recall target is replaced by an exact one only up to this size.
 FLAT_MAX_BYTES = 2 << 30
 
@@ -315,12 +316,14 @@ class IndexBuilder:
             self.index = _flat_index(self.faiss, dim)
             return
         self.nlist = vector_index.ivf_lists(n)
-        train_cells, query_cells = ivf_sample(res, min(n, 40 * self.nlist), keep)
+        self.codes = "SQ8" if n * dim <= SQ8_MAX_BYTES or dim % 8 else f"PQ{dim // 8}"
+        # PQ trains 256 centroids per sub-vector: faiss wants 39 points per centroid
+        sample = max(40 * self.nlist, PQ_TRAIN_POINTS if self.codes != "SQ8" else 0)
+        train_cells, query_cells = ivf_sample(res, min(n, sample), keep)
         self.seconds += time.perf_counter() - start
         ids, train = vectors_of(train_cells)
         start = time.perf_counter()
         self.queries = np.ascontiguousarray(train[np.isin(ids, query_cells.astype(np.int64))])
-        self.codes = "SQ8" if n * dim <= SQ8_MAX_BYTES or dim % 8 else f"PQ{dim // 8}"
         self.index = self.faiss.index_factory(dim, f"IVF{self.nlist},{self.codes}", self.faiss.METRIC_INNER_PRODUCT)
         if getattr(self.faiss, "get_num_gpus", lambda: 0)() > 0:
             self.index, self._on_gpus = self.faiss.index_cpu_to_all_gpus(self.index), True
@@ -445,7 +448,6 @@ class Finisher:
     def __init__(self, zarr_rows: ZarrRows | None, index: IndexBuilder | None, source: ShardSource,
                  timer: Timer) -> None:
         self.zarr_rows, self.index, self.source, self.timer = zarr_rows, index, source, timer
-        self.columns = ("cell", "embedding")
 
     def add(self, table: pa.Table, stored: NDArray[Any] | None = None) -> None:
         """Add a shard's rows; ``stored``: its embeddings as a writeable array, when at hand."""
@@ -520,7 +522,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
     with finishing(res, cells, encoder, job, keep, state, timer, source) as finish:
         if finish is not None:
             with timer("read back"), progress_bar(progress, cells, f"finish res {res}") as bar:
-                for table in source.tables(finish.columns):  # the Zarr and index time is their own
+                for table in source.tables():  # the Zarr and index time is their own
                     finish.add(table)
                     bar.update(table.num_rows)
     zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.errors import AtlasCorruptError
+from catalog.tables import embedding_array
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -51,8 +52,8 @@ BLOCK_DTYPE = np.dtype([
 ])
 STORED_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
 # A part that has answered this many lookups keeps its cell ids in memory (8 B a cell, checked
-# run by run): one vectorised search instead of a binary search through the map. Small
-# queries never pay for it; at most CELL_INDEX_BYTES of them per resolution, oldest dropped.
+# run by run): one search in memory instead of reading each block's cell run. Small queries
+# never pay for it; at most CELL_INDEX_BYTES of them per resolution, oldest dropped.
 INDEX_AFTER_ROWS = 256
 CELL_INDEX_BYTES = 256 << 20
 
@@ -70,11 +71,11 @@ def embedding_column(values: NDArray[Any]) -> pa.Array:
     Floats are a fixed-size list; int8 a fixed-size binary of ``dim`` bytes, because Parquet
     would widen each int8 to a 4-byte INT32 and the runs would no longer be the raw codes.
     """
+    if values.dtype != np.int8:
+        return embedding_array(values)
     values = np.ascontiguousarray(values)
     n, dim = values.shape
-    if values.dtype == np.int8:
-        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim), n, [None, pa.py_buffer(values)])
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim), n, [None, pa.py_buffer(values)])
 
 
 def write_part(path: Path, blocks_path: Path, cells: NDArray[np.uint64], values: NDArray[Any], *,

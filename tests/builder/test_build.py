@@ -201,6 +201,8 @@ def test_bad_arguments() -> None:
         build(TOY, resolutions="zero", output="unused")
     with pytest.raises(InvalidArgumentError, match="float16, float32, int8"):
         build(TOY, resolutions="0", output="unused", precision="float8")
+    with pytest.raises(InvalidArgumentError, match="unknown format 'geotiff'; choose from parquet, zarr"):
+        build(TOY, resolutions="0", output="unused", formats="parquet,geotiff")
 
 
 def test_a_second_build_at_the_same_time_is_refused(tmp_path) -> None:

@@ -139,6 +139,21 @@ def test_large_resolutions_get_an_approximate_index_with_measured_recall(tmp_pat
     assert (found[:, 0] == ids[:20]).mean() >= 0.9  # SQ8 codes: the query's own cell comes first
 
 
+def test_codes_too_large_for_sq8_become_product_quantised(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 10_000)
+    monkeypatch.setattr(finish, "SQ8_MAX_BYTES", 1 << 20)  # 41,162 x 64 B of SQ8 codes would pass it
+    ids = shard_cells(Shard(3)).astype(np.int64)
+    lat, lon = np.radians(cell_centers(ids.astype(np.uint64)))
+    xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+    rng = np.random.default_rng(0)  # smooth in place, as location embeddings are
+    vectors = normalize(np.sin(xyz @ rng.normal(scale=3.0, size=(3, 64)) + rng.uniform(0, 2 * np.pi, 64)))
+    params, _ = _write_index(tmp_path, _source(tmp_path, vectors, ids), 3, len(ids), 64)
+    assert params["type"] == f"IVF{ivf_lists(len(ids))},PQ8" and params["rerank"] in finish.RERANKS
+    assert params["recall_at_10"] >= 0.95  # reached by re-ranking candidates exactly
+    index = faiss.read_index(str(tmp_path / params["path"]))
+    assert faiss.extract_index_ivf(index).code_size == 8  # a byte per 8 dimensions
+
+
 def test_an_index_missing_cells_is_refused(tmp_path) -> None:
     vectors = normalize(np.random.default_rng(3).normal(size=(100, 4)))
     with pytest.raises(AtlasCorruptError, match="hold 100 cells, expected 101"):
@@ -175,3 +190,14 @@ def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatc
     info = read_manifest(tmp_path / "toy")["resolutions"]["2"]["index"]
     assert info["exact"] and info["recall_at_10"] == 1.0
     assert "keeping an exact index" in caplog.text
+
+
+def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_setting(tmp_path, monkeypatch,
+                                                                                      caplog) -> None:
+    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(finish, "FLAT_MAX_BYTES", 0)  # as at resolution 7, where a flat index would not fit
+    build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False)
+    info = read_manifest(tmp_path / "toy")["resolutions"]["2"]["index"]
+    assert not info["exact"] and 0 < info["recall_at_10"] < 0.95 and "met" not in info
+    assert "an exact index would not fit, keeping the best setting" in caplog.text
+    assert len(open_atlas(tmp_path).similar(lat=10.0, lon=20.0, k=5)) == 5  # still searchable

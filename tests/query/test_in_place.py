@@ -184,3 +184,23 @@ def test_a_land_only_atlas_has_no_answer_at_sea(tmp_path) -> None:
     assert np.isfinite(emb[[0, 2]]).all() and np.isnan(emb[1]).all()
     with pytest.raises(InvalidCoordinateError, match="1 of 3 points fall in cells this atlas does not hold"):
         atlas.lookup(lat, lon)
+
+
+def test_cell_ids_kept_in_memory_stay_within_their_budget(tmp_path, monkeypatch) -> None:
+    import builder.grid
+
+    monkeypatch.setattr(builder.grid, "SHARD_CELLS", 7**3)  # resolution 5 in many parts
+    build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False)
+    monkeypatch.setattr(blocks, "INDEX_AFTER_ROWS", 10)
+    monkeypatch.setattr(blocks, "CELL_INDEX_BYTES", 3 * 8 * 7**3)  # the cell ids of three parts
+    atlas, plain = query.open(tmp_path), query.open(tmp_path)
+    monkeypatch.setattr(blocks, "INDEX_AFTER_ROWS", 10**9)
+    lat, lon = np.degrees(np.arcsin(np.random.default_rng(5).uniform(-1, 1, 20_000))), \
+        np.random.default_rng(6).uniform(-180, 180, 20_000)
+    expected = plain.lookup(lat, lon)  # every part searched block by block
+    monkeypatch.setattr(blocks, "INDEX_AFTER_ROWS", 10)
+    for _ in range(2):
+        np.testing.assert_array_equal(atlas.lookup(lat, lon), expected)
+    reader = atlas._data("toy", 5).reader
+    held = [p for p in reader._parts.values() if p.cells is not None]
+    assert len(reader.infos) > 100 and 0 < len(held) <= 3
