@@ -2,8 +2,9 @@
 
 The build is a pipeline whose stages each have their module: :mod:`builder.plan` (what to
 build, which shards, which are done), :mod:`builder.encode` (cell centres through the
-encoder, into the stored precision), :mod:`builder.write` (a shard's part file) and
-:mod:`builder.finish` (a resolution's index and Zarr face, from its shards), then
+encoder, into the stored precision), :mod:`builder.write` (a shard's part file and its codes
+in the resolution's index, :mod:`builder.index`) and :mod:`builder.finish` (the index merged,
+the Zarr face), then
 :mod:`builder.publish` (the manifest, last; the lock; the swap of a rebuild). This module
 runs them: here, overlapped in threads (``executor="local"``), or as Ray tasks
 (``executor="ray"``, :mod:`builder.executors`), which only decides where the per-shard
@@ -34,7 +35,7 @@ import numpy as np
 from builder import encode, write
 from builder._timing import Timer, progress_bar, timed
 from builder.encode import Quantizer
-from builder.finish import ShardSource, finish_resolution, finishing
+from builder.finish import finish_resolution, finishing, train_index
 from builder.grid import Shard, cell_count, plan_shards
 from builder.plan import (
     EXECUTORS,
@@ -221,6 +222,11 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     land = land_cells_of(config) if config.land_only else {}
     job = ShardJob(dataset, config.precision, quantizer.to_dict() if quantizer else None,
                    parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats)
+    # trained before any shard, so that each shard's codes are added where it is encoded
+    trained = {res: t for res in config.resolutions
+               if (t := train_index(res, len(land[res]) if res in land else cell_count(res), encoder, job,
+                                    land.get(res), state, timer)) is not None}
+    job = replace(job, indexes=trained)
     if config.executor == "ray":
         from builder.executors import run_ray
 
@@ -235,8 +241,8 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     done_records = state.all_done()
     for res in config.resolutions:
         records = [r for s in shards if s.res == res and (r := done_records[step_name(s)])["rows"]]
-        res_info[str(res)], res_files = finish_resolution(res, records, encoder, job, land.get(res), state, timer,
-                                                          progress)
+        res_info[str(res)], res_files = finish_resolution(res, records, encoder, job, state, timer, progress,
+                                                          land_flags=not config.land_only)
         cells[res] = res_info[str(res)]["cells"]
         files += res_files
     write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, name)
@@ -249,36 +255,35 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
     """Encode shards in this process; enumerating and writing run beside the encoder.
 
     Resolutions go largest first, each with a writer thread of its own: it writes the
-    shards' part files and, when this run writes every shard of the resolution, feeds them
-    straight into its index (and Zarr store, when asked for), which it then publishes while
-    the encoder goes on with the next resolution.
+    shards' part files and index lists and, when this run writes every shard of the
+    resolution and a Zarr face is asked for, feeds them straight into it, which it then
+    publishes while the encoder goes on with the next resolution.
     """
     quantizer = job.quantizer()
     by_res = {res: [s for s in todo if s.res == res] for res in sorted({s.res for s in todo}, reverse=True)}
     order = [shard for shards in by_res.values() for shard in shards]
 
     def write_one(shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any]) -> None:
-        record = write.write_shard(job.dataset, shard, cells, stored, job.metadata)
+        with timer("write"):
+            record = write.write_shard(job.dataset, shard, cells, stored, job.metadata)
+        with timer("index"):
+            record = write.add_to_index(job, shard, cells, stored, record)
         state.mark(step_name(shard), record)
 
     def write_res(res: int, shards: list[Shard], feed: queue.Queue[Any]) -> None:
         # streamed only when this run writes every shard of the resolution, in cell order
         streamed = len(shards) == len(plan_shards([res]))
         n = len(land[res]) if res in land else cell_count(res)
-        source = ShardSource(job.dataset, lambda: [r for s in shards if (r := state.done(step_name(s)))["rows"]],
-                             encoder.dim, job.precision, quantizer)
-        with (finishing(res, n, encoder, job, land.get(res), state, timer, source) if streamed
-              else contextlib.nullcontext()) as finish:
+        with (finishing(res, n, job, state, timer) if streamed else contextlib.nullcontext()) as finish:
             written: list[Future[None]] = []  # part files being written, oldest first
             try:
                 while (item := feed.get()) is not _END:
                     if item is _CANCEL:  # the encoder failed: unwind without publishing
                         raise _Cancelled
                     shard, cells, stored = item
-                    table = shard_table(cells, stored)
-                    written.append(parquet_pool.submit(timed, timer, "write", write_one, shard, cells, stored))
+                    written.append(parquet_pool.submit(write_one, shard, cells, stored))
                     if finish is not None:
-                        finish.add(table, stored)
+                        finish.add(shard_table(cells, stored))
                     # at most 2 x PARQUET_WRITERS files in flight; a failed write stops the resolution
                     while written and (written[0].done() or len(written) > 2 * PARQUET_WRITERS):
                         written.pop(0).result()

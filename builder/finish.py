@@ -1,19 +1,18 @@
-"""Finishing one resolution: its Zarr store and FAISS index, from the shards in cell order.
+"""Finishing one resolution: its FAISS index and (opt-in) Zarr store, once its shards are written.
 
-Both take the shards one at a time: :class:`ZarrRows` copies them into whole-chunk blocks,
-:class:`IndexBuilder` adds their unit vectors to an index trained beforehand on a sample
-of cells spread over the sphere. A local build feeds them each shard as it is written, so
-they overlap the encoder; a resumed or distributed build feeds them afterwards from
-:class:`ShardSource` (the published part files). Besides the index
-itself they hold one shard and one Zarr block at a time, in buffers allocated once, so
-memory does not grow with the resolution (res 7 has 99M cells) and few fresh pages are
-touched (first touches are a large part of these stages' cost).
+The index is built shard by shard (:mod:`builder.index`): trained before the shards, each
+shard's inverted lists saved where it was encoded, merged and tuned here. :class:`ZarrRows`
+copies the shards, in cell order, into whole-chunk blocks: a local build feeds it each shard
+as it is written, so it overlaps the encoder; a resumed or distributed build feeds it
+afterwards from :class:`ShardSource` (the published part files). Either holds one shard or
+one list at a time, so memory does not grow with the resolution (res 7 has 99M cells).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,12 +22,13 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from builder import encode
+from builder import encode, index
 from builder._timing import Timer, progress_bar
 from builder.grid import cell_centers
 from builder.plan import BuildState
 from builder.write import ShardJob
 from catalog import manifest as fmt
+from catalog import vector_index
 from catalog.errors import AtlasCorruptError
 from catalog.storage import Store, settle
 from catalog.tables import embedding_matrix
@@ -38,25 +38,12 @@ if TYPE_CHECKING:
     from builder.encoders._base import Encoder
     from catalog.blocks import ResolutionReader
 
-__all__ = ["Finisher", "IndexBuilder", "ShardSource", "ZarrRows", "finish_resolution", "finishing", "ivf_sample"]
+__all__ = ["Finisher", "ShardSource", "ZarrRows", "finish_index", "finish_resolution", "finishing", "train_index"]
 
 log = logging.getLogger(__name__)
 
 ZARR_CHUNK_CELLS = 4096
 ZARR_BLOCK_CELLS = 64 * ZARR_CHUNK_CELLS  # cells per Zarr write: whole chunks, one buffer
-INDEX_BATCH = 65536  # cells per index add: the unit vectors' buffer is this many rows
-RECALL_TARGET = 0.95
-RECALL_K = 10
-RECALL_QUERIES = 100
-RERANKS = (4, 16)  # candidates per result re-ranked exactly, tried in this order
-NPROBES = (4, 8, 16, 32, 64, 128, 256)
-# Codes of 8 bits a dimension (SQ8) while they take at most this many bytes; above, product
-# quantisation with one byte per 8 dimensions (PQ), 8x smaller: SQ8 for a resolution-7 land
-# SatCLIP atlas would hold 7.4 GB in the build (and in every process that searches it).
-SQ8_MAX_BYTES = 1 << 30
-PQ_TRAIN_POINTS = 39 * 256
-# An index that misses the recall target is replaced by an exact one only up to this size.
-FLAT_MAX_BYTES = 2 << 30
 
 
 class ShardSource:
@@ -99,8 +86,6 @@ class ShardSource:
 
         The result lives in a buffer reused by the next call: copy it to keep it.
         """
-        from catalog.vector_index import normalize
-
         if isinstance(values, pa.Table):
             values = embedding_matrix(values.column("embedding"))
         if rows is not None:
@@ -108,11 +93,7 @@ class ShardSource:
         n, dim = values.shape
         if self._buffer is None or self._buffer.shape[0] < n or self._buffer.shape[1] != dim:
             self._buffer = np.empty((max(n, 1), dim), dtype=np.float32)
-        out = self._buffer[:n]
-        _to_float32(values, out)
-        if self.quantizer is not None:
-            self.quantizer.decode(out, out=out)
-        return normalize(out, out=out)
+        return index.unit_vectors(values, self.quantizer, self._buffer[:n])
 
     def gather_cells(self, wanted: NDArray[Any]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         """Cells (as int64) and unit vectors of those of ``wanted`` that the parts hold, read
@@ -133,28 +114,6 @@ class ShardSource:
 
     def release(self) -> None:
         self._buffer = self._reader = None
-
-
-def _to_float32(values: NDArray[Any], out: NDArray[np.float32]) -> None:
-    """Copy ``values`` into ``out`` as float32 (the same values either way).
-
-    numpy converts float16 one element at a time; torch's vectorised cast is ~7x cheaper.
-    torch only takes writeable arrays without a warning (Arrow-backed ones are read-only),
-    and is fed blocks under its parallel grain size so the cast stays in this thread (its
-    idle OpenMP workers would otherwise spin beside faiss's).
-    """
-    if values.dtype == np.float32 or not values.flags.writeable or not values.flags.c_contiguous:
-        np.copyto(out, values)
-        return
-    import torch
-
-    src, dst = torch.from_numpy(values), torch.from_numpy(out)
-    step = max(1, _TORCH_GRAIN // max(values.shape[1], 1))
-    for start in range(0, len(values), step):
-        dst[start:start + step].copy_(src[start:start + step])
-
-
-_TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops run in the calling thread
 
 
 class ZarrRows:
@@ -260,257 +219,188 @@ def _zarr_layout(path: Path, res: int, n: int, dim: int, dtype: np.dtype,
     return arrays
 
 
-def ivf_sample(res: int, count: int, keep: NDArray[np.uint64] | None = None) -> tuple[
-        NDArray[np.uint64], NDArray[np.uint64]]:
-    """``count`` distinct cells of resolution ``res`` under uniformly random points on the sphere
-    (only cells in the sorted ``keep``, when given), and :data:`RECALL_QUERIES` of them.
-
-    What an IVF index trains on and its recall is measured with. Chosen by position, not by
-    row, so that a build can encode them before any shard is written. Returns both sorted.
-    """
-    from catalog.cells import latlng_to_cells
-
-    rng = np.random.default_rng(res)
-    found = np.empty(0, np.uint64)
-    for _ in range(100):  # land-only keeps ~30% of the points; each round adds more
-        z, lon = rng.uniform(-1, 1, 2 * count), rng.uniform(-180, 180, 2 * count)
-        cells = latlng_to_cells(np.degrees(np.arcsin(z)), lon, res)
-        if keep is not None:
-            pos = np.minimum(np.searchsorted(keep, cells), len(keep) - 1)
-            cells = cells[keep[pos] == cells]
-        found = np.union1d(found, cells)
-        if len(found) >= count:
-            break
-    chosen = rng.permutation(found)[:count]
-    return np.sort(chosen), np.sort(chosen[:RECALL_QUERIES])
-
-
-VectorsOf = Callable[[NDArray[np.uint64]], tuple[NDArray[np.int64], NDArray[np.float32]]]
-
-
-class IndexBuilder:
-    """The FAISS index of one resolution (cosine over unit vectors, ids = cells), filled shard by shard.
-
-    Exact (flat) up to :data:`catalog.vector_index.EXACT_MAX_CELLS` cells. Above, IVF with
-    SQ8 codes (PQ codes where SQ8's would pass :data:`SQ8_MAX_BYTES`), trained on
-    :func:`ivf_sample` cells, whose vectors ``vectors_of`` supplies (as stored), before the
-    first :meth:`add`; :meth:`publish` then picks the cheapest re-rank depth and nprobe whose
-    recall@10 (re-ranked, as the query layer searches) reaches 0.95 against exact search on
-    100 of those cells, else an exact index where one fits in :data:`FLAT_MAX_BYTES`, else
-    the best setting found, with its recall recorded and a warning. Built on the GPUs where
-    faiss-gpu sees any.
-    """
-
-    def __init__(self, res: int, n: int, dim: int, vectors_of: VectorsOf,
-                 keep: NDArray[np.uint64] | None = None) -> None:
-        from catalog import vector_index
-
-        start = time.perf_counter()
-        self.faiss = vector_index.require_faiss()
-        self.res, self.n, self.dim = res, n, dim
-        self.added = 0
-        self.seconds = 0.0  # in this object: training, adding, tuning, writing (not the sample's encoding)
-        self.kth: _KthBest | None = None
-        self._on_gpus = False
-        if n <= vector_index.EXACT_MAX_CELLS:
-            self.index = _flat_index(self.faiss, dim)
-            return
-        self.nlist = vector_index.ivf_lists(n)
-        self.codes = "SQ8" if n * dim <= SQ8_MAX_BYTES or dim % 8 else f"PQ{dim // 8}"
-        # PQ trains 256 centroids per sub-vector: faiss wants 39 points per centroid
-        sample = max(40 * self.nlist, PQ_TRAIN_POINTS if self.codes != "SQ8" else 0)
-        train_cells, query_cells = ivf_sample(res, min(n, sample), keep)
-        self.seconds += time.perf_counter() - start
-        ids, train = vectors_of(train_cells)
-        start = time.perf_counter()
-        self.queries = np.ascontiguousarray(train[np.isin(ids, query_cells.astype(np.int64))])
-        self.index = self.faiss.index_factory(dim, f"IVF{self.nlist},{self.codes}", self.faiss.METRIC_INNER_PRODUCT)
-        if getattr(self.faiss, "get_num_gpus", lambda: 0)() > 0:
-            self.index, self._on_gpus = self.faiss.index_cpu_to_all_gpus(self.index), True
-        self.index.train(train)
-        self.kth = _KthBest(self.queries, RECALL_K)
-        self.seconds += time.perf_counter() - start
-
-    def add(self, cells: NDArray[np.uint64], unit: NDArray[np.float32]) -> None:
-        if self.added + len(cells) > self.n:
-            raise AtlasCorruptError(f"resolution {self.res}'s shards hold more than the {self.n:,} cells expected")
-        start = time.perf_counter()
-        self.index.add_with_ids(unit, cells.astype(np.int64))  # H3 indexes < 2**63
-        if self.kth is not None:
-            self.kth.update(unit)
-        self.added += len(cells)
-        self.seconds += time.perf_counter() - start
-
-    def publish(self, dataset: Store, source: ShardSource) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Tune, write ``index/res=<r>.faiss``; returns its description and file record.
-
-        ``source`` supplies the stored vectors of candidates (and all of them again should
-        the approximate index miss its target).
-        """
-        start = time.perf_counter()
-        if self.added != self.n:
-            raise AtlasCorruptError(f"resolution {self.res}'s shards hold {self.added:,} cells, expected {self.n:,}")
-        params: dict[str, Any] | None = None
-        recall = 1.0
-        if self.kth is None:
-            params = {"type": "IDMap2,Flat", "exact": True, "rerank": 1}
-        else:
-            if self._on_gpus:
-                self.index = self.faiss.index_gpu_to_cpu(self.index)
-            params, recall = self._tune(source)
-            if not params["met"] and self.n * self.dim * 4 > FLAT_MAX_BYTES:
-                log.warning("IVF%d,%s reached recall@%d %.3f < %.2f at res %d; an exact index would not fit, "
-                            "keeping the best setting", self.nlist, self.codes, RECALL_K, recall, RECALL_TARGET,
-                            self.res)
-            elif not params["met"]:
-                log.warning("IVF%d,%s reached recall@%d %.3f < %.2f at res %d; keeping an exact index",
-                            self.nlist, self.codes, RECALL_K, recall, RECALL_TARGET, self.res)
-                self.index = _flat_index(self.faiss, self.dim)
-                for table in source.tables(("cell", "embedding")):
-                    cells = table.column("cell").to_numpy().astype(np.int64)
-                    self.index.add_with_ids(source.unit_vectors(table), cells)
-                params, recall = {"type": "IDMap2,Flat", "exact": True, "rerank": 1}, 1.0
-            params.pop("met", None)
-        rel = fmt.index_relpath(self.res)
-        params.update({"metric": "inner_product", "recall_at_10": round(recall, 4), "normalized": True,
-                       "build_s": round(self.seconds + time.perf_counter() - start, 2), "path": rel,
-                       "cells": self.n})
-        with dataset.staged(rel) as tmp:
-            self.faiss.write_index(self.index, str(tmp))
-            file = fmt.file_record(Path(), rel, local=tmp)
-        return params, file
-
-    def _tune(self, source: ShardSource) -> tuple[dict[str, Any], float]:
-        from catalog.vector_index import reranked_search
-
-        exact: dict[int, NDArray[np.float32]] = {}
-
-        def lookup(cand: NDArray[np.int64]) -> NDArray[np.float32]:
-            return np.stack([exact[c] for c in cand.tolist()])
-
-        ivf = self.faiss.extract_index_ivf(self.index)
-        best: tuple[float, dict[str, Any]] = (-1.0, {})
-        for rerank in RERANKS:
-            for nprobe in NPROBES:
-                ivf.nprobe = nprobe
-                _, cand = self.index.search(self.queries, RECALL_K * rerank)
-                missing = np.setdiff1d(cand[cand >= 0], np.fromiter(exact, np.int64, len(exact)))
-                if missing.size:
-                    ids, vectors = source.gather_cells(missing)
-                    exact.update(zip(ids.tolist(), vectors, strict=True))
-                found, _ = reranked_search(self.index, self.queries, RECALL_K, lookup, rerank=rerank)
-                # a hit is a result whose exact score reaches the true k-th score: ties are not misses
-                recall = float(np.mean(found >= self.kth.scores()[:, None] - 1e-6))
-                params = {"type": f"IVF{self.nlist},{self.codes}", "exact": False, "nlist": self.nlist,
-                          "nprobe": nprobe, "rerank": rerank, "met": recall >= RECALL_TARGET}
-                if recall > best[0]:
-                    best = (recall, params)
-                if params["met"]:
-                    return params, recall
-        return best[1], best[0]
-
-
-def _flat_index(faiss: Any, dim: int) -> Any:
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-
-
-class _KthBest:
-    """The exact k-th best inner product of each query over blocks of vectors seen so far.
-
-    Per block, one matrix product and one comparison with the current k-th best: after the
-    first blocks few scores beat it, and only those rows are merged.
-    """
-
-    def __init__(self, queries: NDArray[np.float32], k: int) -> None:
-        self.queries, self.k = queries, k
-        self.best = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        self._scores = np.empty(0, np.float32)
-
-    def update(self, vectors: NDArray[np.float32]) -> None:
-        size = len(self.queries) * len(vectors)
-        if self._scores.size < size:
-            self._scores = np.empty(size, np.float32)
-        scores = self._scores[:size].reshape(len(self.queries), len(vectors))
-        np.matmul(self.queries, vectors.T, out=scores)
-        better = scores > self.best[:, :1]  # best is kept sorted ascending: column 0 is the k-th
-        for i in np.flatnonzero(better.any(axis=1)):
-            row = np.concatenate([self.best[i], scores[i, better[i]]])
-            self.best[i] = np.sort(np.partition(row, row.size - self.k)[-self.k:])
-
-    def scores(self) -> NDArray[np.float32]:
-        return self.best[:, 0]
-
-
 class Finisher:
-    """A resolution's Zarr rows and index (each None when an earlier run finished it), fed
-    shard tables in cell order."""
+    """A resolution's Zarr rows, fed shard tables in cell order."""
 
-    def __init__(self, zarr_rows: ZarrRows | None, index: IndexBuilder | None, source: ShardSource,
-                 timer: Timer) -> None:
-        self.zarr_rows, self.index, self.source, self.timer = zarr_rows, index, source, timer
+    def __init__(self, zarr_rows: ZarrRows, timer: Timer) -> None:
+        self.zarr_rows, self.timer = zarr_rows, timer
 
-    def add(self, table: pa.Table, stored: NDArray[Any] | None = None) -> None:
-        """Add a shard's rows; ``stored``: its embeddings as a writeable array, when at hand."""
-        if self.zarr_rows is not None:
-            with self.timer("zarr"):
-                self.zarr_rows.add(table)
-        if self.index is not None:
-            with self.timer("index"):
-                cells = table.column("cell").to_numpy()
-                values = embedding_matrix(table.column("embedding")) if stored is None else stored
-                for start in range(0, len(cells), INDEX_BATCH):  # float32 copies of a slice, not a shard
-                    self.index.add(cells[start:start + INDEX_BATCH],
-                                   self.source.unit_vectors(values[start:start + INDEX_BATCH]))
+    def add(self, table: pa.Table) -> None:
+        with self.timer("zarr"):
+            self.zarr_rows.add(table)
 
 
 @contextlib.contextmanager
-def finishing(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray[np.uint64] | None,
-               state: BuildState, timer: Timer, source: ShardSource) -> Iterator[Finisher | None]:
-    """The Zarr store and FAISS index of one resolution of ``n`` cells, from the shard tables
-    the block feeds in cell order; when the block ends each is published and recorded as done.
-
-    What an earlier run finished is kept (None is yielded when that is both). A local build
-    feeds each shard as it is written; otherwise the caller replays ``source``.
-    """
-    dataset = job.dataset
-    zarr_done = not job.zarr or (state.done(f"zarr-res={res}") is not None
-                                 and dataset.exists(f"{fmt.zarr_relpath(res)}/.zmetadata"))
-    index_done = state.done(f"index-res={res}") is not None and dataset.exists(fmt.index_relpath(res))
-    if zarr_done and index_done:
+def finishing(res: int, n: int, job: ShardJob, state: BuildState, timer: Timer) -> Iterator[Finisher | None]:
+    """The Zarr store of one resolution of ``n`` cells, from the shard tables the block feeds
+    in cell order; published and recorded as done when the block ends. None is yielded when
+    there is none to write (not asked for, or finished by an earlier run)."""
+    if not _zarr_todo(res, job, state):
         yield None
-        source.release()
         return
-    quantizer = job.quantizer()
+    with ZarrRows.staged(job.dataset, res, n, job.quantizer()) as zarr_rows:
+        yield Finisher(zarr_rows, timer)
+    state.mark(f"zarr-res={res}", {"files": zarr_rows.files})
 
-    def vectors_of(cells: NDArray[np.uint64]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        # the index's training sample, encoded now and stored as the shards are
-        lat, lon = cell_centers(cells)
-        stored = encode.encode_stored(encoder, lat, lon, job.precision, quantizer)
-        return cells.astype(np.int64), source.unit_vectors(stored).copy()
 
-    index = None
-    if not index_done:
+def _zarr_todo(res: int, job: ShardJob, state: BuildState) -> bool:
+    return job.zarr and (state.done(f"zarr-res={res}") is None
+                         or not job.dataset.exists(f"{fmt.zarr_relpath(res)}/.zmetadata"))
+
+
+def _index_done(res: int, job: ShardJob, state: BuildState) -> bool:
+    return state.done(f"index-res={res}") is not None and job.dataset.exists(fmt.index_relpath(res))
+
+
+def stored_bytes(dim: int, precision: str) -> int:
+    from catalog.blocks import STORED_DTYPES
+
+    return dim * np.dtype(STORED_DTYPES[precision]).itemsize
+
+
+def train_index(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray[np.uint64] | None,
+                state: BuildState, timer: Timer) -> index.TrainedIndex | None:
+    """Before a resolution's shards are encoded: its trained IVF index (trained now, or by an
+    earlier run); None for an exact resolution or one whose index is finished."""
+    if n <= vector_index.EXACT_MAX_CELLS or _index_done(res, job, state):
+        return None
+    step = f"index-train-res={res}"
+    done = state.done(step)
+    if done is None or not all(job.dataset.exists(done[k]["path"]) for k in ("trained", "queries")):
+        quantizer = job.quantizer()
+
+        def vectors_of(cells: NDArray[np.uint64]) -> NDArray[np.float32]:
+            # the training sample, encoded now and stored (then read) as the shards will be
+            lat, lon = cell_centers(cells)
+            return index.unit_vectors(encode.encode_stored(encoder, lat, lon, job.precision, quantizer), quantizer)
+
         with timer("index"):
-            index = IndexBuilder(res, n, encoder.dim, vectors_of, keep)
-    with (contextlib.nullcontext() if zarr_done else ZarrRows.staged(dataset, res, n, quantizer)) as zarr_rows:
-        yield Finisher(zarr_rows, index, source, timer)
-    if zarr_rows is not None:
-        state.mark(f"zarr-res={res}", {"files": zarr_rows.files})
-    if index is not None:
-        with timer("index"):
-            params, file = index.publish(dataset, source)
-        state.mark(f"index-res={res}", {"index": params, "file": file})
+            done = index.train(job.dataset, res, n, encoder.dim, stored_bytes(encoder.dim, job.precision),
+                               vectors_of, keep)
+        state.mark(step, done)
+    return index.TrainedIndex(res, done["trained"]["sha256"])
+
+
+def shard_key(record: dict[str, Any]) -> str:
+    return Path(record["path"]).stem[len("part-"):]
+
+
+def finish_index(res: int, records: list[dict[str, Any]], job: ShardJob, state: BuildState, timer: Timer,
+                 source: ShardSource) -> None:
+    """Merge, tune and publish resolution ``res``'s index (nothing if an earlier run did).
+
+    An exact resolution's flat index is written from the part files. An approximate one is
+    merged from the shards' saved lists; a shard without them (written before the index was
+    trained, or by another trained index) is encoded into it from its part file now.
+    """
+    if _index_done(res, job, state):
+        return
+    start = time.perf_counter()
+    dataset, n, dim = job.dataset, sum(r["rows"] for r in records), source.dim
+    faiss = vector_index.require_faiss()
+    rel = fmt.index_relpath(res)
+    trained = state.done(f"index-train-res={res}")
+    with timer("index"), dataset.staged(rel) as tmp, tempfile.TemporaryDirectory() as fetched:
+        if n <= vector_index.EXACT_MAX_CELLS:
+            params, recall = _write_flat(tmp, source, dim), 1.0
+        elif trained is None:
+            raise AtlasCorruptError(f"resolution {res}'s index was never trained; rebuild with --overwrite")
+        else:
+            empty, queries = index._load_trained(dataset, res, trained["trained"]["sha256"])
+            lists = [index.ShardLists(p) for p in _shard_lists(res, records, job, state, trained, Path(fetched))]
+            kth = index.merged_top((s.top for s in lists), len(queries))
+            written = index.merge(tmp, empty, lists)
+            del lists  # their maps
+            if written != n:
+                raise AtlasCorruptError(f"resolution {res}'s shards hold {written:,} cells in their index lists, "
+                                        f"expected {n:,}; rebuild with --overwrite")
+            ivf_index = faiss.read_index(str(tmp), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            tuned, recall = index.tune(ivf_index, queries, kth, source.gather_cells)
+            del ivf_index
+            params = {"type": trained["type"], "exact": False, "nlist": trained["nlist"],
+                      "nprobe": tuned["nprobe"], "rerank": tuned["rerank"], "train_points": trained["train_points"],
+                      "recall_queries": len(queries)}
+            if not tuned["met"] and n * dim * 4 > index.FLAT_MAX_BYTES:
+                log.warning("%s reached recall@%d %.3f < %.2f at res %d; an exact index would not fit, "
+                            "keeping the best setting", trained["type"], index.RECALL_K, recall,
+                            index.RECALL_TARGET, res)
+            elif not tuned["met"]:
+                log.warning("%s reached recall@%d %.3f < %.2f at res %d; keeping an exact index",
+                            trained["type"], index.RECALL_K, recall, index.RECALL_TARGET, res)
+                params, recall = _write_flat(tmp, source, dim), 1.0
+        file = fmt.file_record(Path(), rel, local=tmp)
+    params.update({"metric": "inner_product", "recall_at_10": round(recall, 4), "normalized": True,
+                   "build_s": round(time.perf_counter() - start + (trained or {}).get("train_s", 0.0), 2),
+                   "path": rel, "cells": n, "bytes": file["bytes"], "bytes_per_cell": round(file["bytes"] / max(n, 1), 1),
+                   "share_of_embeddings": round(file["bytes"] / max(n * stored_bytes(dim, job.precision), 1), 4)})
+    state.mark(f"index-res={res}", {"index": params, "file": file})
+    dataset.delete_tree(f"{fmt.BUILD_DIR}/index/res={res}")  # the trained index and the shards' lists
     source.release()
 
 
+def _write_flat(path: Path, source: ShardSource, dim: int) -> dict[str, Any]:
+    faiss = vector_index.require_faiss()
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    for table in source.tables(("cell", "embedding")):
+        flat.add_with_ids(source.unit_vectors(table), table.column("cell").to_numpy().astype(np.int64))
+    faiss.write_index(flat, str(path))
+    return {"type": "IDMap2,Flat", "exact": True, "rerank": 1}
+
+
+def _shard_lists(res: int, records: list[dict[str, Any]], job: ShardJob, state: BuildState,
+                 trained: dict[str, Any], fetched: Path) -> Iterator[Path]:
+    """Local paths of the shards' lists, in cell order; made from the part files where missing."""
+    import pyarrow.parquet as pq
+
+    dataset, sha = job.dataset, trained["trained"]["sha256"]
+    fs, root = dataset.filesystem()
+    for record in records:
+        saved = record.get("index")
+        if saved is None or saved["trained"] != sha or not dataset.exists(saved["path"]):
+            table = pq.read_table(f"{root}/{record['path']}", columns=["cell", "embedding"], filesystem=fs)
+            values = embedding_matrix(table.column("embedding"))
+            saved = index.add_shard(dataset, index.TrainedIndex(res, sha), shard_key(record),
+                                    table.column("cell").to_numpy(), values, job.quantizer())
+            state.mark(f"res={res}_shard={shard_key(record)}", {**record, "index": saved})
+        if dataset.is_local:
+            yield dataset.path(saved["path"])
+        else:
+            local = fetched / Path(saved["path"]).name
+            dataset.download(saved["path"], local)
+            yield local
+
+
+def land_relpath(res: int) -> str:
+    return f"land/res={res}.npy"
+
+
+def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer) -> dict[str, Any]:
+    """A global resolution's land flags: ``land/res=<r>.npy``, the sorted cells (uint64) that
+    touch land by the build's land mask (:mod:`builder.landmask`); returns its done record."""
+    from builder.landmask import land_cells
+
+    step = f"land-res={res}"
+    done = state.done(step)
+    if done is None or not job.dataset.exists(done["file"]["path"]):
+        with timer("land"):
+            cells = land_cells(res)
+            with job.dataset.staged(land_relpath(res)) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, cells.astype(np.uint64))
+                done = {"cells": len(cells), "file": fmt.file_record(Path(), land_relpath(res), local=tmp)}
+        state.mark(step, done)
+    return done
+
+
 def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder, job: ShardJob,
-                      keep: NDArray[np.uint64] | None, state: BuildState, timer: Timer,
-                      progress: bool | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      state: BuildState, timer: Timer, progress: bool | None,
+                      land_flags: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A resolution's manifest entry and file records, once its shards are written.
 
-    A resolution whose index (or Zarr face) was not streamed while its shards were written
-    (a Ray or resumed build) is finished here, by streaming its part files in cell order:
-    one part at a time in memory.
+    Its index is merged here, and (``land_flags``, for a global atlas) its land cells listed.
+    A Zarr face not streamed while the shards were written (a Ray
+    or resumed build) is written here by streaming the part files in cell order: one part at
+    a time in memory.
     """
     from catalog.blocks import block_rows
 
@@ -519,13 +409,18 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
     info = {"cells": cells, "block_rows": block_rows(encoder.dim, job.precision),
             "parts": [{k: r[k] for k in ("path", "blocks", "rows", "first_cell", "last_cell")} for r in records]}
     source = ShardSource(job.dataset, records, encoder.dim, job.precision, job.quantizer())
-    with finishing(res, cells, encoder, job, keep, state, timer, source) as finish:
+    with finishing(res, cells, job, state, timer) as finish:
         if finish is not None:
-            with timer("read back"), progress_bar(progress, cells, f"finish res {res}") as bar:
-                for table in source.tables():  # the Zarr and index time is their own
+            with timer("read back"), progress_bar(progress, cells, f"zarr res {res}") as bar:
+                for table in source.tables():  # the Zarr time is its own
                     finish.add(table)
                     bar.update(table.num_rows)
+    finish_index(res, records, job, state, timer, source)
     zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")
     info["zarr"], info["index"] = (fmt.zarr_relpath(res) if job.zarr else None), index_done["index"]
     files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]
+    if land_flags:
+        land = finish_land(res, job, state, timer)
+        info["land"] = {"path": land["file"]["path"], "cells": land["cells"]}
+        files.append(land["file"])
     return info, files

@@ -1,14 +1,15 @@
-"""Write: a shard's part file of format 2 (:mod:`catalog.blocks`), published atomically.
+"""Write: a shard's part file of format 2 (:mod:`catalog.blocks`), published atomically, and
+its inverted lists in its resolution's trained index (:mod:`builder.index`).
 
-:func:`process_shard` is one shard from start to finish (enumerate, encode, write): the unit
-of work of a distributed build. The index and the Zarr face of a resolution are written by
+:func:`process_shard` is one shard from start to finish (enumerate, encode, write, index):
+the unit of work of a distributed build. The index is merged and the Zarr face written by
 :mod:`builder.finish` from the same shards.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from builder import encode
 from builder._timing import Timer
 from builder.encode import Quantizer
 from builder.grid import Shard
+from builder.index import TrainedIndex, add_shard
 from builder.plan import enumerate_shard
 from catalog import manifest as fmt
 from catalog.blocks import embedding_column, write_part
@@ -45,6 +47,7 @@ class ShardJob:
     quantization: dict[str, list[float]] | None
     metadata: dict[str, str]
     zarr: bool = False  # also write the Zarr face
+    indexes: dict[int, TrainedIndex] = field(default_factory=dict)  # by resolution: trained IVF indexes
 
     def quantizer(self) -> Quantizer | None:
         return Quantizer(**self.quantization) if self.quantization else None
@@ -59,7 +62,7 @@ def parquet_metadata(encoder: Encoder, precision: str, quantizer: Quantizer | No
 
 def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
                   land: dict[int, NDArray[np.uint64]] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
-    """One shard, start to finish: enumerate, encode, write its part file.
+    """One shard, start to finish: enumerate, encode, write its part file and index lists.
 
     The unit of work of a distributed build (a Ray task runs exactly this). The file name
     depends only on the shard and is published atomically, so running a shard twice (a
@@ -71,7 +74,7 @@ def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
         The shard's done record: ``res``, ``rows``, ``path``, ``blocks``, ``first_cell``,
         ``last_cell`` and ``files`` (path, bytes, sha256 of each; none for an empty shard).
     seconds : dict
-        Seconds spent per stage (enumerate, encode, write).
+        Seconds spent per stage (enumerate, encode, write, index).
     """
     timer = Timer()
     with timer("enumerate"):
@@ -80,7 +83,19 @@ def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
         stored = encode.encode_stored(encoder, lat, lon, job.precision, job.quantizer())
     with timer("write"):
         record = write_shard(job.dataset, shard, cells, stored, job.metadata)
+    with timer("index"):
+        record = add_to_index(job, shard, cells, stored, record)
     return record, timer.seconds
+
+
+def add_to_index(job: ShardJob, shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any],
+                 record: dict[str, Any]) -> dict[str, Any]:
+    """The shard's done record, with its inverted lists in its resolution's trained index
+    (when the resolution has one and the shard has cells)."""
+    trained = job.indexes.get(shard.res)
+    if trained is None or not len(cells):
+        return record
+    return {**record, "index": add_shard(job.dataset, trained, shard.key, cells, stored, job.quantizer())}
 
 
 def shard_table(cells: NDArray[np.uint64], stored: NDArray[Any]) -> pa.Table:

@@ -9,7 +9,8 @@ An atlas is a directory holding one dataset per model::
         data/res=<r>/part-<key>.parquet      # the embeddings, once: plain Parquet read in place
         blocks/res=<r>/part-<key>.blocks     # where each block's bytes are, with their CRC-32s
         zarr/res=<r>.zarr/                  # opt-in (--formats zarr): xarray/xdggs embedding(cell_ids, dim)
-        index/res=<r>.faiss                 # cosine index, ids = cells
+        index/res=<r>.faiss                 # cosine index (IVF-PQ, memory-mapped; flat when small), ids = cells
+        land/res=<r>.npy                    # global atlases: the sorted cells that touch land
         _build/                             # resume state while a build runs; removed at the end
 
 The dataset may also live under an ``s3://`` prefix (see :mod:`catalog.storage`); reading,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +192,14 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
         paths = [p for part in info["parts"] for p in (part["path"], part["blocks"])]
         if rows != info["cells"] and not any(rel in p for p in problems for rel in paths):
             problems.append(f"resolution {res}: {rows} rows in its parts, manifest says {info['cells']}")
+        index = info["index"]["path"]
+        if index in present and not any(index in p for p in problems):
+            with store.open_input(index) as fh:  # every FAISS index starts: fourcc, d (int32), ntotal (int64)
+                head = fh.read(16)
+            d, ntotal = (struct.unpack("<iq", head[4:16]) if len(head) == 16 else (None, None))
+            if (d, ntotal) != (manifest["provenance"]["dim"], info["cells"]):
+                problems.append(f"{index}: an index of {ntotal} vectors of {d} dimensions, expected "
+                                f"{info['cells']} of {manifest['provenance']['dim']}")
     return problems
 
 

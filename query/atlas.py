@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ class Atlas:
         self._datasets = datasets
         self._mirrors = mirrors or {}  # remote dataset name -> local folder of the files fetched whole
         self._loaded: dict[tuple[str, int], _Resolution] = {}
-        self._indexes: dict[tuple[str, int], Any] = {}
+        self._indexes: dict[tuple[Any, ...], Any] = {}  # FAISS indexes and land cells, opened
         self._lock = threading.Lock()
         self._fetch_lock = threading.Lock()
 
@@ -193,7 +194,8 @@ class Atlas:
                 "land_only": manifest["build"]["land_only"],
                 "resolutions": {r: {"cells": i["cells"], "parts": len(i["parts"]), "zarr": i.get("zarr"),
                                     "index": i["index"]["type"],
-                                    "recall_at_10": i["index"]["recall_at_10"]}
+                                    "recall_at_10": i["index"]["recall_at_10"],
+                                    "index_detail": _index_detail(i["index"]), "land_flags": bool(i.get("land"))}
                                 for r, i in sorted(manifest["resolutions"].items(), key=lambda kv: int(kv[0]))},
                 "provenance": manifest["provenance"],
             }
@@ -314,29 +316,47 @@ class Atlas:
 
     # ----------------------------------------------------------------- search
     def _index(self, model: str | None, res: int) -> tuple[Any, dict[str, Any]]:
-        from catalog.vector_index import require_faiss
+        """The resolution's FAISS index, memory-mapped: its inverted lists are paged in as
+        searches read them (a remote dataset's index is fetched whole first)."""
+        from catalog.vector_index import read_index
 
         name = self._name(model)
         info = self._manifest(name)["resolutions"][str(res)]["index"]
         with self._lock:
             if (name, res) not in self._indexes:
-                faiss = require_faiss()
-                index = faiss.read_index(str(self._local(name, [info["path"]]) / info["path"]))
-                if not info["exact"]:
-                    faiss.extract_index_ivf(index).nprobe = info["nprobe"]
-                self._indexes[(name, res)] = index
+                self._indexes[(name, res)] = read_index(self._local(name, [info["path"]]) / info["path"], info)
             return self._indexes[(name, res)], info
+
+    def _land(self, name: str, res: int) -> NDArray[np.uint64] | None:
+        """The sorted cells that touch land of a global atlas's resolution (memory-mapped);
+        None for a land-only atlas, where every cell does."""
+        manifest = self._manifest(name)
+        if manifest["build"]["land_only"]:
+            return None
+        land = manifest["resolutions"][str(res)].get("land")
+        if land is None:
+            raise InvalidArgumentError(f"this atlas was built before land flags were stored; rebuild it to use "
+                                       f"land_only (hexatlas build ... --overwrite)")
+        with self._lock:
+            if (name, "land", res) not in self._indexes:
+                path = self._local(name, [land["path"]]) / land["path"]
+                self._indexes[(name, "land", res)] = np.load(path, mmap_mode="r")
+            return self._indexes[(name, "land", res)]
 
     def similar(self, *, lat: float | None = None, lon: float | None = None, cell: int | str | None = None,
                 vector: ArrayLike | None = None, k: int = 10, res: int | None = None, model: str | None = None,
                 bbox: tuple[float, float, float, float] | None = None,
-                exclude_within_km: float | None = None) -> pa.Table:
+                exclude_within_km: float | None = None, land_only: bool = False) -> pa.Table:
         """The ``k`` cells most similar to a place, a cell or a vector, by cosine similarity.
 
-        Give exactly one of ``lat``/``lon``, ``cell`` or ``vector``. ``bbox`` = (min_lon,
-        min_lat, max_lon, max_lat) keeps results inside; ``exclude_within_km`` drops results
-        closer than that to the query place. The index proposes candidates; they are
-        re-ranked by exact cosine similarity against the stored embeddings.
+        Give exactly one of ``lat``/``lon``, ``cell`` or ``vector``; ``k`` up to 1,000.
+        ``bbox`` = (min_lon, min_lat, max_lon, max_lat) keeps results whose centre is inside
+        (searched exactly over the box's cells when it holds at most 200,000);
+        ``exclude_within_km`` drops results closer than that to the query place;
+        ``land_only`` keeps cells that touch land (always so in a land-only atlas). The index
+        proposes candidates; they are re-ranked by exact cosine similarity against the stored
+        embeddings. Filters that leave no cell raise :class:`InvalidArgumentError`; filters
+        that leave fewer than ``k`` among the most similar 100,000 return those, with a warning.
 
         Returns
         -------
@@ -345,8 +365,8 @@ class Atlas:
         """
         from catalog.vector_index import normalize, require_faiss
 
-        if not isinstance(k, (int, np.integer)) or k <= 0:
-            raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 < k <= MAX_K:
+            raise InvalidArgumentError(f"k must be an integer from 1 to {MAX_K:,}, got {k!r}")
         given = [name for name, v in (("lat/lon", lat if lat is not None else lon), ("cell", cell),
                                       ("vector", vector)) if v is not None]
         if len(given) != 1:
@@ -355,9 +375,13 @@ class Atlas:
         data = self._data(model, res)
         origin = None
         if vector is not None:
-            query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-            if query.shape[1] != self.dim(model) or not np.isfinite(query).all():
-                raise InvalidArgumentError(f"vector must hold {self.dim(model)} finite numbers, got shape {query.shape[1:]}")
+            try:
+                query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(f"vector must be {self.dim(model)} numbers") from None
+            if query.shape[1] != self.dim(model) or not np.isfinite(query).all() or not np.abs(query).sum():
+                raise InvalidArgumentError(f"vector must hold {self.dim(model)} finite numbers, not all zero; got "
+                                           f"{query.shape[1]} numbers{'' if np.isfinite(query).all() else ' with NaN or inf'}")
         elif cell is not None:
             cid = hex_to_cell(cell)
             query = data.vectors(np.array([cid], dtype=np.uint64))
@@ -371,18 +395,24 @@ class Atlas:
             origin = (float(lat), float(lon))
         if exclude_within_km is not None and origin is None:
             raise InvalidArgumentError("exclude_within_km needs a place (lat/lon or cell), not a vector")
-        if bbox is not None and (len(bbox) != 4 or not bbox[0] <= bbox[2] or not bbox[1] <= bbox[3]):
-            raise InvalidArgumentError(f"bbox must be (min_lon, min_lat, max_lon, max_lat), got {bbox!r}")
+        if exclude_within_km is not None and not (np.isfinite(exclude_within_km) and exclude_within_km >= 0):
+            raise InvalidArgumentError(f"exclude_within_km must be a finite distance >= 0, got {exclude_within_km!r}")
+        if bbox is not None:
+            bbox = _check_bbox(bbox)
         query = normalize(query)
-        index, info = self._index(model, res)
+        name = self._name(model)
+        keep = _Filters(bbox, exclude_within_km, origin, self._land(name, res) if land_only else None)
 
         def exact(ids: NDArray[np.int64]) -> NDArray[np.float32]:
             vectors = data.vectors(ids.astype(np.uint64))
             if np.isnan(vectors[:, 0]).any():
                 raise AtlasCorruptError(f"the index of resolution {res} names cells its embeddings lack; "
-                                        f"run 'hexatlas validate {self._datasets[self._name(model)][0]}'")
+                                        f"run 'hexatlas validate {self._datasets[name][0]}'")
             return normalize(vectors)
 
+        if bbox is not None and _cells_in_box(bbox, res) <= BBOX_EXACT_CELLS:
+            return _box_search(data, query[0], k, bbox, res, keep)
+        index, info = self._index(model, res)
         # One query split over OpenMP threads runs 2-2.5x slower than on one thread (measured on
         # 2 cores, flat and IVF). The setting is per calling thread, so it is restored here and
         # concurrent callers (the server's thread pool) do not disturb each other.
@@ -390,7 +420,7 @@ class Atlas:
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            return _filtered_search(index, info, query, k, exact, data, bbox, exclude_within_km, origin)
+            return _filtered_search(index, info, query, k, exact, data.cells_count, keep)
         finally:
             faiss.omp_set_num_threads(threads)
 
@@ -423,6 +453,13 @@ class Atlas:
         manifest = self._datasets[name][1]
         root = self._local(name, [p["path"] for info in manifest["resolutions"].values() for p in info["parts"]])
         return str(root / "data" / "res=*" / "part-*.parquet")
+
+
+def _index_detail(index: dict[str, Any]) -> dict[str, Any]:
+    """What ``info`` shows of a resolution's index: its parameters, size and measured recall."""
+    keys = ("type", "exact", "nlist", "nprobe", "rerank", "recall_at_10", "recall_queries", "bytes",
+            "bytes_per_cell", "share_of_embeddings", "build_s")
+    return {key: index[key] for key in keys if key in index}
 
 
 def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> None:
@@ -500,28 +537,135 @@ def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.fl
     return out
 
 
+MAX_K = 1000
+BBOX_EXACT_CELLS = 200_000  # a box with at most about this many cells is searched exactly, cell by cell
+MAX_CANDIDATES = 100_000  # filters are applied to at most this many of the most similar cells
+
+
+def _check_bbox(bbox: Any) -> tuple[float, float, float, float]:
+    try:
+        box = tuple(float(v) for v in bbox)
+    except (TypeError, ValueError):
+        box = ()
+    if (len(box) != 4 or not all(np.isfinite(box)) or not -180 <= box[0] <= box[2] <= 180
+            or not -90 <= box[1] <= box[3] <= 90):
+        raise InvalidArgumentError(f"bbox must be (min_lon, min_lat, max_lon, max_lat) in degrees, min <= max, "
+                                   f"got {bbox!r}")
+    return box  # type: ignore[return-value]
+
+
+class _Filters:
+    """Which result cells a search keeps: in the box, far enough from the origin, on land."""
+
+    def __init__(self, bbox: Any, exclude_km: float | None, origin: Any, land: NDArray[np.uint64] | None) -> None:
+        self.bbox, self.exclude_km, self.origin, self.land = bbox, exclude_km, origin, land
+
+    def __call__(self, cells: NDArray[np.uint64], lat: NDArray[np.float64], lon: NDArray[np.float64]) -> NDArray[np.bool_]:
+        ok = np.ones(len(cells), dtype=bool)
+        if self.bbox is not None:
+            b = self.bbox
+            ok &= (lon >= b[0]) & (lat >= b[1]) & (lon <= b[2]) & (lat <= b[3])
+        if self.exclude_km is not None:
+            ok &= _haversine_km(lat, lon, self.origin[0], self.origin[1]) >= self.exclude_km
+        if self.land is not None and len(self.land):
+            pos = np.minimum(np.searchsorted(self.land, cells), len(self.land) - 1)
+            ok &= np.asarray(self.land[pos]) == cells
+        elif self.land is not None:
+            ok[:] = False
+        return ok
+
+    def describe(self) -> str:
+        parts = [f"bbox {self.bbox}" if self.bbox is not None else "",
+                 f"exclude_within_km={self.exclude_km:g}" if self.exclude_km is not None else "",
+                 "land_only" if self.land is not None else ""]
+        return ", ".join(p for p in parts if p)
+
+
+def _result(cells: NDArray[np.uint64], lat: Any, lon: Any, scores: Any) -> pa.Table:
+    return pa.table({"cell": pa.array(cells, pa.uint64()), "lat": lat, "lon": lon,
+                     "score": pa.array(scores, pa.float32())})
+
+
 def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32], k: int, exact: Any,
-                     data: _Resolution, bbox: Any, exclude_km: float | None, origin: Any) -> pa.Table:
+                     n: int, keep: _Filters) -> pa.Table:
+    """The index's re-ranked results, fetching 8x more each round until ``k`` pass ``keep``."""
     from catalog.vector_index import reranked_search
 
-    n = data.cells_count
     fetch = k
     while True:
-        scores, ids = reranked_search(index, query, min(fetch, n), exact, rerank=info["rerank"])
-        keep = ids[0] >= 0
-        cells = ids[0][keep].astype(np.uint64)
-        scores = scores[0][keep]
+        fetch = min(fetch, n, MAX_CANDIDATES)
+        scores, ids = reranked_search(index, query, fetch, exact, rerank=info["rerank"])
+        found = ids[0] >= 0
+        cells, scores = ids[0][found].astype(np.uint64), scores[0][found]
         lat, lon = cells_to_latlng(cells)
-        ok = np.ones(len(cells), dtype=bool)
-        if bbox is not None:
-            ok &= (lon >= bbox[0]) & (lat >= bbox[1]) & (lon <= bbox[2]) & (lat <= bbox[3])
-        if exclude_km is not None:
-            ok &= _haversine_km(lat, lon, origin[0], origin[1]) >= exclude_km
-        if ok.sum() >= k or fetch >= n:
-            sel = np.flatnonzero(ok)[:k]
-            return pa.table({"cell": pa.array(cells[sel], pa.uint64()), "lat": lat[sel], "lon": lon[sel],
-                             "score": pa.array(scores[sel], pa.float32())})
+        ok = np.flatnonzero(keep(cells, lat, lon))[:k]
+        if len(ok) == k or fetch >= min(n, MAX_CANDIDATES) or len(cells) < fetch:
+            break
         fetch *= 8
+    if len(ok) < k:
+        if not len(ok):
+            raise InvalidArgumentError(f"no cell among the {len(cells):,} most similar passes the filters "
+                                       f"({keep.describe()}); widen them")
+        warnings.warn(f"only {len(ok)} of the {len(cells):,} most similar cells pass the filters "
+                      f"({keep.describe()}); returning {len(ok)}, not {k}", stacklevel=3)
+    return _result(cells[ok], lat[ok], lon[ok], scores[ok])
+
+
+def _cells_in_box(bbox: tuple[float, float, float, float], res: int) -> float:
+    """About how many cells of resolution ``res`` have their centre in ``bbox``."""
+    import h3
+
+    lon0, lat0, lon1, lat1 = np.radians(bbox)
+    area = EARTH_RADIUS_KM ** 2 * (lon1 - lon0) * (np.sin(lat1) - np.sin(lat0))
+    return float(area / h3.average_hexagon_area(res, unit="km^2"))
+
+
+def _box_cells(bbox: tuple[float, float, float, float], res: int) -> NDArray[np.uint64]:
+    """Every cell of resolution ``res`` whose centre is in ``bbox``, and some just outside.
+
+    h3 fills polygons whose edges are great circles: the box is cut into pieces at most 90
+    degrees wide, each outlined by a vertex a degree, widened by two cell edges.
+    """
+    import h3
+
+    lon0, lat0, lon1, lat1 = bbox
+    pad = 2 * np.degrees(h3.average_hexagon_edge_length(res, unit="km") / EARTH_RADIUS_KM)
+    a0, a1 = max(lat0 - pad, -89.999), min(lat1 + pad, 89.999)
+    widen = pad / max(np.cos(np.radians(max(abs(a0), abs(a1)))), 1e-3)
+    o0, o1 = max(lon0 - widen, -180.0), min(lon1 + widen, 180.0)
+    found = [np.empty(0, np.uint64)]
+    cuts = np.linspace(o0, o1, int(np.ceil((o1 - o0) / 90)) + 1) if o1 > o0 else np.array([o0, o1])
+    for left, right in zip(cuts[:-1], cuts[1:], strict=True):
+        steps = max(2, int(max(right - left, a1 - a0)) + 1)
+        lons, lats = np.linspace(left, right, steps), np.linspace(a0, a1, steps)
+        ring = ([(a0, x) for x in lons] + [(y, right) for y in lats[1:]] + [(a1, x) for x in lons[::-1][1:]]
+                + [(y, left) for y in lats[::-1][1:-1]])
+        found.append(np.array([h3.str_to_int(c) for c in h3.polygon_to_cells(h3.LatLngPoly(ring), res)],
+                              dtype=np.uint64))
+    return np.unique(np.concatenate(found))
+
+
+def _box_search(data: _Resolution, query: NDArray[np.float32], k: int, bbox: tuple[float, float, float, float],
+                res: int, keep: _Filters) -> pa.Table:
+    """Exact search over the stored cells whose centre is in ``bbox``."""
+    from catalog.vector_index import normalize
+
+    cells = _box_cells(bbox, res)
+    lat, lon = cells_to_latlng(cells)
+    inside = keep(cells, lat, lon)
+    cells, lat, lon = cells[inside], lat[inside], lon[inside]
+    vectors = data.vectors(cells)
+    held = ~np.isnan(vectors[:, 0])
+    if not held.any():
+        raise InvalidArgumentError(f"no cell of resolution {res} in this atlas passes the filters "
+                                   f"({keep.describe()}); widen them")
+    cells, lat, lon = cells[held], lat[held], lon[held]
+    scores = normalize(vectors[held]) @ query
+    order = np.argsort(-scores, kind="stable")[:k]
+    if len(order) < k:
+        warnings.warn(f"only {len(order)} cells pass the filters ({keep.describe()}); returning {len(order)}, "
+                      f"not {k}", stacklevel=3)
+    return _result(cells[order], lat[order], lon[order], scores[order])
 
 
 def _cache_dir() -> Path:

@@ -166,7 +166,7 @@ def test_overwrite_keeps_the_old_dataset_readable_until_the_new_one_is_complete(
     manifest = read_manifest(dataset)
     assert list(manifest["resolutions"]) == ["2"] and manifest["dataset"] == "toy"
     assert validate_dataset(dataset) == []
-    assert sorted(p.name for p in dataset.iterdir()) == ["_build.lock", "blocks", "collection.json", "data", "index",
+    assert sorted(p.name for p in dataset.iterdir()) == ["_build.lock", "blocks", "collection.json", "data", "index", "land",
                                                          "manifest.json"]
     assert [p.name for p in (dataset / "data").iterdir()] == ["res=2"]  # no empty res=0, res=1 left
 
@@ -230,7 +230,7 @@ def test_crash_mid_build_then_resume(tmp_path, monkeypatch, capsys) -> None:
     summary = build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=True, formats="zarr")
     assert 2 <= summary.resumed_shards == written <= 3 and summary.cells == {0: 122, 5: cell_count(5)}
     # res 5 was not streamed (a shard came from the first run): finished from its files, with a bar
-    assert "finish res 5" in capsys.readouterr().err and summary.seconds["read back"] > 0
+    assert "zarr res 5" in capsys.readouterr().err and summary.seconds["read back"] > 0
     cells = pq.read_table(tmp_path / "toy" / "data/res=5", columns=["cell"]).column("cell").to_numpy()
     assert len(cells) == len(np.unique(cells)) == cell_count(5)
     assert validate_dataset(tmp_path / "toy") == []
@@ -262,32 +262,24 @@ def test_shard_files_written_in_parallel_survive_a_crash(tmp_path, monkeypatch) 
 
 
 def test_a_resolution_failing_to_publish_stops_the_build_and_resumes(tmp_path, monkeypatch) -> None:
-    import builder.encode
-    from builder.finish import IndexBuilder
+    import builder.finish
 
-    real_publish, real_encode = IndexBuilder.publish, builder.encode.encode_stored
+    real_finish = builder.finish.finish_index
 
-    def failing(self, *args):
-        if self.res == 2:  # the first resolution: published while resolution 1 is encoded
+    def failing(res, *args):
+        if res == 2:
             raise OSError("disk full")
-        return real_publish(self, *args)
+        return real_finish(res, *args)
 
-    def slow(encoder, lat, *args):
-        if len(lat) == cell_count(1):
-            time.sleep(1.0)  # resolution 2's writer has failed by the time this shard is handed over
-        return real_encode(encoder, lat, *args)
-
-    monkeypatch.setattr(IndexBuilder, "publish", failing)
-    monkeypatch.setattr(builder.encode, "encode_stored", slow)
+    monkeypatch.setattr(builder.finish, "finish_index", failing)
     with pytest.raises(OSError, match="disk full"):
         build(TOY, resolutions="0-2", output=tmp_path, device="cpu", progress=False)
     dataset = tmp_path / "toy"
     assert not (dataset / "manifest.json").exists() and not list(dataset.rglob("*.tmp*"))
-    assert not (dataset / "index" / "res=2.faiss").exists()
-    assert not (dataset / "data" / "res=0").exists()  # stopped before encoding resolution 0
-    monkeypatch.setattr(IndexBuilder, "publish", real_publish)
+    assert not (dataset / "index" / "res=2.faiss").exists() and (dataset / "index" / "res=1.faiss").exists()
+    monkeypatch.setattr(builder.finish, "finish_index", real_finish)
     summary = build(TOY, resolutions="0-2", output=tmp_path, device="cpu", progress=False)
-    assert summary.resumed_shards == 2 and validate_dataset(dataset) == []
+    assert summary.resumed_shards == 3 and validate_dataset(dataset) == []
 
 
 def test_sigkill_at_any_moment_then_resume(tmp_path) -> None:
@@ -331,9 +323,8 @@ def test_a_failure_while_a_shard_is_being_written_leaves_no_half_store(tmp_path,
         return real_write(*args)
 
     def failing_encode(*args):
-        main = threading.current_thread() is threading.main_thread()  # not the index's training sample
-        calls["n"] += main
-        if main and calls["n"] == 2:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first call encodes the index's training sample, the second a shard
             raise RuntimeError("encoder failed")
         return real_encode(*args)
 

@@ -1,6 +1,9 @@
-"""The FAISS index stage: normalisation, the exact k-th score, and the tuned approximate index."""
+"""The FAISS index stage: normalisation, exact top-k, shard lists merged into a memory-mapped
+IVF-PQ index that equals FAISS's own, and the tuned index of a build."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import faiss
 import h3.api.numpy_int as h3i
@@ -9,13 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import xarray as xr
 
-from builder import finish
+from builder import finish, index, write
 from builder.build import build
-from builder.finish import IndexBuilder, ShardSource, _KthBest, ivf_sample
+from builder.finish import ShardSource
+from builder.index import ShardLists, TopK, TrainedIndex, ivf_sample, pq_subquantizers
 from builder.grid import Shard, cell_centers, shard_cells
 from catalog import vector_index
 from catalog.errors import AtlasCorruptError
-from catalog.manifest import read_manifest
+from catalog.manifest import file_record, read_manifest
 from catalog.storage import open_store
 from catalog.tables import embedding_matrix
 from catalog.vector_index import ivf_lists, normalize
@@ -45,19 +49,25 @@ def test_stored_values_convert_to_the_same_floats_whichever_way() -> None:
         read_only.flags.writeable = False  # as Arrow hands them out: numpy converts these
         for given in (values, read_only, values[::2]):
             out = np.full(given.shape, np.nan, np.float32)
-            finish._to_float32(given, out)
+            index.to_float32(given, out)
             np.testing.assert_array_equal(out, given.astype(np.float32))
 
 
-def test_kth_best_over_blocks_equals_a_full_sort() -> None:
+def test_top_k_over_blocks_and_merged_over_shards_equals_a_full_sort() -> None:
     rng = np.random.default_rng(1)
     vectors = normalize(rng.normal(size=(5000, 8)))
     queries = vectors[:7].copy()
     full = np.sort(queries @ vectors.T, axis=1)[:, ::-1]
-    kth = _KthBest(queries, 10)
+    kth = TopK(queries, 10)
     for start in range(0, 5000, 512):
         kth.update(vectors[start:start + 512])
     np.testing.assert_allclose(kth.scores(), full[:, 9], rtol=1e-6)
+    shards = []
+    for start in range(0, 5000, 1700):  # as each shard keeps its own top-10
+        top = TopK(queries, 10)
+        top.update(vectors[start:start + 1700])
+        shards.append(top.best)
+    np.testing.assert_allclose(index.merged_top(iter(shards), len(queries)), full[:, 9], rtol=1e-6)
 
 
 def _source(tmp_path, vectors, ids, shard_rows=7000):
@@ -78,12 +88,24 @@ def _source(tmp_path, vectors, ids, shard_rows=7000):
     return ShardSource(open_store(tmp_path), records, vectors.shape[1], "float16")
 
 
-def _write_index(tmp_path, source, res, n, dim):
-    """The index of the shards in ``source``, its training sample taken from them too."""
-    index = IndexBuilder(res, n, dim, source.gather_cells)
-    for table in source.tables(("cell", "embedding")):
-        index.add(table.column("cell").to_numpy(), source.unit_vectors(table))
-    return index.publish(open_store(tmp_path), source)
+def _write_index(tmp_path, source, res, n, dim, monkeypatch, trained=lambda: None):
+    """Train on cells of the source (then call ``trained``), add its parts' rows, merge and tune:
+    as a build does."""
+    from builder.plan import BuildState
+
+    store = open_store(tmp_path)
+    state = BuildState(store)
+
+    def vectors_of(cells):
+        return source.gather_cells(cells)[1]
+
+    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", min(vector_index.EXACT_MAX_CELLS, n - 1))
+    state.mark(f"index-train-res={res}", index.train(store, res, n, dim, 2 * dim, vectors_of))
+    trained()
+    job = write.ShardJob(store, "float16", None, {})
+    finish.finish_index(res, source.records(), job, state, finish.Timer(), source)
+    done = state.done(f"index-res={res}")
+    return done["index"], done["file"]
 
 
 def test_shard_source_gathers_cells_across_shards_reading_only_their_blocks(tmp_path, monkeypatch) -> None:
@@ -104,16 +126,68 @@ def test_shard_source_gathers_cells_across_shards_reading_only_their_blocks(tmp_
                                          ("data/res=9/part-2.parquet", 1)]  # 7,000 rows a part, 4,096 a block
 
 
-def test_ivf_sample_spreads_distinct_cells_over_the_sphere_or_the_kept_ones() -> None:
+def test_ivf_sample_spreads_distinct_cells_over_the_sphere_and_holds_out_the_queries() -> None:
     train, queries = ivf_sample(3, 2000)
-    assert len(train) == 2000 == len(np.unique(train)) and np.isin(queries, train).all() and len(queries) == 100
+    assert len(train) == 2000 == len(np.unique(train)) and len(queries) == index.RECALL_QUERIES
+    assert not np.isin(queries, train).any()  # recall is measured on cells the index was not trained on
     assert {h3i.get_resolution(c) for c in train[:50]} == {3}
     lat, _ = cell_centers(train)
     assert abs(np.mean(lat > 0) - 0.5) < 0.05 and abs(np.mean(np.abs(lat) < 30) - 0.5) < 0.05  # area-uniform
-    keep = np.sort(train[::3])
-    kept, _ = ivf_sample(3, 500, keep)
-    assert len(kept) == 500 and np.isin(kept, keep).all()
+    keep = np.sort(train[::2])
+    kept, held = ivf_sample(3, 500, keep)
+    assert len(kept) == 500 and np.isin(kept, keep).all() and np.isin(held, keep).all()
     np.testing.assert_array_equal(ivf_sample(3, 2000)[0], train)  # the same every build
+
+
+def test_pq_codes_and_ids_stay_within_a_tenth_of_the_stored_embeddings() -> None:
+    assert pq_subquantizers(256, 512) == 32  # SatCLIP, float16: 40 of 512 bytes a cell
+    assert pq_subquantizers(512, 1024) == 64  # GeoCLIP, float16: 72 of 1,024
+    assert pq_subquantizers(256, 256) == 16  # SatCLIP, int8
+    assert pq_subquantizers(256, 1024) == 64  # float32: at most one sub-quantiser per 4 dimensions
+    assert pq_subquantizers(4, 8) == 4  # too small for the budget: the smallest that works
+
+
+def _smooth(ids, dim, seed=0):
+    """Unit vectors smooth in place, as location embeddings are."""
+    lat, lon = np.radians(cell_centers(ids.astype(np.uint64)))
+    xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+    rng = np.random.default_rng(seed)
+    return normalize(np.sin(xyz @ rng.normal(scale=3.0, size=(3, dim)) + rng.uniform(0, 2 * np.pi, dim)))
+
+
+def test_merged_shard_lists_are_the_index_faiss_would_write(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    dim, nlist = 16, 8
+    vectors = normalize(rng.normal(size=(6000, dim))).astype(np.float32)
+    ids = np.arange(6000, dtype=np.int64) * 5 + 11
+    trained = faiss.index_factory(dim, f"IVF{nlist},PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    faiss.downcast_index(trained).pq.cp.min_points_per_centroid = 1
+    trained.train(vectors)
+    store = open_store(tmp_path)
+    with store.staged(index.train_relpath(1)) as tmp:
+        faiss.write_index(trained, str(tmp))
+    with store.staged(index.queries_relpath(1)) as tmp, open(tmp, "wb") as f:
+        np.save(f, vectors[:5])
+    sha = file_record(tmp_path, index.train_relpath(1))["sha256"]
+    lists = []
+    for key, (a, b) in enumerate([(0, 2500), (2500, 2600), (2600, 6000)]):
+        saved = index.add_shard(store, TrainedIndex(1, sha), str(key), ids[a:b].astype(np.uint64),
+                                vectors[a:b], None)
+        lists.append(ShardLists(tmp_path / saved["path"]))
+    assert index.merge(tmp_path / "merged.faiss", trained, lists) == 6000
+    whole = faiss.clone_index(trained)
+    whole.add_with_ids(vectors, ids)
+    assert (tmp_path / "merged.faiss").read_bytes() == faiss.serialize_index(whole).tobytes()
+    mapped = faiss.read_index(str(tmp_path / "merged.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    assert "OnDisk" in type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(mapped).invlists)).__name__
+    np.testing.assert_allclose(lists[0].top[:, -1], 1.0, rtol=1e-6)  # each query is its own best match
+    path = Path(lists[1].codes.filename)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(AtlasCorruptError, match="holds 100 bytes"):
+        ShardLists(path)
+    path.write_bytes(b"HXLISTS1")
+    with pytest.raises(AtlasCorruptError, match="not a shard's inverted lists"):
+        ShardLists(path)
 
 
 def test_ivf_lists_grow_with_the_square_root() -> None:
@@ -122,46 +196,58 @@ def test_ivf_lists_grow_with_the_square_root() -> None:
     assert ivf_lists(100_000_000) == 2048
 
 
-def test_large_resolutions_get_an_approximate_index_with_measured_recall(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 10_000)
+def test_large_resolutions_get_a_product_quantised_index_with_measured_recall(tmp_path, monkeypatch) -> None:
     ids = shard_cells(Shard(3)).astype(np.int64)  # 41,162 cells: the sample is drawn by place
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(64, 24))
-    vectors = normalize(centres[rng.integers(0, 64, len(ids))] + 0.3 * rng.normal(size=(len(ids), 24)))
-    params, record = _write_index(tmp_path, _source(tmp_path, vectors, ids), 3, len(ids), 24)
-
-    assert not params["exact"] and params["type"] == f"IVF{ivf_lists(len(ids))},SQ8"
-    assert params["recall_at_10"] >= 0.95 and params["nprobe"] >= 4 and params["cells"] == len(ids)
-    index = faiss.read_index(str(tmp_path / params["path"]))
-    assert index.ntotal == len(ids) and faiss.extract_index_ivf(index).nprobe == params["nprobe"]
-    assert record["bytes"] == (tmp_path / params["path"]).stat().st_size
-    _, found = index.search(vectors[:20], 1)
-    assert (found[:, 0] == ids[:20]).mean() >= 0.9  # SQ8 codes: the query's own cell comes first
+    vectors = _smooth(ids, 64)
+    params, record = _write_index(tmp_path, _source(tmp_path, vectors, ids), 3, len(ids), 64, monkeypatch)
+    assert not params["exact"] and params["type"] == f"IVF{ivf_lists(len(ids))},PQ{pq_subquantizers(64, 128)}"
+    assert params["recall_at_10"] >= 0.95 and params["recall_queries"] == 200 and params["cells"] == len(ids)
+    assert params["rerank"] in index.RERANKS and params["bytes"] == record["bytes"]
+    m = pq_subquantizers(64, 128)  # 4: codes and ids within a tenth of 64 float16s, beside the centroids
+    assert 0 < params["bytes"] - len(ids) * (m + 8) < 100_000
+    mapped = vector_index.read_index(tmp_path / params["path"], params)
+    assert mapped.ntotal == len(ids) and faiss.extract_index_ivf(mapped).nprobe == params["nprobe"]
+    assert not (tmp_path / "_build" / "index" / "res=3").exists()  # trained index and shard lists removed
 
 
-def test_codes_too_large_for_sq8_become_product_quantised(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 10_000)
-    monkeypatch.setattr(finish, "SQ8_MAX_BYTES", 1 << 20)  # 41,162 x 64 B of SQ8 codes would pass it
+def test_an_index_missing_cells_is_refused(tmp_path, monkeypatch) -> None:
     ids = shard_cells(Shard(3)).astype(np.int64)
-    lat, lon = np.radians(cell_centers(ids.astype(np.uint64)))
-    xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
-    rng = np.random.default_rng(0)  # smooth in place, as location embeddings are
-    vectors = normalize(np.sin(xyz @ rng.normal(scale=3.0, size=(3, 64)) + rng.uniform(0, 2 * np.pi, 64)))
-    params, _ = _write_index(tmp_path, _source(tmp_path, vectors, ids), 3, len(ids), 64)
-    assert params["type"] == f"IVF{ivf_lists(len(ids))},PQ8" and params["rerank"] in finish.RERANKS
-    assert params["recall_at_10"] >= 0.95  # reached by re-ranking candidates exactly
-    index = faiss.read_index(str(tmp_path / params["path"]))
-    assert faiss.extract_index_ivf(index).code_size == 8  # a byte per 8 dimensions
+    source = _source(tmp_path, _smooth(ids, 16), ids)
+
+    def claim_one_more():  # the parts' records claim a cell their rows do not hold
+        source.records()[0]["rows"] += 1
+
+    with pytest.raises(AtlasCorruptError, match=f"hold {len(ids):,} cells in their index lists, expected"):
+        _write_index(tmp_path, source, 3, len(ids), 16, monkeypatch, claim_one_more)
 
 
-def test_an_index_missing_cells_is_refused(tmp_path) -> None:
-    vectors = normalize(np.random.default_rng(3).normal(size=(100, 4)))
-    with pytest.raises(AtlasCorruptError, match="hold 100 cells, expected 101"):
-        _write_index(tmp_path, _source(tmp_path, vectors, np.arange(100)), 1, 101, 4)
+def test_shards_without_lists_are_encoded_from_their_parts_into_the_same_index(tmp_path, monkeypatch) -> None:
+    import builder.grid
+
+    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(builder.grid, "SINGLE_SHARD_MAX_RES", 2)
+    monkeypatch.setattr(builder.grid, "SHARD_CELLS", 8000)  # res 3 in 6 shards
+    monkeypatch.setattr(index, "pq_subquantizers", lambda dim, stored: 8)  # trains 4x faster than 32
+    ckpt = make_checkpoint(tmp_path / "satclip-l10.ckpt", legendre_polys=10)
+
+    def build_into(name):
+        build("satclip-vit16-l10", checkpoint=str(ckpt), resolutions="3", output=tmp_path / name, device="cpu",
+              progress=False)
+        return tmp_path / name / "satclip-vit16-l10"
+
+    streamed = build_into("streamed")
+    # as after shards written by an earlier run, before the index was trained
+    monkeypatch.setattr(write, "add_to_index", lambda job, shard, cells, stored, record: record)
+    replayed = build_into("replayed")
+    a, b = (read_manifest(d)["resolutions"]["3"] for d in (streamed, replayed))
+    assert not a["index"]["exact"] and len(a["parts"]) == 6
+    assert (streamed / "index/res=3.faiss").read_bytes() == (replayed / "index/res=3.faiss").read_bytes()
+    assert a["index"]["recall_at_10"] == b["index"]["recall_at_10"] >= 0.95
 
 
 def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(index, "pq_subquantizers", lambda dim, stored: 8)  # trains 4x faster than 32
     monkeypatch.setattr(finish, "ZARR_BLOCK_CELLS", 2 * finish.ZARR_CHUNK_CELLS)  # several blocks at res 2
     monkeypatch.setenv("HEXATLAS_CACHE", str(tmp_path / "cache"))
     ckpt = make_checkpoint(tmp_path / "satclip-l10.ckpt", legendre_polys=10)
@@ -183,9 +269,11 @@ def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None
 
 
 def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatch, caplog) -> None:
-    # the toy's embeddings span a plane: thousands of cells share nearly one direction, which
-    # 8-bit codes cannot order, so no nprobe reaches recall 0.95
+    # the toy's embeddings span a plane: thousands of cells share nearly one direction; one list
+    # probed, its codes' order unchecked, misses most of the true top 10
     monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(index, "NPROBES", (1,))
+    monkeypatch.setattr(index, "RERANKS", (1,))
     build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False)
     info = read_manifest(tmp_path / "toy")["resolutions"]["2"]["index"]
     assert info["exact"] and info["recall_at_10"] == 1.0
@@ -195,7 +283,9 @@ def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatc
 def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_setting(tmp_path, monkeypatch,
                                                                                       caplog) -> None:
     monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
-    monkeypatch.setattr(finish, "FLAT_MAX_BYTES", 0)  # as at resolution 7, where a flat index would not fit
+    monkeypatch.setattr(index, "NPROBES", (1,))
+    monkeypatch.setattr(index, "RERANKS", (1,))
+    monkeypatch.setattr(index, "FLAT_MAX_BYTES", 0)  # as at resolution 7, where a flat index would not fit
     build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False)
     info = read_manifest(tmp_path / "toy")["resolutions"]["2"]["index"]
     assert not info["exact"] and 0 < info["recall_at_10"] < 0.95 and "met" not in info

@@ -142,9 +142,59 @@ def test_similar_matches_exact_search_and_filters(atlas, stored) -> None:
     assert ((boxed.column("lon").to_numpy() >= -10) & (boxed.column("lat").to_numpy() <= 60)).all()
 
 
+def _exact_top(cells, values, query_vector, k, keep):
+    unit = values / np.linalg.norm(values, axis=1, keepdims=True)
+    scores = unit[keep] @ (query_vector / np.linalg.norm(query_vector))
+    return cells[keep][np.argsort(-scores, kind="stable")[:k]]
+
+
+def test_similar_in_a_box_is_exact_over_the_box(atlas, stored) -> None:
+    cells, values = stored
+    c_lat, c_lon = np.array([h3i.cell_to_latlng(c) for c in cells]).T
+    box = (-10.0, 35.0, 30.0, 60.0)
+    inside = (c_lon >= box[0]) & (c_lat >= box[1]) & (c_lon <= box[2]) & (c_lat <= box[3])
+    got = atlas.similar(vector=values[4321], k=8, model=MODEL, bbox=box)
+    assert got.column("cell").to_numpy().tolist() == _exact_top(cells, values, values[4321], 8, inside).tolist()
+
+
+def test_land_only_keeps_the_cells_that_touch_land(atlas, stored) -> None:
+    from builder.landmask import land_cells
+
+    cells, values = stored
+    land = land_cells(2)
+    assert atlas.info()[MODEL]["resolutions"]["2"]["land_flags"]
+    sea = int(np.flatnonzero(~np.isin(cells, land))[100])  # a query from the open ocean
+    got = atlas.similar(cell=int(cells[sea]), k=20, model=MODEL, land_only=True)
+    assert np.isin(got.column("cell").to_numpy(), land).all()
+    assert got.column("cell").to_numpy().tolist() == _exact_top(cells, values, values[sea], 20,
+                                                                 np.isin(cells, land)).tolist()
+    everywhere = atlas.similar(cell=int(cells[sea]), k=20, model=MODEL)
+    assert not np.isin(everywhere.column("cell").to_numpy(), land).all()
+
+
+def test_similar_filters_that_leave_nothing_say_so(atlas) -> None:
+    with pytest.raises(InvalidArgumentError, match="passes the filters .*exclude_within_km=20100"):
+        atlas.similar(lat=0.0, lon=0.0, k=5, model=MODEL, exclude_within_km=20_100)
+    with pytest.raises(InvalidArgumentError, match="no cell of resolution 2 in this atlas passes the filters"):
+        atlas.similar(lat=0.0, lon=0.0, k=5, model=MODEL, bbox=(0.0, 0.0, 0.001, 0.001))
+    lat, lon = h3i.cell_to_latlng(h3i.latlng_to_cell(48.85, 2.35, 2))
+    with pytest.warns(UserWarning, match="returning 1, not 5"):  # a box around one cell's centre
+        one = atlas.similar(lat=0.0, lon=0.0, k=5, model=MODEL, bbox=(lon - 0.01, lat - 0.01, lon + 0.01, lat + 0.01))
+    assert one.column("cell").to_pylist() == [h3i.latlng_to_cell(48.85, 2.35, 2)]
+
+
 def test_similar_bad_input(atlas) -> None:
-    with pytest.raises(InvalidArgumentError, match="k must be a positive integer"):
+    with pytest.raises(InvalidArgumentError, match="k must be an integer from 1 to 1,000"):
         atlas.similar(lat=0.0, lon=0.0, k=0, model=MODEL)
+    with pytest.raises(InvalidArgumentError, match="k must be an integer from 1 to 1,000"):
+        atlas.similar(lat=0.0, lon=0.0, k=1001, model=MODEL)
+    with pytest.raises(InvalidArgumentError, match="with NaN or inf"):
+        atlas.similar(vector=[np.nan] * 256, model=MODEL)
+    with pytest.raises(InvalidArgumentError, match="not all zero"):
+        atlas.similar(vector=[0.0] * 256, model=MODEL)
+    with pytest.raises(InvalidArgumentError, match="exclude_within_km must be a finite distance"):
+        atlas.similar(lat=0.0, lon=0.0, exclude_within_km=float("nan"), model=MODEL)
+    assert atlas.similar(lat=0.0, lon=0.0, k=1000, model=MODEL).num_rows == 1000
     with pytest.raises(InvalidArgumentError, match="exactly one of"):
         atlas.similar(lat=0.0, lon=0.0, cell="8001fffffffffff", model=MODEL)
     with pytest.raises(InvalidArgumentError, match="256 finite numbers"):

@@ -1,0 +1,407 @@
+"""The FAISS index of one resolution, built shard by shard: train, add, merge, tune.
+
+An approximate resolution (more than :data:`catalog.vector_index.EXACT_MAX_CELLS` cells) is
+an ``IVF<nlist>,PQ<m>`` index over unit vectors, ids = cells:
+
+1. **train** (:func:`train`, once, before the resolution's shards): the coarse centroids and
+   product quantiser are trained on :func:`ivf_sample` cells encoded for the purpose, and
+   saved in ``_build/index/res=<r>/`` with the unit vectors of :data:`RECALL_QUERIES`
+   held-out query cells (not trained on);
+2. **add** (:func:`add_shard`, wherever a shard is encoded: a local writer thread or a Ray
+   task): the shard's vectors are encoded into a copy of the trained index, and its inverted
+   lists are saved beside it (:class:`ShardLists`) with the exact top-10 scores of the held-out
+   queries over the shard;
+3. **merge** (:func:`merge`, on the driver): the shards' lists are streamed, list by list, into
+   ``index/res=<r>.faiss`` in FAISS's own layout, which the query layer memory-maps: no process
+   holds the resolution's codes;
+4. **tune** (:func:`tune`): the cheapest re-rank depth and nprobe whose recall@10 (candidates
+   re-ranked exactly, as the query layer searches) reaches 0.95 against exact search over the
+   whole resolution (the shards' top-10s merged).
+
+Exact resolutions get a flat index written from the part files (small by definition).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from catalog import manifest as fmt
+from catalog import vector_index
+from catalog.errors import AtlasCorruptError
+
+if TYPE_CHECKING:
+    from builder.encode import Quantizer
+    from catalog.storage import Store
+
+__all__ = ["INDEX_BATCH", "RECALL_QUERIES", "RERANKS", "ShardLists", "TrainedIndex", "add_shard", "ivf_sample",
+           "merge", "pq_subquantizers", "train", "tune", "unit_vectors"]
+
+log = logging.getLogger(__name__)
+
+INDEX_BATCH = 65536  # cells per add: the unit vectors' buffer is this many rows
+RECALL_TARGET = 0.95
+RECALL_K = 10
+RECALL_QUERIES = 200
+RERANKS = (4, 16, 64)  # candidates per result re-ranked exactly, tried in this order
+NPROBES = (4, 8, 16, 32, 64, 128, 256)
+PQ_TRAIN_POINTS = 39 * 256  # PQ trains 256 centroids per sub-vector: faiss wants 39 points each
+# The index (codes and 8-byte ids) stays within this share of the stored embeddings' bytes.
+INDEX_SHARE = 0.10
+# An index that misses the recall target is replaced by an exact one only up to this size.
+FLAT_MAX_BYTES = 2 << 30
+
+
+def pq_subquantizers(dim: int, stored_bytes: int) -> int:
+    """Bytes of PQ code per cell: the most sub-quantisers (dividing ``dim``, at most one per
+    4 dimensions, at least 4) whose code and 8-byte id take at most :data:`INDEX_SHARE` of a
+    cell's ``stored_bytes``.
+
+    SatCLIP float16 (512 B a cell): 32; GeoCLIP float16 (1 KB): 64; SatCLIP int8: 16.
+    """
+    budget = INDEX_SHARE * stored_bytes - 8
+    fits = [m for m in range(4, dim // 4 + 1) if dim % m == 0 and m <= budget]
+    return max(fits) if fits else next(m for m in range(min(4, dim), dim + 1) if dim % m == 0)
+
+
+def unit_vectors(values: NDArray[Any], quantizer: Quantizer | None = None,
+                 out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    """Stored embeddings (float16/float32, or int8 with their ``quantizer``) as unit-length
+    float32 rows, C-contiguous, in ``out`` when given (of the same shape)."""
+    if out is None:
+        out = np.empty(values.shape, np.float32)
+    to_float32(values, out)
+    if quantizer is not None:
+        quantizer.decode(out, out=out)
+    return vector_index.normalize(out, out=out)
+
+
+def to_float32(values: NDArray[Any], out: NDArray[np.float32]) -> None:
+    """Copy ``values`` into ``out`` as float32 (the same values either way).
+
+    numpy converts float16 one element at a time; torch's vectorised cast is ~7x cheaper.
+    torch only takes writeable arrays without a warning (Arrow-backed ones are read-only),
+    and is fed blocks under its parallel grain size so the cast stays in this thread (its
+    idle OpenMP workers would otherwise spin beside faiss's).
+    """
+    if values.dtype == np.float32 or not values.flags.writeable or not values.flags.c_contiguous:
+        np.copyto(out, values)
+        return
+    import torch
+
+    src, dst = torch.from_numpy(values), torch.from_numpy(out)
+    step = max(1, _TORCH_GRAIN // max(values.shape[1], 1))
+    for start in range(0, len(values), step):
+        dst[start:start + step].copy_(src[start:start + step])
+
+
+_TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops run in the calling thread
+
+
+def ivf_sample(res: int, count: int, keep: NDArray[np.uint64] | None = None) -> tuple[
+        NDArray[np.uint64], NDArray[np.uint64]]:
+    """``count`` distinct cells of resolution ``res`` under uniformly random points on the sphere
+    (only cells in the sorted ``keep``, when given), and :data:`RECALL_QUERIES` more, held out.
+
+    What an IVF index trains on and its recall is measured with. Chosen by position, not by
+    row, so that a build can encode them before any shard is written. Returns both sorted.
+    """
+    from catalog.cells import latlng_to_cells
+
+    rng = np.random.default_rng(res)
+    wanted = count + RECALL_QUERIES
+    found = np.empty(0, np.uint64)
+    for _ in range(100):  # land-only keeps ~30% of the points; each round adds more
+        z, lon = rng.uniform(-1, 1, 2 * wanted), rng.uniform(-180, 180, 2 * wanted)
+        cells = latlng_to_cells(np.degrees(np.arcsin(z)), lon, res)
+        if keep is not None:
+            pos = np.minimum(np.searchsorted(keep, cells), len(keep) - 1)
+            cells = cells[keep[pos] == cells]
+        found = np.union1d(found, cells)
+        if len(found) >= wanted:
+            break
+    chosen = rng.permutation(found)[:wanted]
+    return np.sort(chosen[RECALL_QUERIES:]), np.sort(chosen[:RECALL_QUERIES])
+
+
+def train_relpath(res: int) -> str:
+    return f"{fmt.BUILD_DIR}/index/res={res}/trained.faiss"
+
+
+def queries_relpath(res: int) -> str:
+    return f"{fmt.BUILD_DIR}/index/res={res}/queries.npy"
+
+
+def lists_relpath(res: int, key: str) -> str:
+    return f"{fmt.BUILD_DIR}/index/res={res}/part-{key}.lists"
+
+
+VectorsOf = Callable[[NDArray[np.uint64]], NDArray[np.float32]]
+
+
+def train(dataset: Store, res: int, n: int, dim: int, stored_bytes: int, vectors_of: VectorsOf,
+          keep: NDArray[np.uint64] | None = None) -> dict[str, Any]:
+    """Train resolution ``res``'s IVF-PQ index on a sample whose unit vectors ``vectors_of``
+    gives (as stored); save it and the held-out queries; returns the step's done record."""
+    faiss = vector_index.require_faiss()
+    start = time.perf_counter()
+    nlist = vector_index.ivf_lists(n)
+    m = pq_subquantizers(dim, stored_bytes)
+    train_cells, query_cells = ivf_sample(res, min(max(n - RECALL_QUERIES, 1), max(40 * nlist, PQ_TRAIN_POINTS)),
+                                          keep)
+    vectors = vectors_of(np.concatenate([train_cells, query_cells]))
+    index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.do_polysemous_training = False  # Hamming-filtered search is not used: it would double the training
+    if len(train_cells) < PQ_TRAIN_POINTS:  # a small resolution: fewer points than faiss asks for, knowingly
+        ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # k-means on the GPUs; the trained index comes back
+        gpu = faiss.index_cpu_to_all_gpus(index)
+        gpu.train(vectors[:len(train_cells)])
+        index = faiss.index_gpu_to_cpu(gpu)
+    else:
+        index.train(vectors[:len(train_cells)])
+    with dataset.staged(train_relpath(res)) as tmp:
+        faiss.write_index(index, str(tmp))
+        trained = fmt.file_record(Path(), train_relpath(res), local=tmp)
+    with dataset.staged(queries_relpath(res)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, vectors[len(train_cells):])
+        queries = fmt.file_record(Path(), queries_relpath(res), local=tmp)
+    return {"type": f"IVF{nlist},PQ{m}", "nlist": nlist, "pq": m, "trained": trained, "queries": queries,
+            "query_cells": [int(c) for c in query_cells], "train_points": len(train_cells),
+            "train_s": round(time.perf_counter() - start, 2)}
+
+
+@dataclass(frozen=True)
+class TrainedIndex:
+    """Where a resolution's trained index is: picklable, for the processes that add shards."""
+
+    res: int
+    sha256: str  # of trained.faiss: lists are only merged into the index they were encoded by
+
+
+_TRAINED: dict[tuple[str, int, str], tuple[Any, NDArray[np.float32]]] = {}  # this process's, by place
+
+
+def _load_trained(dataset: Store, res: int, sha256: str) -> tuple[Any, NDArray[np.float32]]:
+    """The trained (empty) index and the held-out queries' unit vectors, read once a process."""
+    key = (str(dataset), res, sha256)
+    if key not in _TRAINED:
+        if len(_TRAINED) >= 4:
+            _TRAINED.pop(next(iter(_TRAINED)))
+        _TRAINED[key] = _read_trained(dataset, res, sha256)
+    return _TRAINED[key]
+
+
+def _read_trained(dataset: Store, res: int, sha256: str) -> tuple[Any, NDArray[np.float32]]:
+    import hashlib
+    import io
+
+    faiss = vector_index.require_faiss()
+    data = dataset.read_bytes(train_relpath(res))
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise AtlasCorruptError(f"{train_relpath(res)} in {dataset} changed during the build; "
+                                "run the build again with --overwrite")
+    index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+    queries = np.load(io.BytesIO(dataset.read_bytes(queries_relpath(res))))
+    return index, np.ascontiguousarray(queries, np.float32)
+
+
+def add_shard(dataset: Store, trained: TrainedIndex, key: str, cells: NDArray[np.uint64],
+              stored: NDArray[Any], quantizer: Quantizer | None) -> dict[str, Any]:
+    """Encode one shard's rows into the trained index and save its inverted lists and the
+    held-out queries' exact top-10 scores over them; returns what the shard's done record keeps."""
+    faiss = vector_index.require_faiss()
+    empty, queries = _load_trained(dataset, trained.res, trained.sha256)
+    index = faiss.clone_index(empty)
+    top = TopK(queries, RECALL_K)
+    buffer = np.empty((min(len(cells), INDEX_BATCH), stored.shape[1]), np.float32)
+    for start in range(0, len(cells), INDEX_BATCH):
+        values = stored[start:start + INDEX_BATCH]
+        unit = unit_vectors(values, quantizer, buffer[:len(values)])
+        index.add_with_ids(unit, cells[start:start + INDEX_BATCH].astype(np.int64))  # H3 indexes < 2**63
+        top.update(unit)
+    rel = lists_relpath(trained.res, key)
+    with dataset.staged(rel) as tmp:
+        ShardLists.write(tmp, faiss.extract_index_ivf(index).invlists, top.best)
+        record = fmt.file_record(Path(), rel, local=tmp)
+    return {**record, "trained": trained.sha256}
+
+
+class TopK:
+    """The exact k best inner products of each query over blocks of vectors seen so far.
+
+    Per block, one matrix product and one comparison with the current k-th best: after the
+    first blocks few scores beat it, and only those rows are merged.
+    """
+
+    def __init__(self, queries: NDArray[np.float32], k: int) -> None:
+        self.queries, self.k = queries, k
+        self.best = np.full((len(queries), k), -np.inf, dtype=np.float32)  # ascending: column 0 is the k-th
+        self._scores = np.empty(0, np.float32)
+
+    def update(self, vectors: NDArray[np.float32]) -> None:
+        size = len(self.queries) * len(vectors)
+        if self._scores.size < size:
+            self._scores = np.empty(size, np.float32)
+        scores = self._scores[:size].reshape(len(self.queries), len(vectors))
+        np.matmul(self.queries, vectors.T, out=scores)
+        better = scores > self.best[:, :1]
+        for i in np.flatnonzero(better.any(axis=1)):
+            self.merge_row(i, scores[i, better[i]])
+
+    def merge_row(self, i: int, scores: NDArray[np.float32]) -> None:
+        row = np.concatenate([self.best[i], scores])
+        self.best[i] = np.sort(np.partition(row, row.size - self.k)[-self.k:])
+
+    def scores(self) -> NDArray[np.float32]:
+        """The k-th best score of each query."""
+        return self.best[:, 0]
+
+
+class ShardLists:
+    """One shard's inverted lists, as :func:`add_shard` saves them and :func:`merge` reads them.
+
+    Layout (little-endian): ``HXLISTS1``, then u64 nlist, code_size, rows, queries, k; then
+    the lists' sizes (nlist x i64); the queries' top-k scores (queries x k f32); every code
+    (rows x code_size bytes, list after list) and every id (rows x i64, in the same order).
+    """
+
+    MAGIC = b"HXLISTS1"
+    HEAD = struct.Struct("<8s5Q")
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            head = f.read(self.HEAD.size)
+        if len(head) < self.HEAD.size or not head.startswith(self.MAGIC):
+            raise AtlasCorruptError(f"{path} is not a shard's inverted lists (truncated or overwritten); "
+                                    "delete it and run the build again: the shard's lists are made anew")
+        _, self.nlist, self.code_size, self.rows, q, k = self.HEAD.unpack(head)
+        offset = self.HEAD.size
+        expected = offset + 8 * self.nlist + 4 * q * k + (self.code_size + 8) * self.rows
+        if path.stat().st_size != expected:
+            raise AtlasCorruptError(f"{path} holds {path.stat().st_size:,} bytes, expected {expected:,}")
+        self.sizes = np.fromfile(path, np.int64, self.nlist, offset=offset)
+        offset += 8 * self.nlist
+        self.top = np.fromfile(path, np.float32, q * k, offset=offset).reshape(q, k)
+        offset += 4 * q * k
+        self.codes = np.memmap(path, np.uint8, "r", offset, (self.rows * self.code_size,))
+        self.ids = np.memmap(path, np.int64, "r", offset + self.rows * self.code_size, (self.rows,))
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
+
+    @classmethod
+    def write(cls, path: Path, invlists: Any, top: NDArray[np.float32]) -> None:
+        import faiss
+
+        nlist, cs = invlists.nlist, invlists.code_size
+        sizes = np.array([invlists.list_size(i) for i in range(nlist)], np.int64)
+        with open(path, "wb") as f:
+            f.write(cls.HEAD.pack(cls.MAGIC, nlist, cs, int(sizes.sum()), *top.shape))
+            f.write(sizes.tobytes())
+            f.write(np.ascontiguousarray(top, np.float32).tobytes())
+            for i in np.flatnonzero(sizes):  # rev_swig_ptr counts elements: bytes of codes, int64 ids
+                f.write(faiss.rev_swig_ptr(invlists.get_codes(int(i)), int(sizes[i]) * cs).tobytes())
+            for i in np.flatnonzero(sizes):
+                f.write(faiss.rev_swig_ptr(invlists.get_ids(int(i)), int(sizes[i])).tobytes())
+
+    def list(self, i: int) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+        a, b = self.starts[i], self.starts[i + 1]
+        return self.codes[a * self.code_size:b * self.code_size], self.ids[a:b]
+
+
+def merge(out: Path, trained: Any, shards: list[ShardLists]) -> int:
+    """Write the IVF index whose lists are the shards' (in the given order) to ``out``, in
+    FAISS's ArrayInvertedLists layout, one list of one shard in memory at a time; returns the
+    cells written.
+
+    The layout is what ``faiss.write_index`` writes for the trained index with these lists:
+    the trained index's bytes (with ``ntotal`` set) up to its empty lists, then ``ilar``,
+    nlist, code size, ``full`` and the list sizes, then each list's codes and ids.
+    """
+    faiss = vector_index.require_faiss()
+    ivf = faiss.extract_index_ivf(trained)
+    nlist, cs = ivf.nlist, ivf.code_size
+    if any(s.nlist != nlist or s.code_size != cs for s in shards):
+        raise AtlasCorruptError("a shard's inverted lists were encoded by another index; rebuild with --overwrite")
+    sizes = np.sum([s.sizes for s in shards], axis=0, dtype=np.int64) if shards else np.zeros(nlist, np.int64)
+    total = int(sizes.sum())
+    header = _header_with(trained, total)
+    empty_lists = b"ilar" + struct.pack("<2Q", nlist, cs) + b"sprs" + struct.pack("<Q", 0)
+    if not header.endswith(empty_lists):
+        raise RuntimeError("this FAISS version writes IVF indexes in a layout hexatlas does not know")
+    with open(out, "wb") as f:
+        f.write(header[:-len(empty_lists)])
+        f.write(b"ilar" + struct.pack("<2Q", nlist, cs) + b"full" + struct.pack("<Q", nlist))
+        f.write(sizes.astype("<u8").tobytes())
+        for i in range(nlist):
+            if sizes[i]:
+                lists = [s.list(i) for s in shards]
+                for codes, _ in lists:
+                    f.write(codes)
+                for _, ids in lists:
+                    f.write(ids)
+    return total
+
+
+def _header_with(trained: Any, ntotal: int) -> bytes:
+    faiss = vector_index.require_faiss()
+    index = faiss.clone_index(trained)
+    index.ntotal = ntotal  # the lists stay empty: only the count in the header changes
+    return faiss.serialize_index(index).tobytes()
+
+
+def merged_top(shards: Iterator[NDArray[np.float32]], queries: int) -> NDArray[np.float32]:
+    """The exact top-10 scores of each query over all shards, from each shard's top-10."""
+    top = TopK(np.empty((queries, 0), np.float32), RECALL_K)
+    for best in shards:
+        for i in range(queries):
+            top.merge_row(i, best[i])
+    return top.scores()
+
+
+def tune(index: Any, queries: NDArray[np.float32], kth: NDArray[np.float32],
+         exact_vectors: Callable[[NDArray[np.int64]], tuple[NDArray[np.int64], NDArray[np.float32]]]
+         ) -> tuple[dict[str, Any], float]:
+    """The cheapest (rerank, nprobe) reaching the recall target, else the best found.
+
+    ``exact_vectors`` gives the stored unit vectors of candidate cells (those it holds).
+    Returns the parameters (``met`` says whether the target was reached) and the recall.
+    """
+    faiss = vector_index.require_faiss()
+    exact: dict[int, NDArray[np.float32]] = {}
+
+    def lookup(cand: NDArray[np.int64]) -> NDArray[np.float32]:
+        return np.stack([exact[c] for c in cand.tolist()])
+
+    ivf = faiss.extract_index_ivf(index)
+    best: tuple[float, dict[str, Any]] = (-1.0, {})
+    for rerank in RERANKS:
+        for nprobe in NPROBES:
+            if nprobe > ivf.nlist:
+                break
+            ivf.nprobe = nprobe
+            _, cand = index.search(queries, RECALL_K * rerank)
+            missing = np.setdiff1d(cand[cand >= 0], np.fromiter(exact, np.int64, len(exact)))
+            if missing.size:
+                ids, vectors = exact_vectors(missing)
+                if len(ids) != len(missing):
+                    raise AtlasCorruptError("the index names cells the part files lack")
+                exact.update(zip(ids.tolist(), vectors, strict=True))
+            found, _ = vector_index.reranked_search(index, queries, RECALL_K, lookup, rerank=rerank)
+            # a hit is a result whose exact score reaches the true k-th score: ties are not misses
+            recall = float(np.mean(found >= kth[:, None] - 1e-6))
+            params = {"nprobe": nprobe, "rerank": rerank, "met": recall >= RECALL_TARGET}
+            if recall > best[0]:
+                best = (recall, params)
+            if params["met"]:
+                return params, recall
+    return best[1], best[0]
