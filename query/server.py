@@ -34,7 +34,7 @@ from catalog.errors import (
 
 try:
     import orjson
-    from fastapi import FastAPI, Query, Request
+    from fastapi import Depends, FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, ConfigDict, Field
@@ -223,6 +223,7 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
         title="hexatlas", version=_version(),
         description="Read-only access to precomputed location embeddings on the H3 grid.",
         docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; /openapi.json is served
+        dependencies=[Depends(_one_value_each)],
     )
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
     app.state.atlas, app.state.limits = atlas, limits
@@ -365,6 +366,20 @@ def _matrix(table: Any) -> list[Any]:
     if column.null_count == 0:
         return list(embedding_matrix(column))
     return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
+
+
+_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "cell", "k", "bbox", "exclude_within_km"}
+
+
+def _one_value_each(request: Request) -> None:
+    """Refuse a repeated query parameter: which of ``lat=1&lat=2`` was meant is anyone's guess."""
+    # Only the parameters the API reads: others are ignored, repeated or not.
+    repeated = sorted({k for k in request.query_params.keys()
+                       if k in _QUERY_NAMES and len(request.query_params.getlist(k)) > 1})
+    if repeated:
+        raise RequestValidationError([{"type": "repeated", "loc": ("query", name),
+                                       "msg": f"given {len(request.query_params.getlist(name))} times; give it once"}
+                                      for name in repeated])
 
 
 def _clip(text: str, limit: int) -> str:

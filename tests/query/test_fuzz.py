@@ -232,7 +232,38 @@ def test_a_batch_with_no_valid_point_interpolates_to_nulls(client) -> None:
     assert answer.json()["results"] == [{"cell": None, "embedding": None}] * 2
 
 
+def test_a_repeated_parameter_is_refused_not_guessed(client) -> None:
+    answer = client.get("/v1/lookup?lat=1&lat=2&lon=3")
+    assert answer.status_code == 422 and answer.json()["detail"] == "query.lat: given 2 times; give it once"
+    assert client.get("/v1/lookup?lat=1&lon=3&unused=1&unused=2").status_code == 200
+    from query.server import _QUERY_NAMES
+
+    spec = client.get("/openapi.json").json()
+    declared = {p["name"] for ops in spec["paths"].values() for op in ops.values() for p in op.get("parameters", [])}
+    assert declared == _QUERY_NAMES  # every parameter the API reads is guarded
+
+
 def test_distances_beyond_half_the_earth_are_refused(client) -> None:
     answer = client.get("/v1/similar", params={"lat": 1, "lon": 2, "exclude_within_km": 25_000})
     assert answer.status_code == 422 and "query.exclude_within_km" in answer.json()["detail"]
     assert client.get("/v1/similar", params={"lat": 1, "lon": 2, "exclude_within_km": "inf"}).status_code == 422
+
+
+def test_the_largest_answers_stay_within_their_bounds(client) -> None:
+    """The worst cases the limits allow: max_points points, k = max_k, the finest map layer."""
+    from query.server import Limits
+
+    limits = Limits()
+    points = [{"lat": -89.123456789 + i * 0.0178, "lon": -179.987654321 + i * 0.036} for i in range(limits.max_points)]
+    body = {"points": points}
+    answer = client.post("/v1/lookup", json=body)
+    assert answer.status_code == 200 and len(answer.json()["results"]) == limits.max_points
+    assert len(answer.content) <= size_bound("POST", "/v1/lookup", {}, body)
+    params = {"lat": 1.0, "lon": 2.0, "k": limits.max_k}
+    answer = client.get("/v1/similar", params=params)
+    assert answer.status_code == 200 and len(answer.json()["results"]) == limits.max_k
+    assert len(answer.content) <= size_bound("GET", "/v1/similar", {"k": str(limits.max_k)}, None)
+    answer = client.get("/v1/map", params={"res": 2})
+    assert answer.status_code == 200 and len(answer.content) <= size_bound("GET", "/v1/map", {}, None)
+    over = client.post("/v1/lookup", json={"points": points + points[:1]})
+    assert over.status_code == 400 and len(over.content) <= MAX_ERROR_BYTES and "limit is 10,000" in over.text
