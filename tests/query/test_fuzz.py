@@ -167,7 +167,7 @@ def _fuzz(api, method: str, path: str, mode: str, data) -> None:
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), CASES)
-@settings(max_examples=30, derandomize=True, **FUZZ)
+@settings(max_examples=50, derandomize=True, **FUZZ)
 @given(data=st.data())
 def test_fuzz_api(api, method, path, mode, data) -> None:
     _fuzz(api, method, path, mode, data)
