@@ -161,7 +161,8 @@ class LookupBatch(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     points: list[Point] = Field(min_length=1, description="at most Limits.max_points (default 10,000)")
     res: int | None = Field(None, ge=0, le=MAX_RES, description="H3 resolution (default: the finest built)")
-    model: str | None = Field(None, max_length=MAX_NAME, description="dataset, when the atlas holds several models")
+    model: str | None = Field(None, max_length=MAX_NAME,
+                              description="dataset, when the atlas holds several models")
     interpolate: bool = Field(False, description="blend the three nearest cell centres")
     on_invalid: str = Field("raise", pattern="^(raise|null)$",
                             description="bad or missing points: 400 (raise) or null results (null)")
@@ -237,14 +238,16 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
     @app.exception_handler(RequestValidationError)
     async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler answers with every error's ``input``: the whole body, again.
-        return JSONResponse({"detail": _describe(exc.errors()), "error": "RequestValidationError"}, status_code=422)
+        return JSONResponse({"detail": _describe(exc.errors()), "error": "RequestValidationError"},
+                            status_code=422)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # Starlette's own: unknown paths, wrong methods, a body that cannot be read as text.
         from http import HTTPStatus
 
-        return JSONResponse({"detail": _clip(str(exc.detail), MAX_DETAIL), "error": HTTPStatus(exc.status_code).phrase},
+        return JSONResponse({"detail": _clip(str(exc.detail), MAX_DETAIL),
+                             "error": HTTPStatus(exc.status_code).phrase},
                             status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
@@ -309,7 +312,8 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
         """The ``k`` cells most similar to a place or a cell (cosine), best first."""
         name = atlas._name(model)
         r = atlas._res(res, name)
-        table = atlas.similar(lat=lat, lon=lon, cell=None if cell is None else _cell(cell), k=k, res=r, model=name, bbox=_bbox(bbox),
+        table = atlas.similar(lat=lat, lon=lon, cell=None if cell is None else _cell(cell), k=k, res=r,
+                              model=name, bbox=_bbox(bbox),
                               exclude_within_km=exclude_within_km)
         rows = [{**row, "cell": cell_to_hex(row["cell"])} for row in table.to_pylist()]
         return respond({"model": name, "res": r, "results": rows})
@@ -377,9 +381,10 @@ def _one_value_each(request: Request) -> None:
     repeated = sorted({k for k in request.query_params.keys()
                        if k in _QUERY_NAMES and len(request.query_params.getlist(k)) > 1})
     if repeated:
-        raise RequestValidationError([{"type": "repeated", "loc": ("query", name),
-                                       "msg": f"given {len(request.query_params.getlist(name))} times; give it once"}
-                                      for name in repeated])
+        raise RequestValidationError([
+            {"type": "repeated", "loc": ("query", name),
+             "msg": f"given {len(request.query_params.getlist(name))} times; give it once"}
+            for name in repeated])
 
 
 def _clip(text: str, limit: int) -> str:

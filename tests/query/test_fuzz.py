@@ -153,7 +153,8 @@ SEEN: dict[str, int] = {}  # requests sent per operation and mode, printed at th
 def _report():
     yield
     if SEEN:
-        print(f"\nfuzzed {sum(SEEN.values())} requests: " + ", ".join(f"{k} {v}" for k, v in sorted(SEEN.items())))
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(SEEN.items()))
+        print(f"\nfuzzed {sum(SEEN.values())} requests: {counts}")
 
 
 def _fuzz(api, method: str, path: str, mode: str, data) -> None:
@@ -200,7 +201,8 @@ def test_a_422_names_the_field_and_never_repeats_the_body(client) -> None:
     assert "body.points.3000.lat: Input should be a valid number" in detail
     assert "Extra inputs are not permitted" in detail and "x" * 100 not in detail
     assert "north" not in answer.text and "input" not in answer.json()  # FastAPI's default echoes both
-    for text, words in [("nope{", "not valid JSON"), ('{"points": [{"lat": true, "lon": 1}]}', "points.0.lat"),
+    for text, words in [("nope{", "not valid JSON"),
+                        ('{"points": [{"lat": true, "lon": 1}]}', "points.0.lat"),
                         ('{"points": [{"lat": "1.5", "lon": 1}]}', "valid number"),  # no lax coercion
                         ('{"points": [{"lat": 1, "lon": 1}], "res": 16}', "res: Input should be less than")]:
         answer = client.post("/v1/lookup", content=text, headers={"content-type": "application/json"})
@@ -234,14 +236,16 @@ def test_a_repeated_parameter_is_refused_not_guessed(client) -> None:
     from query.server import _QUERY_NAMES
 
     spec = client.get("/openapi.json").json()
-    declared = {p["name"] for ops in spec["paths"].values() for op in ops.values() for p in op.get("parameters", [])}
+    declared = {p["name"] for ops in spec["paths"].values() for op in ops.values()
+                for p in op.get("parameters", [])}
     assert declared == _QUERY_NAMES  # every parameter the API reads is guarded
 
 
 def test_distances_beyond_half_the_earth_are_refused(client) -> None:
     answer = client.get("/v1/similar", params={"lat": 1, "lon": 2, "exclude_within_km": 25_000})
     assert answer.status_code == 422 and "query.exclude_within_km" in answer.json()["detail"]
-    assert client.get("/v1/similar", params={"lat": 1, "lon": 2, "exclude_within_km": "inf"}).status_code == 422
+    infinite = client.get("/v1/similar", params={"lat": 1, "lon": 2, "exclude_within_km": "inf"})
+    assert infinite.status_code == 422
 
 
 def test_the_largest_answers_stay_within_their_bounds(client) -> None:
@@ -249,7 +253,8 @@ def test_the_largest_answers_stay_within_their_bounds(client) -> None:
     from query.server import Limits
 
     limits = Limits()
-    points = [{"lat": -89.123456789 + i * 0.0178, "lon": -179.987654321 + i * 0.036} for i in range(limits.max_points)]
+    points = [{"lat": -89.123456789 + i * 0.0178, "lon": -179.987654321 + i * 0.036}
+              for i in range(limits.max_points)]
     body = {"points": points}
     answer = client.post("/v1/lookup", json=body)
     assert answer.status_code == 200 and len(answer.json()["results"]) == limits.max_points

@@ -147,7 +147,8 @@ def test_every_h3_resolution_is_served_or_clearly_refused(atlas, stored, res) ->
 
 @pytest.mark.parametrize("res", [-1, 16, 2.0, "2", True, np.float64(1)])
 def test_a_resolution_that_is_no_h3_resolution_is_refused(atlas, res) -> None:
-    with pytest.raises(UnknownResolutionError, match=f"resolution {re.escape(repr(res))} is not in this atlas.*built: 0, 1, 2"):
+    message = f"resolution {re.escape(repr(res))} is not in this atlas.*built: 0, 1, 2"
+    with pytest.raises(UnknownResolutionError, match=message):
         atlas.lookup([0.0], [0.0], res=res, model=MODEL)
 
 
@@ -174,7 +175,8 @@ def test_invalid_points_raise_or_give_nan_rows_in_place(atlas, stored, data, n, 
         np.testing.assert_array_equal(got[~bad], rows(stored, MODEL, 1, h3_cells(lat[~bad], lon[~bad], 1)))
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        with pytest.raises(InvalidCoordinateError, match=f"{int(bad.sum())} of {n} coordinates .* index {first}:"):
+        message = f"{int(bad.sum())} of {n} coordinates .* index {first}:"
+        with pytest.raises(InvalidCoordinateError, match=message):
             atlas.lookup(lat, lon, res=1, model=MODEL, interpolate=interpolate)
 
 
@@ -220,7 +222,8 @@ def test_interpolated_lookup_is_a_convex_blend_of_the_cell_and_its_neighbours(at
     got = atlas.lookup(lat, lon, res=res, model=model, interpolate=True)
     assert np.isfinite(got).all()
     for i, cell in enumerate(h3_cells(lat, lon, res)):
-        disk = np.array([h3.str_to_int(c) for c in h3.grid_disk(h3.int_to_str(int(cell)), 1)], dtype=np.uint64)
+        ring = h3.grid_disk(h3.int_to_str(int(cell)), 1)
+        disk = np.array([h3.str_to_int(c) for c in ring], dtype=np.uint64)
         assert len(disk) == (6 if h3.is_pentagon(h3.int_to_str(int(cell))) else 7)
         near = rows(stored, model, res, disk).astype(np.float64)
         tol = 1e-6 * max(1.0, float(np.abs(near).max()))  # the blend is rounded to float32
@@ -245,7 +248,7 @@ def test_a_point_on_a_cell_centre_gets_exactly_that_cells_embedding(atlas, store
 
 
 def test_polars_inputs_when_installed(atlas, stored) -> None:
-    pl = pytest.importorskip("polars")  # an optional reader: the strategies above draw it only where installed
+    pl = pytest.importorskip("polars")  # optional: the strategies above draw it only where installed
     lat, lon = split(HARD)
     want = rows(stored, MODEL, 2, h3_cells(lat, lon, 2))
     np.testing.assert_array_equal(atlas.lookup(pl.Series(lat), pl.Series(lon), res=2, model=MODEL), want)
