@@ -46,7 +46,7 @@ test: setup browser
 	$(PY) -m pytest -q
 
 test-all: setup browser
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -m "" --hypothesis-profile=slow
 
 bench: setup
 	$(PY) -m benchmarks

@@ -224,7 +224,7 @@ class Atlas:
         built = self.resolutions(model)
         if res is None:
             return built[-1]
-        if not isinstance(res, (int, np.integer)) or int(res) not in built:
+        if not isinstance(res, (int, np.integer)) or isinstance(res, bool) or int(res) not in built:
             raise UnknownResolutionError(
                 f"resolution {res!r} is not in this atlas for {self._name(model)}; built: {', '.join(map(str, built))}"
             )
@@ -531,7 +531,7 @@ def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.fl
     weights[d3[:, 0] < 1e-6] = [1.0, 0.0, 0.0]
     total = weights.sum(axis=1, keepdims=True)
     weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-    vecs = stored[np.maximum(r3, 0).ravel()].reshape(n, 3, -1)
+    vecs = stored[np.maximum(r3, 0).ravel()].reshape(n, 3, data.dim)  # n may be 0
     out = np.einsum("nk,nkd->nd", weights, vecs).astype(np.float32)
     out[total[:, 0] == 0] = np.nan
     return out

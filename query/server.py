@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from catalog.cells import cell_to_hex
+from catalog.cells import cell_to_hex, hex_to_cell
 from catalog.errors import (
     AtlasCorruptError,
     HexatlasError,
@@ -34,9 +34,11 @@ from catalog.errors import (
 
 try:
     import orjson
-    from fastapi import FastAPI, Query, Request
+    from fastapi import Depends, FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
 except ImportError as exc:
     raise MissingDependencyError(f"hexatlas serve needs FastAPI: pip install 'hexatlas[serve]' ({exc})") from exc
 
@@ -53,6 +55,10 @@ VENDOR_FILES = {
 }
 NPM_INSTALL = "npm ci --legacy-peer-deps --no-audit --no-fund --prefix {dir}"
 _ENV_ATLAS, _ENV_LIMITS = "HEXATLAS_SERVE_ATLAS", "HEXATLAS_SERVE_LIMITS"  # for worker processes
+MAX_NAME = 64  # longest model name or dataset a request may give; errors may quote it
+MAX_DETAIL = 480  # an error's detail is cut to this many characters
+MAX_RES = 15  # H3's finest resolution
+HALF_EARTH_KM = 20_016  # no two points on Earth are farther apart (pi * 6371.0088 km)
 
 
 @dataclass(frozen=True)
@@ -118,23 +124,45 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Any) -> None:
-        body = (f'{{"detail": "request body over {self.limit} bytes; send fewer points per request"}}').encode()
+        body = orjson.dumps({"detail": f"request body over {self.limit} bytes; send fewer points per request",
+                             "error": "RequestTooLarge"})
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
+class ErrorBody(BaseModel):
+    """What every 4xx (and the rare 5xx) answer holds: never the request itself."""
+
+    detail: str = Field(description="what is wrong and how to fix it, in one short sentence")
+    error: str = Field(description="the kind of error, e.g. InvalidCoordinateError")
+
+
+_ERROR_TEXT = {
+    400: "bad coordinates, arguments or cell",
+    404: "a model or resolution the atlas lacks",
+    413: "request body over Limits.max_body_bytes",
+    422: "malformed parameters or body: the field and the problem",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody, "description": _ERROR_TEXT[code]} for code in codes}
+
+
 class Point(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a number is a number, not true/false or "1.5" (lax pydantic would coerce them).
+    model_config = ConfigDict(extra="forbid", strict=True)
     lat: float = Field(description="latitude, degrees, -90..90")
     lon: float = Field(description="longitude, degrees, -180..180")
 
 
 class LookupBatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     points: list[Point] = Field(min_length=1, description="at most Limits.max_points (default 10,000)")
-    res: int | None = Field(None, description="H3 resolution (default: the finest built)")
-    model: str | None = Field(None, description="dataset, when the atlas holds several models")
+    res: int | None = Field(None, ge=0, le=MAX_RES, description="H3 resolution (default: the finest built)")
+    model: str | None = Field(None, max_length=MAX_NAME,
+                              description="dataset, when the atlas holds several models")
     interpolate: bool = Field(False, description="blend the three nearest cell centres")
     on_invalid: str = Field("raise", pattern="^(raise|null)$",
                             description="bad or missing points: 400 (raise) or null results (null)")
@@ -196,6 +224,7 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
         title="hexatlas", version=_version(),
         description="Read-only access to precomputed location embeddings on the H3 grid.",
         docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; /openapi.json is served
+        dependencies=[Depends(_one_value_each)],
     )
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
     app.state.atlas, app.state.limits = atlas, limits
@@ -203,7 +232,32 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
 
     @app.exception_handler(HexatlasError)
     async def _domain_error(request: Request, exc: HexatlasError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=_status(exc))
+        return JSONResponse({"detail": _clip(str(exc), MAX_DETAIL), "error": type(exc).__name__},
+                            status_code=_status(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler answers with every error's ``input``: the whole body, again.
+        return JSONResponse({"detail": _describe(exc.errors()), "error": "RequestValidationError"},
+                            status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own: unknown paths, wrong methods, a body that cannot be read as text.
+        from http import HTTPStatus
+
+        return JSONResponse({"detail": _clip(str(exc.detail), MAX_DETAIL),
+                             "error": HTTPStatus(exc.status_code).phrase},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer; the client gets no internals.
+        return JSONResponse({"detail": "internal error; the server's log has the details",
+                             "error": "InternalError"}, status_code=500)
+
+    res_query = Query(None, ge=0, le=MAX_RES, description="H3 resolution, 0..15 (default: the finest built)")
+    model_query = Query(None, max_length=MAX_NAME, description="dataset, when the atlas holds several models")
 
     @app.get("/v1/health", tags=["atlas"])
     def health() -> dict[str, Any]:
@@ -218,10 +272,11 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
             entry.pop("path", None)  # the server's file system is nobody's business
         return out
 
-    @app.get("/v1/lookup", response_model=LookupOne, tags=["lookup"])
+    @app.get("/v1/lookup", response_model=LookupOne, tags=["lookup"], responses=_errors(400, 404, 422))
     def lookup_one(lat: float = Query(description="latitude, degrees"),
                    lon: float = Query(description="longitude, degrees"),
-                   res: int | None = None, model: str | None = None, interpolate: bool = False) -> Response:
+                   res: int | None = res_query, model: str | None = model_query,
+                   interpolate: bool = False) -> Response:
         """The embedding at one point."""
         name = atlas._name(model)
         r = atlas._res(res, name)
@@ -230,7 +285,7 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
                         "cell": cell_to_hex(table.column("cell")[0].as_py()),
                         "embedding": _matrix(table)[0]})
 
-    @app.post("/v1/lookup", response_model=LookupMany, tags=["lookup"])
+    @app.post("/v1/lookup", response_model=LookupMany, tags=["lookup"], responses=_errors(400, 404, 413, 422))
     def lookup_many(body: LookupBatch) -> Response:
         """Embeddings at up to ``max_points`` points, in order."""
         if len(body.points) > limits.max_points:
@@ -246,22 +301,25 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
                    for c, e in zip(cells, emb)]
         return respond({"model": name, "res": r, "results": results})
 
-    @app.get("/v1/similar", response_model=SimilarResult, tags=["search"])
+    @app.get("/v1/similar", response_model=SimilarResult, tags=["search"], responses=_errors(400, 404, 422))
     def similar(lat: float | None = None, lon: float | None = None,
-                cell: str | None = Query(None, description="H3 cell (hex) instead of lat/lon"),
-                k: int = Query(10, ge=1, le=limits.max_k), res: int | None = None, model: str | None = None,
-                bbox: str | None = Query(None, description="min_lon,min_lat,max_lon,max_lat"),
-                exclude_within_km: float | None = Query(None, ge=0)) -> Response:
+                cell: str | None = Query(None, max_length=32, description="H3 cell (hex) instead of lat/lon"),
+                k: int = Query(10, ge=1, le=limits.max_k), res: int | None = res_query,
+                model: str | None = model_query,
+                bbox: str | None = Query(None, max_length=128, description="min_lon,min_lat,max_lon,max_lat"),
+                exclude_within_km: float | None = Query(None, ge=0, le=HALF_EARTH_KM, allow_inf_nan=False)
+                ) -> Response:
         """The ``k`` cells most similar to a place or a cell (cosine), best first."""
         name = atlas._name(model)
         r = atlas._res(res, name)
-        table = atlas.similar(lat=lat, lon=lon, cell=cell, k=k, res=r, model=name, bbox=_bbox(bbox),
+        table = atlas.similar(lat=lat, lon=lon, cell=None if cell is None else _cell(cell), k=k, res=r,
+                              model=name, bbox=_bbox(bbox),
                               exclude_within_km=exclude_within_km)
         rows = [{**row, "cell": cell_to_hex(row["cell"])} for row in table.to_pylist()]
         return respond({"model": name, "res": r, "results": rows})
 
-    @app.get("/v1/map", response_model=MapData, tags=["map"])
-    def map_data(res: int | None = None, model: str | None = None) -> Response:
+    @app.get("/v1/map", response_model=MapData, tags=["map"], responses=_errors(400, 404, 422))
+    def map_data(res: int | None = res_query, model: str | None = model_query) -> Response:
         """One resolution's cells coloured by the first three principal components of the embeddings."""
         name = atlas._name(model)
         key = (name, atlas._res(res, name))
@@ -312,6 +370,49 @@ def _matrix(table: Any) -> list[Any]:
     if column.null_count == 0:
         return list(embedding_matrix(column))
     return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
+
+
+_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "cell", "k", "bbox", "exclude_within_km"}
+
+
+def _one_value_each(request: Request) -> None:
+    """Refuse a repeated query parameter: which of ``lat=1&lat=2`` was meant is anyone's guess."""
+    # Only the parameters the API reads: others are ignored, repeated or not.
+    repeated = sorted({k for k in request.query_params.keys()
+                       if k in _QUERY_NAMES and len(request.query_params.getlist(k)) > 1})
+    if repeated:
+        raise RequestValidationError([
+            {"type": "repeated", "loc": ("query", name),
+             "msg": f"given {len(request.query_params.getlist(name))} times; give it once"}
+            for name in repeated])
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}\u2026"
+
+
+def _describe(errors: Any) -> str:
+    """FastAPI's validation errors as one short line: where, and what is wrong; no inputs."""
+    errors = list(errors)
+    parts = []
+    for error in errors[:3]:
+        where = ".".join(_clip(str(p), 32) for p in error.get("loc", ()))
+        what = error.get("msg", "invalid")
+        if error.get("type") == "json_invalid":
+            what = f"not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+        parts.append(f"{where}: {_clip(str(what), 120)}")
+    more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+    return "; ".join(parts) + more if parts else "malformed request"
+
+
+def _cell(text: str) -> int:
+    """An H3 cell id from a request's hex string, refusing anything that is not a valid cell."""
+    import h3.api.basic_int as h3i
+
+    cid = hex_to_cell(text)
+    if not 0 < cid < 1 << 64 or not h3i.is_valid_cell(cid):
+        raise InvalidArgumentError(f"{text!r} is not an H3 cell (hex string like 831fb4fffffffff)")
+    return cid
 
 
 def _bbox(text: str | None) -> tuple[float, ...] | None:
