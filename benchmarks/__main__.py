@@ -8,8 +8,8 @@ import sys
 
 from benchmarks._common import machine, markdown
 
-SUITES = ["encoders", "builder", "query", "serve", "layout", "scale"]
-DEFAULT = ["encoders", "builder", "query", "serve", "layout"]  # scale (an hour, tens of GB on disk) runs only when asked for
+SUITES = ["encoders", "builder", "query", "serve", "layout", "scale", "similar"]
+DEFAULT = ["encoders", "builder", "query", "serve", "layout"]  # the scale group (scale, similar: an hour or so, tens of GB) runs only when asked for
 
 
 def main() -> int:

@@ -89,8 +89,11 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  weights: {prov['source']} (sha256 {prov['sha256'][:12]}...), {prov['licence']}")
         for r, ri in d["resolutions"].items():
             zarr = " + Zarr" if ri["zarr"] else ""
+            ix = ri["index_detail"]
+            size = f", {ix['bytes_per_cell']} B a cell" if "bytes_per_cell" in ix else ""
+            probe = f", nprobe {ix['nprobe']}, re-rank x{ix['rerank']}" if not ix.get("exact", True) else ""
             print(f"  res {r}: {ri['cells']:,} cells in {ri['parts']} part{'s' * (ri['parts'] != 1)}{zarr}, "
-                  f"index {ri['index']} (recall@10 {ri['recall_at_10']})")
+                  f"index {ri['index']} (recall@10 {ri['recall_at_10']}{probe}{size})")
     return 0
 
 
@@ -154,6 +157,7 @@ def configure_similar(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", "--k", type=int, default=10, help="how many results (default 10)")
     parser.add_argument("--bbox", help="keep results inside min_lon,min_lat,max_lon,max_lat")
     parser.add_argument("--exclude-within-km", type=float, help="drop results this close to the query place")
+    parser.add_argument("--land-only", action="store_true", help="keep cells that touch land (a global atlas)")
     _place_args(parser)
     _format_arg(parser)
 
@@ -169,7 +173,8 @@ def run_similar(args: argparse.Namespace) -> int:
         except ValueError:
             raise InvalidArgumentError(f"--bbox {args.bbox!r}: give four numbers min_lon,min_lat,max_lon,max_lat") from None
     table = query.open(args.atlas).similar(lat=args.lat, lon=args.lon, cell=args.cell, k=args.k, res=args.res,
-                                           model=args.model, bbox=bbox, exclude_within_km=args.exclude_within_km)
+                                           model=args.model, bbox=bbox, exclude_within_km=args.exclude_within_km,
+                                           land_only=args.land_only)
     emit(table, args.format)
     return 0
 

@@ -307,14 +307,15 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
                 k: int = Query(10, ge=1, le=limits.max_k), res: int | None = res_query,
                 model: str | None = model_query,
                 bbox: str | None = Query(None, max_length=128, description="min_lon,min_lat,max_lon,max_lat"),
-                exclude_within_km: float | None = Query(None, ge=0, le=HALF_EARTH_KM, allow_inf_nan=False)
+                exclude_within_km: float | None = Query(None, ge=0, le=HALF_EARTH_KM, allow_inf_nan=False),
+                land_only: bool = Query(False, description="keep cells that touch land (a global atlas)")
                 ) -> Response:
         """The ``k`` cells most similar to a place or a cell (cosine), best first."""
         name = atlas._name(model)
         r = atlas._res(res, name)
         table = atlas.similar(lat=lat, lon=lon, cell=None if cell is None else _cell(cell), k=k, res=r,
                               model=name, bbox=_bbox(bbox),
-                              exclude_within_km=exclude_within_km)
+                              exclude_within_km=exclude_within_km, land_only=land_only)
         rows = [{**row, "cell": cell_to_hex(row["cell"])} for row in table.to_pylist()]
         return respond({"model": name, "res": r, "results": rows})
 
@@ -372,7 +373,7 @@ def _matrix(table: Any) -> list[Any]:
     return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
 
 
-_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "cell", "k", "bbox", "exclude_within_km"}
+_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "cell", "k", "bbox", "exclude_within_km", "land_only"}
 
 
 def _one_value_each(request: Request) -> None:
