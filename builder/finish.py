@@ -318,8 +318,8 @@ def finish_index(res: int, records: list[dict[str, Any]], job: ShardJob, state: 
             tuned, recall = index.tune(ivf_index, queries, kth, source.gather_cells)
             del ivf_index
             params = {"type": trained["type"], "exact": False, "nlist": trained["nlist"],
-                      "nprobe": tuned["nprobe"], "rerank": tuned["rerank"], "train_points": trained["train_points"],
-                      "recall_queries": len(queries)}
+                      "nprobe": tuned["nprobe"], "rerank": tuned["rerank"], "expand": True,
+                      "train_points": trained["train_points"], "recall_queries": len(queries)}
             if not tuned["met"] and n * dim * 4 > index.FLAT_MAX_BYTES:
                 log.warning("%s reached recall@%d %.3f < %.2f at res %d; an exact index would not fit, "
                             "keeping the best setting", trained["type"], index.RECALL_K, recall,

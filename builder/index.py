@@ -51,7 +51,7 @@ INDEX_BATCH = 65536  # cells per add: the unit vectors' buffer is this many rows
 RECALL_TARGET = 0.95
 RECALL_K = 10
 RECALL_QUERIES = 200
-RERANKS = (4, 16, 64)  # candidates per result re-ranked exactly, tried in this order
+RERANKS = (1, 4, 16)  # candidates per result re-ranked exactly, tried in this order
 NPROBES = (4, 8, 16, 32, 64, 128, 256)
 PQ_TRAIN_POINTS = 39 * 256  # PQ trains 256 centroids per sub-vector: faiss wants 39 points each
 # The index (codes and 8-byte ids) stays within this share of the stored embeddings' bytes.
@@ -223,6 +223,11 @@ def add_shard(dataset: Store, trained: TrainedIndex, key: str, cells: NDArray[np
     faiss = vector_index.require_faiss()
     empty, queries = _load_trained(dataset, trained.res, trained.sha256)
     index = faiss.clone_index(empty)
+    on_gpus = getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    if on_gpus:  # the coarse assignment (n x nlist dot products) is most of an add: on the GPUs
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = True  # lookup tables for searching only; the codes are the same
+        index = faiss.index_cpu_to_all_gpus(index, options)
     top = TopK(queries, RECALL_K)
     buffer = np.empty((min(len(cells), INDEX_BATCH), stored.shape[1]), np.float32)
     for start in range(0, len(cells), INDEX_BATCH):
@@ -230,6 +235,8 @@ def add_shard(dataset: Store, trained: TrainedIndex, key: str, cells: NDArray[np
         unit = unit_vectors(values, quantizer, buffer[:len(values)])
         index.add_with_ids(unit, cells[start:start + INDEX_BATCH].astype(np.int64))  # H3 indexes < 2**63
         top.update(unit)
+    if on_gpus:
+        index = faiss.index_gpu_to_cpu(index)
     rel = lists_relpath(trained.res, key)
     with dataset.staged(rel) as tmp:
         ShardLists.write(tmp, faiss.extract_index_ivf(index).invlists, top.best)
@@ -308,10 +315,9 @@ class ShardLists:
             f.write(cls.HEAD.pack(cls.MAGIC, nlist, cs, int(sizes.sum()), *top.shape))
             f.write(sizes.tobytes())
             f.write(np.ascontiguousarray(top, np.float32).tobytes())
-            for i in np.flatnonzero(sizes):  # rev_swig_ptr counts elements: bytes of codes, int64 ids
-                f.write(faiss.rev_swig_ptr(invlists.get_codes(int(i)), int(sizes[i]) * cs).tobytes())
-            for i in np.flatnonzero(sizes):
-                f.write(faiss.rev_swig_ptr(invlists.get_ids(int(i)), int(sizes[i])).tobytes())
+            full = [int(i) for i in np.flatnonzero(sizes)]  # rev_swig_ptr counts elements: code bytes, int64 ids
+            f.writelines(faiss.rev_swig_ptr(invlists.get_codes(i), int(sizes[i]) * cs).tobytes() for i in full)
+            f.writelines(faiss.rev_swig_ptr(invlists.get_ids(i), int(sizes[i])).tobytes() for i in full)
 
     def list(self, i: int) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
         a, b = self.starts[i], self.starts[i + 1]
@@ -345,10 +351,8 @@ def merge(out: Path, trained: Any, shards: list[ShardLists]) -> int:
         for i in range(nlist):
             if sizes[i]:
                 lists = [s.list(i) for s in shards]
-                for codes, _ in lists:
-                    f.write(codes)
-                for _, ids in lists:
-                    f.write(ids)
+                f.writelines(codes for codes, _ in lists)
+                f.writelines(ids for _, ids in lists)
     return total
 
 
@@ -368,19 +372,27 @@ def merged_top(shards: Iterator[NDArray[np.float32]], queries: int) -> NDArray[n
     return top.scores()
 
 
-def tune(index: Any, queries: NDArray[np.float32], kth: NDArray[np.float32],
-         exact_vectors: Callable[[NDArray[np.int64]], tuple[NDArray[np.int64], NDArray[np.float32]]]
-         ) -> tuple[dict[str, Any], float]:
+def tune(index: Any, queries: NDArray[np.float32], kth: NDArray[np.float32], vectors_of: vector_index.VectorsOf,
+         expand: bool = True) -> tuple[dict[str, Any], float]:
     """The cheapest (rerank, nprobe) reaching the recall target, else the best found.
 
-    ``exact_vectors`` gives the stored unit vectors of candidate cells (those it holds).
-    Returns the parameters (``met`` says whether the target was reached) and the recall.
+    Searched as the query layer searches: candidates re-ranked exactly, then (``expand``)
+    refined along the grid (:func:`catalog.vector_index.reranked_search`). ``vectors_of``
+    gives the stored unit vectors of the cells the atlas holds; each is read once. Returns
+    the parameters (``met`` says whether the target was reached) and the recall.
     """
     faiss = vector_index.require_faiss()
-    exact: dict[int, NDArray[np.float32]] = {}
+    known: dict[int, NDArray[np.float32] | None] = {}  # None: a cell the atlas lacks
 
-    def lookup(cand: NDArray[np.int64]) -> NDArray[np.float32]:
-        return np.stack([exact[c] for c in cand.tolist()])
+    def cached(ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        missing = np.array([c for c in ids.tolist() if c not in known], np.int64)
+        if missing.size:
+            known.update(dict.fromkeys(missing.tolist()))
+            found, vectors = vectors_of(missing)
+            known.update(zip(found.tolist(), vectors, strict=True))
+        held = [c for c in ids.tolist() if known[c] is not None]
+        return np.array(held, np.int64), np.stack([known[c] for c in held]) if held else \
+            np.empty((0, queries.shape[1]), np.float32)
 
     ivf = faiss.extract_index_ivf(index)
     best: tuple[float, dict[str, Any]] = (-1.0, {})
@@ -389,14 +401,7 @@ def tune(index: Any, queries: NDArray[np.float32], kth: NDArray[np.float32],
             if nprobe > ivf.nlist:
                 break
             ivf.nprobe = nprobe
-            _, cand = index.search(queries, RECALL_K * rerank)
-            missing = np.setdiff1d(cand[cand >= 0], np.fromiter(exact, np.int64, len(exact)))
-            if missing.size:
-                ids, vectors = exact_vectors(missing)
-                if len(ids) != len(missing):
-                    raise AtlasCorruptError("the index names cells the part files lack")
-                exact.update(zip(ids.tolist(), vectors, strict=True))
-            found, _ = vector_index.reranked_search(index, queries, RECALL_K, lookup, rerank=rerank)
+            found, _ = vector_index.reranked_search(index, queries, RECALL_K, cached, rerank=rerank, expand=expand)
             # a hit is a result whose exact score reaches the true k-th score: ties are not misses
             recall = float(np.mean(found >= kth[:, None] - 1e-6))
             params = {"nprobe": nprobe, "rerank": rerank, "met": recall >= RECALL_TARGET}

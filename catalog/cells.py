@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["cell_to_hex", "cells_to_latlng", "hex_to_cell", "latlng_to_cells"]
+__all__ = ["cell_to_hex", "cells_to_latlng", "hex_to_cell", "latlng_to_cells", "neighbours"]
 
 
 def latlng_to_cells(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> NDArray[np.uint64]:
@@ -27,6 +27,14 @@ def cells_to_latlng(cells: NDArray[np.uint64]) -> tuple[NDArray[np.float64], NDA
     flat = np.fromiter((v for c in np.asarray(cells, np.uint64).tolist() for v in h3i.cell_to_latlng(c)),
                        dtype=np.float64, count=2 * len(cells)).reshape(-1, 2)
     return np.ascontiguousarray(flat[:, 0]), np.ascontiguousarray(flat[:, 1])
+
+
+def neighbours(cells: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """The distinct cells one step from any of ``cells`` (the cells themselves included)."""
+    import h3.api.numpy_int as h3i
+
+    rings = [h3i.grid_disk(c, 1) for c in np.asarray(cells, np.uint64).tolist()]
+    return np.unique(np.concatenate(rings)).astype(np.uint64) if rings else np.empty(0, np.uint64)
 
 
 def cell_to_hex(cell: int) -> str:

@@ -79,15 +79,33 @@ def ivf_lists(n: int) -> int:
     return 1 << max(4, round(math.log2(math.sqrt(n) / 4)))
 
 
+VectorsOf = Callable[[NDArray[np.int64]], tuple[NDArray[np.int64], NDArray[np.float32]]]
+
+# The most rounds of neighbour expansion a search makes (each adds the ring around the
+# current best cells not yet expanded; a search stops as soon as all of them are), and the
+# most of the best cells expanded (a filtered search asks for many more than it returns).
+EXPAND_ROUNDS = 64
+EXPAND_WIDTH = 1000
+
+
 def reranked_search(
     index: Any,
     queries: NDArray[np.float32],
     k: int,
-    exact_vectors: Callable[[NDArray[np.int64]], NDArray[np.float32]],
+    vectors_of: VectorsOf,
     *,
     rerank: int = 1,
+    expand: bool = False,
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    """Search ``index`` for ``rerank * k`` candidates and re-rank them exactly.
+    """Search ``index`` for ``rerank * k`` candidates, re-rank them exactly and, with
+    ``expand``, climb the H3 grid from them.
+
+    Location embeddings change smoothly from cell to cell, so at fine resolutions thousands
+    of neighbouring cells share nearly one PQ code: the index finds the right places, but not
+    which of their cells are best. With ``expand``, the ring of cells around each of the
+    current ``k`` best (at most :data:`EXPAND_WIDTH`) is scored exactly too, round after round, until every one of the best
+    has been expanded (at most :data:`EXPAND_ROUNDS` rounds): a walk up the similarity
+    surface along the grid, from wherever the index landed.
 
     Parameters
     ----------
@@ -95,14 +113,23 @@ def reranked_search(
         Over normalised embeddings, ids = H3 cells (as int64).
     queries : numpy.ndarray, float32, shape (q, dim)
         Normalised query vectors.
-    exact_vectors : callable
-        Maps candidate ids (1-D int64) to their normalised stored vectors (float32, (n, dim)).
+    vectors_of : callable
+        Maps cell ids (1-D int64) to those of them the atlas holds and their normalised stored
+        vectors: ``(ids, float32 (n, dim))``.
 
     Returns
     -------
     (scores, ids) : float32 and int64 arrays of shape (q, k), best first; id -1 where the
         index had fewer candidates.
+
+    Raises
+    ------
+    AtlasCorruptError
+        When the index proposes a cell the atlas lacks.
     """
+    from catalog.cells import neighbours
+    from catalog.errors import AtlasCorruptError
+
     _, cand = index.search(queries, max(k, k * rerank))
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
@@ -110,7 +137,22 @@ def reranked_search(
         row = row[row >= 0]
         if row.size == 0:
             continue
-        exact = exact_vectors(row) @ queries[i]
+        found, vectors = vectors_of(row)
+        if len(found) != len(np.unique(row)):
+            raise AtlasCorruptError("the index names cells the atlas's embeddings lack; run 'hexatlas validate'")
+        cells, exact = found, vectors @ queries[i]
+        seen, expanded = set(row.tolist()), set()
+        for _ in range(EXPAND_ROUNDS if expand else 0):
+            best = cells[np.argsort(-exact, kind="stable")[:min(k, EXPAND_WIDTH)]]
+            frontier = [c for c in best.tolist() if c not in expanded]
+            if not frontier:
+                break
+            expanded.update(frontier)
+            ring = [c for c in neighbours(np.array(frontier, np.uint64)).astype(np.int64).tolist() if c not in seen]
+            seen.update(ring)
+            if ring:
+                more, vectors = vectors_of(np.array(ring, np.int64))
+                cells, exact = np.concatenate([cells, more]), np.concatenate([exact, vectors @ queries[i]])
         order = np.argsort(-exact, kind="stable")[:k]
-        scores[i, : order.size], ids[i, : order.size] = exact[order], row[order]
+        scores[i, : order.size], ids[i, : order.size] = exact[order], cells[order]
     return scores, ids

@@ -19,6 +19,7 @@ installed offline).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 import warnings
@@ -335,8 +336,8 @@ class Atlas:
             return None
         land = manifest["resolutions"][str(res)].get("land")
         if land is None:
-            raise InvalidArgumentError(f"this atlas was built before land flags were stored; rebuild it to use "
-                                       f"land_only (hexatlas build ... --overwrite)")
+            raise InvalidArgumentError("this atlas was built before land flags were stored; rebuild it to use "
+                                       "land_only (hexatlas build ... --overwrite)")
         with self._lock:
             if (name, "land", res) not in self._indexes:
                 path = self._local(name, [land["path"]]) / land["path"]
@@ -403,12 +404,10 @@ class Atlas:
         name = self._name(model)
         keep = _Filters(bbox, exclude_within_km, origin, self._land(name, res) if land_only else None)
 
-        def exact(ids: NDArray[np.int64]) -> NDArray[np.float32]:
+        def exact(ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
             vectors = data.vectors(ids.astype(np.uint64))
-            if np.isnan(vectors[:, 0]).any():
-                raise AtlasCorruptError(f"the index of resolution {res} names cells its embeddings lack; "
-                                        f"run 'hexatlas validate {self._datasets[name][0]}'")
-            return normalize(vectors)
+            held = ~np.isnan(vectors[:, 0])
+            return ids[held], normalize(vectors[held])
 
         if bbox is not None and _cells_in_box(bbox, res) <= BBOX_EXACT_CELLS:
             return _box_search(data, query[0], k, bbox, res, keep)
@@ -420,7 +419,7 @@ class Atlas:
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            return _filtered_search(index, info, query, k, exact, data.cells_count, keep)
+            return _filtered_search(index, info, query, k, exact, data.cells_count, keep, res)
         finally:
             faiss.omp_set_num_threads(threads)
 
@@ -587,14 +586,18 @@ def _result(cells: NDArray[np.uint64], lat: Any, lon: Any, scores: Any) -> pa.Ta
 
 
 def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32], k: int, exact: Any,
-                     n: int, keep: _Filters) -> pa.Table:
+                     n: int, keep: _Filters, res: int) -> pa.Table:
     """The index's re-ranked results, fetching 8x more each round until ``k`` pass ``keep``."""
     from catalog.vector_index import reranked_search
 
     fetch = k
     while True:
         fetch = min(fetch, n, MAX_CANDIDATES)
-        scores, ids = reranked_search(index, query, fetch, exact, rerank=info["rerank"])
+        try:
+            scores, ids = reranked_search(index, query, fetch, exact, rerank=info["rerank"],
+                                          expand=info.get("expand", False))
+        except AtlasCorruptError as exc:
+            raise AtlasCorruptError(f"resolution {res}: {exc}") from None
         found = ids[0] >= 0
         cells, scores = ids[0][found].astype(np.uint64), scores[0][found]
         lat, lon = cells_to_latlng(cells)
@@ -635,7 +638,7 @@ def _box_cells(bbox: tuple[float, float, float, float], res: int) -> NDArray[np.
     o0, o1 = max(lon0 - widen, -180.0), min(lon1 + widen, 180.0)
     found = [np.empty(0, np.uint64)]
     cuts = np.linspace(o0, o1, int(np.ceil((o1 - o0) / 90)) + 1) if o1 > o0 else np.array([o0, o1])
-    for left, right in zip(cuts[:-1], cuts[1:], strict=True):
+    for left, right in itertools.pairwise(cuts):
         steps = max(2, int(max(right - left, a1 - a0)) + 1)
         lons, lats = np.linspace(left, right, steps), np.linspace(a0, a1, steps)
         ring = ([(a0, x) for x in lons] + [(y, right) for y in lats[1:]] + [(a1, x) for x in lons[::-1][1:]]

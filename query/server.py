@@ -379,7 +379,7 @@ _QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "cell", "k", "bbox"
 def _one_value_each(request: Request) -> None:
     """Refuse a repeated query parameter: which of ``lat=1&lat=2`` was meant is anyone's guess."""
     # Only the parameters the API reads: others are ignored, repeated or not.
-    repeated = sorted({k for k in request.query_params.keys()
+    repeated = sorted({k for k in request.query_params
                        if k in _QUERY_NAMES and len(request.query_params.getlist(k)) > 1})
     if repeated:
         raise RequestValidationError([

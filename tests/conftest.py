@@ -9,7 +9,7 @@ except ImportError:  # the property tests skip themselves without it
     pass
 else:
     # The atlas fixtures are session-scoped and read-only, so sharing them across examples is safe.
-    common = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    common = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
     settings.register_profile("hexatlas", max_examples=60, derandomize=True, **common)
     settings.register_profile("slow", max_examples=2000, **common)
     settings.load_profile("hexatlas")

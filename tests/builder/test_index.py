@@ -15,8 +15,8 @@ import xarray as xr
 from builder import finish, index, write
 from builder.build import build
 from builder.finish import ShardSource
-from builder.index import ShardLists, TopK, TrainedIndex, ivf_sample, pq_subquantizers
 from builder.grid import Shard, cell_centers, shard_cells
+from builder.index import ShardLists, TopK, TrainedIndex, ivf_sample, pq_subquantizers
 from catalog import vector_index
 from catalog.errors import AtlasCorruptError
 from catalog.manifest import file_record, read_manifest
@@ -291,3 +291,28 @@ def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_sett
     assert not info["exact"] and 0 < info["recall_at_10"] < 0.95 and "met" not in info
     assert "an exact index would not fit, keeping the best setting" in caplog.text
     assert len(open_atlas(tmp_path).similar(lat=10.0, lon=20.0, k=5)) == 5  # still searchable
+
+
+def test_a_search_climbs_the_grid_from_wherever_the_index_lands() -> None:
+    """An index that only ever proposes one far cell still yields the exact top 10 of a smooth
+    field: the neighbour expansion walks the grid up to the best cells."""
+    cells = shard_cells(Shard(3)).astype(np.int64)
+    vectors = _smooth(cells, 32, seed=3)
+    held = dict(zip(cells.tolist(), vectors, strict=True))
+
+    def vectors_of(ids):
+        found = np.array([c for c in ids.tolist() if c in held], np.int64)
+        return found, np.array([held[c] for c in found.tolist()], np.float32).reshape(len(found), 32)
+
+    target = int(np.flatnonzero(cells == h3i.latlng_to_cell(45.0, 10.0, 3))[0])
+    seed = h3i.latlng_to_cell(40.0, 20.0, 3)  # ~1,000 km away, several dozen steps
+    lost = faiss.IndexIDMap2(faiss.IndexFlatIP(32))
+    lost.add_with_ids(vectors[cells == seed], np.array([seed], np.int64))
+    query = vectors[target:target + 1]
+    truth = cells[np.argsort(-(vectors @ query[0]), kind="stable")[:10]]
+    _, plain = vector_index.reranked_search(lost, query, 10, vectors_of)
+    assert plain[0, 0] == seed and (plain[0, 1:] == -1).all()
+    scores, found = vector_index.reranked_search(lost, query, 10, vectors_of, expand=True)
+    assert found[0].tolist() == truth.tolist() and scores[0, 0] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(AtlasCorruptError, match="names cells"):  # a cell the atlas lacks is named
+        vector_index.reranked_search(lost, query, 10, lambda ids: vectors_of(ids[:0]))

@@ -114,6 +114,24 @@ def test_ray_build_is_identical_to_a_local_build(ray_cluster, reference, tmp_pat
     assert not (tmp_path / "toy" / "_build").exists()
 
 
+def test_ray_tasks_add_their_shards_to_the_index(ray_cluster, tmp_path, monkeypatch) -> None:
+    import builder.index
+    from catalog import vector_index
+
+    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)  # resolution 2 gets an IVF-PQ index
+    build(TOY, resolutions="2", output=tmp_path / "local", device="cpu", progress=False)
+
+    def not_here(*args):
+        raise AssertionError("the driver encoded a shard into the index")
+
+    monkeypatch.setattr(builder.index, "add_shard", not_here)  # the tasks, in their own processes, do
+    build(TOY, resolutions="2", output=tmp_path / "ray", device="cpu", progress=False, executor="ray")
+    info = read_manifest(tmp_path / "ray" / "toy")["resolutions"]["2"]["index"]
+    assert not info["exact"] and info["recall_at_10"] >= 0.95
+    index = "toy/index/res=2.faiss"
+    assert (tmp_path / "ray" / index).read_bytes() == (tmp_path / "local" / index).read_bytes()
+
+
 def test_ray_build_to_s3(ray_cluster, reference) -> None:
     from catalog.storage import open_store
     from tests.data.s3_server import BUCKET

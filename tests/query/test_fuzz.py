@@ -23,17 +23,17 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
     response_schema_conformance,
     status_code_conformance,
 )
 
-from tests.query._server import free_port, wait_for_health  # noqa: E402
+from tests.query._server import free_port, wait_for_health
 
 MODEL = "satclip-vit16-l10"
 DIM = 256
@@ -144,8 +144,8 @@ def test_every_operation_is_fuzzed(api) -> None:
     assert declared == set(OPERATIONS)
 
 
-FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck), database=None,
-            phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink])
+FUZZ = {"deadline": None, "suppress_health_check": list(HealthCheck), "database": None,
+        "phases": [Phase.explicit, Phase.generate, Phase.target, Phase.shrink]}
 SEEN: dict[str, int] = {}  # requests sent per operation and mode, printed at the end (pytest -s)
 
 

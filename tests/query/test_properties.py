@@ -12,8 +12,8 @@ default run, more with ``pytest --hypothesis-profile=slow``.
 from __future__ import annotations
 
 import math
-from importlib.util import find_spec
 import re
+from importlib.util import find_spec
 
 import numpy as np
 import pyarrow as pa
@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("hypothesis")
-import h3  # noqa: E402
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import h3
+from hypothesis import given
+from hypothesis import strategies as st
 
-import query  # noqa: E402
-from catalog.errors import InvalidCoordinateError, UnknownResolutionError  # noqa: E402
+import query
+from catalog.errors import InvalidCoordinateError, UnknownResolutionError
 
 MODEL, TOY = "satclip-vit16-l10", "toy"  # res 0-2 stored as float32; res 1 stored as float16
 BUILT = [(MODEL, 0), (MODEL, 1), (MODEL, 2), (TOY, 1)]
@@ -237,7 +237,7 @@ def test_interpolated_lookup_is_a_convex_blend_of_the_cell_and_its_neighbours(at
 @given(data=st.data(), which=st.sampled_from(BUILT))
 def test_a_point_on_a_cell_centre_gets_exactly_that_cells_embedding(atlas, stored, data, which) -> None:
     model, res = which
-    held, emb = stored[model, res]
+    held, _ = stored[model, res]
     pentagons = [h3.str_to_int(p) for p in h3.get_pentagons(res)]
     picked = data.draw(st.lists(st.one_of(st.sampled_from(pentagons), st.sampled_from(held.tolist())),
                                 min_size=1, max_size=20))
