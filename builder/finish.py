@@ -306,7 +306,7 @@ def finish_index(res: int, records: list[dict[str, Any]], job: ShardJob, state: 
         elif trained is None:
             raise AtlasCorruptError(f"resolution {res}'s index was never trained; rebuild with --overwrite")
         else:
-            empty, queries = index._load_trained(dataset, res, trained["trained"]["sha256"])
+            empty, queries = index.load_trained(dataset, res, trained["trained"]["sha256"])
             lists = [index.ShardLists(p) for p in _shard_lists(res, records, job, state, trained, Path(fetched))]
             kth = index.merged_top((s.top for s in lists), len(queries))
             written = index.merge(tmp, empty, lists)
@@ -319,14 +319,16 @@ def finish_index(res: int, records: list[dict[str, Any]], job: ShardJob, state: 
             del ivf_index
             params = {"type": trained["type"], "exact": False, "nlist": trained["nlist"],
                       "nprobe": tuned["nprobe"], "rerank": tuned["rerank"], "expand": True,
+                      "recall_lower_bound": tuned["recall_lower_bound"],
                       "train_points": trained["train_points"], "recall_queries": len(queries)}
             if not tuned["met"] and n * dim * 4 > index.FLAT_MAX_BYTES:
-                log.warning("%s reached recall@%d %.3f < %.2f at res %d; an exact index would not fit, "
-                            "keeping the best setting", trained["type"], index.RECALL_K, recall,
-                            index.RECALL_TARGET, res)
+                log.warning("%s reached recall@%d %.3f (lower bound %.3f) < %.2f at res %d; an exact index would "
+                            "not fit, keeping the best setting", trained["type"], index.RECALL_K, recall,
+                            tuned["recall_lower_bound"], index.RECALL_TARGET, res)
             elif not tuned["met"]:
-                log.warning("%s reached recall@%d %.3f < %.2f at res %d; keeping an exact index",
-                            trained["type"], index.RECALL_K, recall, index.RECALL_TARGET, res)
+                log.warning("%s reached recall@%d %.3f (lower bound %.3f) < %.2f at res %d; keeping an exact index",
+                            trained["type"], index.RECALL_K, recall, tuned["recall_lower_bound"],
+                            index.RECALL_TARGET, res)
                 params, recall = _write_flat(tmp, source, dim), 1.0
         file = fmt.file_record(Path(), rel, local=tmp)
     params.update({"metric": "inner_product", "recall_at_10": round(recall, 4), "normalized": True,

@@ -456,7 +456,7 @@ class Atlas:
 
 def _index_detail(index: dict[str, Any]) -> dict[str, Any]:
     """What ``info`` shows of a resolution's index: its parameters, size and measured recall."""
-    keys = ("type", "exact", "nlist", "nprobe", "rerank", "recall_at_10", "recall_queries", "bytes",
+    keys = ("type", "exact", "nlist", "nprobe", "rerank", "recall_at_10", "recall_lower_bound", "recall_queries", "bytes",
             "bytes_per_cell", "share_of_embeddings", "build_s")
     return {key: index[key] for key in keys if key in index}
 
