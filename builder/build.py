@@ -264,11 +264,7 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
     order = [shard for shards in by_res.values() for shard in shards]
 
     def write_one(shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any]) -> None:
-        with timer("write"):
-            record = write.write_shard(job.dataset, shard, cells, stored, job.metadata)
-        with timer("index"):
-            record = write.add_to_index(job, shard, cells, stored, record)
-        state.mark(step_name(shard), record)
+        state.mark(step_name(shard), write.write_and_index(job, shard, cells, stored, timer))
 
     def write_res(res: int, shards: list[Shard], feed: queue.Queue[Any]) -> None:
         # streamed only when this run writes every shard of the resolution, in cell order

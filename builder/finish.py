@@ -14,7 +14,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from builder import encode, index
 from builder._timing import Timer, progress_bar
 from builder.grid import cell_centers
-from builder.plan import BuildState
+from builder.plan import BuildState, shard_step
 from builder.write import ShardJob
 from catalog import manifest as fmt
 from catalog import vector_index
@@ -52,44 +52,38 @@ class ShardSource:
     Parameters
     ----------
     dataset : Store
-    records : list of dict, or a callable returning them
-        The done records of the resolution's shards (those with rows), in cell order; a
-        callable is asked when the files are first read (a local build's last shards are
-        still being written when the source is made).
+    records : list of dict
+        The done records of the resolution's shards (those with rows), in cell order.
     dim, precision :
         The embeddings' length and storage.
     quantizer : Quantizer, optional
         For int8 datasets: how stored values map back to floats.
     """
 
-    def __init__(self, dataset: Store, records: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]],
-                 dim: int, precision: str, quantizer: Quantizer | None = None) -> None:
-        self.dataset, self._records, self.dim, self.precision = dataset, records, dim, precision
+    def __init__(self, dataset: Store, records: list[dict[str, Any]], dim: int, precision: str,
+                 quantizer: Quantizer | None = None) -> None:
+        self.dataset, self.records, self.dim, self.precision = dataset, records, dim, precision
         self.quantizer = quantizer
         self._buffer: NDArray[np.float32] | None = None  # reused by unit_vectors
         self._reader: ResolutionReader | None = None
 
-    def records(self) -> list[dict[str, Any]]:
-        return self._records() if callable(self._records) else self._records
-
-    def tables(self, columns: tuple[str, ...] = ("cell", "embedding")) -> Iterator[pa.Table]:
+    def table(self, record: dict[str, Any]) -> pa.Table:
+        """One shard's part file, whole."""
         import pyarrow.parquet as pq
 
         fs, root = self.dataset.filesystem()
-        for record in self.records():
-            yield pq.read_table(f"{root}/{record['path']}", columns=list(columns), filesystem=fs)
+        return pq.read_table(f"{root}/{record['path']}", columns=["cell", "embedding"], filesystem=fs)
 
-    def unit_vectors(self, values: pa.Table | NDArray[Any], rows: NDArray[np.intp] | None = None
-                     ) -> NDArray[np.float32]:
-        """Stored embeddings (a table's, or a matrix; only ``rows`` when given) as unit-length
-        float32, C-contiguous.
+    def tables(self) -> Iterator[pa.Table]:
+        return map(self.table, self.records)
+
+    def unit_vectors(self, values: pa.Table | NDArray[Any]) -> NDArray[np.float32]:
+        """Stored embeddings (a table's, or a matrix) as unit-length float32, C-contiguous.
 
         The result lives in a buffer reused by the next call: copy it to keep it.
         """
         if isinstance(values, pa.Table):
             values = embedding_matrix(values.column("embedding"))
-        if rows is not None:
-            values = values[rows]
         n, dim = values.shape
         if self._buffer is None or self._buffer.shape[0] < n or self._buffer.shape[1] != dim:
             self._buffer = np.empty((max(n, 1), dim), dtype=np.float32)
@@ -102,9 +96,8 @@ class ShardSource:
 
         wanted = np.unique(np.asarray(wanted).astype(np.uint64))
         if self._reader is None:
-            records = self.records()
-            files = {f["path"]: f for r in records for f in r["files"]}
-            self._reader = ResolutionReader(self.dataset, part_infos({"parts": records}, files), self.dim,
+            files = {f["path"]: f for r in self.records for f in r["files"]}
+            self._reader = ResolutionReader(self.dataset, part_infos({"parts": self.records}, files), self.dim,
                                             self.precision, str(self.dataset), cache_bytes=64 << 20)
         stored = np.empty((len(wanted), self.dim), STORED_DTYPES[self.precision])
         found = self._reader.gather(wanted, stored)
@@ -285,8 +278,7 @@ def shard_key(record: dict[str, Any]) -> str:
     return Path(record["path"]).stem[len("part-"):]
 
 
-def finish_index(res: int, records: list[dict[str, Any]], job: ShardJob, state: BuildState, timer: Timer,
-                 source: ShardSource) -> None:
+def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, source: ShardSource) -> None:
     """Merge, tune and publish resolution ``res``'s index (nothing if an earlier run did).
 
     An exact resolution's flat index is written from the part files. An approximate one is
@@ -296,7 +288,7 @@ def finish_index(res: int, records: list[dict[str, Any]], job: ShardJob, state: 
     if _index_done(res, job, state):
         return
     start = time.perf_counter()
-    dataset, n, dim = job.dataset, sum(r["rows"] for r in records), source.dim
+    dataset, n, dim = job.dataset, sum(r["rows"] for r in source.records), source.dim
     faiss = vector_index.require_faiss()
     rel = fmt.index_relpath(res)
     trained = state.done(f"index-train-res={res}")
@@ -307,8 +299,8 @@ def finish_index(res: int, records: list[dict[str, Any]], job: ShardJob, state: 
             raise AtlasCorruptError(f"resolution {res}'s index was never trained; rebuild with --overwrite")
         else:
             empty, queries = index.load_trained(dataset, res, trained["trained"]["sha256"])
-            lists = [index.ShardLists(p) for p in _shard_lists(res, records, job, state, trained, Path(fetched))]
-            kth = index.merged_top((s.top for s in lists), len(queries))
+            lists = [index.ShardLists(p) for p in _shard_lists(res, source, job, state, trained, Path(fetched))]
+            kth = index.merged_kth([s.top for s in lists])
             written = index.merge(tmp, empty, lists)
             del lists  # their maps
             if written != n:
@@ -343,27 +335,23 @@ def finish_index(res: int, records: list[dict[str, Any]], job: ShardJob, state: 
 def _write_flat(path: Path, source: ShardSource, dim: int) -> dict[str, Any]:
     faiss = vector_index.require_faiss()
     flat = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    for table in source.tables(("cell", "embedding")):
+    for table in source.tables():
         flat.add_with_ids(source.unit_vectors(table), table.column("cell").to_numpy().astype(np.int64))
     faiss.write_index(flat, str(path))
     return {"type": "IDMap2,Flat", "exact": True, "rerank": 1}
 
 
-def _shard_lists(res: int, records: list[dict[str, Any]], job: ShardJob, state: BuildState,
+def _shard_lists(res: int, source: ShardSource, job: ShardJob, state: BuildState,
                  trained: dict[str, Any], fetched: Path) -> Iterator[Path]:
     """Local paths of the shards' lists, in cell order; made from the part files where missing."""
-    import pyarrow.parquet as pq
-
     dataset, sha = job.dataset, trained["trained"]["sha256"]
-    fs, root = dataset.filesystem()
-    for record in records:
+    for record in source.records:
         saved = record.get("index")
         if saved is None or saved["trained"] != sha or not dataset.exists(saved["path"]):
-            table = pq.read_table(f"{root}/{record['path']}", columns=["cell", "embedding"], filesystem=fs)
-            values = embedding_matrix(table.column("embedding"))
-            saved = index.add_shard(dataset, index.TrainedIndex(res, sha), shard_key(record),
-                                    table.column("cell").to_numpy(), values, job.quantizer())
-            state.mark(f"res={res}_shard={shard_key(record)}", {**record, "index": saved})
+            table, key = source.table(record), shard_key(record)
+            saved = index.add_shard(dataset, index.TrainedIndex(res, sha), key, table.column("cell").to_numpy(),
+                                    embedding_matrix(table.column("embedding")), job.quantizer())
+            state.mark(shard_step(res, key), {**record, "index": saved})
         if dataset.is_local:
             yield dataset.path(saved["path"])
         else:
@@ -417,7 +405,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
                 for table in source.tables():  # the Zarr time is its own
                     finish.add(table)
                     bar.update(table.num_rows)
-    finish_index(res, records, job, state, timer, source)
+    finish_index(res, job, state, timer, source)
     zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")
     info["zarr"], info["index"] = (fmt.zarr_relpath(res) if job.zarr else None), index_done["index"]
     files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]

@@ -28,7 +28,7 @@ import math
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from catalog.storage import Store
 
 __all__ = ["INDEX_BATCH", "RECALL_QUERIES", "RERANKS", "ShardLists", "TopK", "TrainedIndex", "add_shard",
-           "ivf_sample", "load_trained", "merge", "merged_top", "pq_subquantizers", "train", "tune", "unit_vectors"]
+           "ivf_sample", "load_trained", "merge", "merged_kth", "pq_subquantizers", "train", "tune", "unit_vectors"]
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,10 @@ def lists_relpath(res: int, key: str) -> str:
     return f"{fmt.BUILD_DIR}/index/res={res}/part-{key}.lists"
 
 
-VectorsOf = Callable[[NDArray[np.uint64]], NDArray[np.float32]]
+EncodeCells = Callable[[NDArray[np.uint64]], NDArray[np.float32]]  # cells -> their unit vectors, as stored
 
 
-def train(dataset: Store, res: int, n: int, dim: int, stored_bytes: int, vectors_of: VectorsOf,
+def train(dataset: Store, res: int, n: int, dim: int, stored_bytes: int, vectors_of: EncodeCells,
           keep: NDArray[np.uint64] | None = None) -> dict[str, Any]:
     """Train resolution ``res``'s IVF-PQ index on a sample whose unit vectors ``vectors_of``
     gives (as stored); save it and the held-out queries; returns the step's done record."""
@@ -178,7 +178,7 @@ def train(dataset: Store, res: int, n: int, dim: int, stored_bytes: int, vectors
         with open(tmp, "wb") as f:
             np.save(f, vectors[len(train_cells):])
         queries = fmt.file_record(Path(), queries_relpath(res), local=tmp)
-    return {"type": f"IVF{nlist},PQ{m}", "nlist": nlist, "pq": m, "trained": trained, "queries": queries,
+    return {"type": f"IVF{nlist},PQ{m}", "nlist": nlist, "trained": trained, "queries": queries,
             "query_cells": [int(c) for c in query_cells], "train_points": len(train_cells),
             "train_s": round(time.perf_counter() - start, 2)}
 
@@ -272,11 +272,8 @@ class TopK:
         np.matmul(self.queries, vectors.T, out=scores)
         better = scores > self.best[:, :1]
         for i in np.flatnonzero(better.any(axis=1)):
-            self.merge_row(i, scores[i, better[i]])
-
-    def merge_row(self, i: int, scores: NDArray[np.float32]) -> None:
-        row = np.concatenate([self.best[i], scores])
-        self.best[i] = np.sort(np.partition(row, row.size - self.k)[-self.k:])
+            row = np.concatenate([self.best[i], scores[i, better[i]]])
+            self.best[i] = np.sort(np.partition(row, row.size - self.k)[-self.k:])
 
     def scores(self) -> NDArray[np.float32]:
         """The k-th best score of each query."""
@@ -371,13 +368,10 @@ def _header_with(trained: Any, ntotal: int) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def merged_top(shards: Iterator[NDArray[np.float32]], queries: int) -> NDArray[np.float32]:
-    """The exact top-10 scores of each query over all shards, from each shard's top-10."""
-    top = TopK(np.empty((queries, 0), np.float32), RECALL_K)
-    for best in shards:
-        for i in range(queries):
-            top.merge_row(i, best[i])
-    return top.scores()
+def merged_kth(shard_tops: list[NDArray[np.float32]]) -> NDArray[np.float32]:
+    """The exact k-th best score of each query over all shards, from each shard's top k."""
+    tops = np.concatenate(shard_tops, axis=1)
+    return np.sort(tops, axis=1)[:, -RECALL_K]
 
 
 def recall_bound(recall: float, queries: int) -> float:

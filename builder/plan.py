@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
 __all__ = ["EXECUTORS", "PRECISIONS", "BuildConfig", "BuildState", "enumerate_shard", "land_cells_of",
-           "land_mask_description", "remove_stale_temporaries", "step_name", "total_cells"]
+           "land_mask_description", "remove_stale_temporaries", "shard_step", "step_name", "total_cells"]
 
 PRECISIONS = ("float16", "float32", "int8")
 EXECUTORS = ("local", "ray")
@@ -124,7 +124,12 @@ class BuildState:
 
 
 def step_name(shard: Shard) -> str:
-    return f"res={shard.res}_shard={shard.key}"
+    return shard_step(shard.res, shard.key)
+
+
+def shard_step(res: int, key: str) -> str:
+    """The done-record name of the shard ``key`` of resolution ``res``."""
+    return f"res={res}_shard={key}"
 
 
 def remove_stale_temporaries(dataset: Path) -> None:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from builder.encoders._base import Encoder
 
-__all__ = ["ShardJob", "parquet_metadata", "process_shard", "shard_table", "write_shard"]
+__all__ = ["ShardJob", "add_to_index", "parquet_metadata", "process_shard", "shard_table", "write_and_index", "write_shard"]
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,17 @@ def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
         cells, lat, lon = enumerate_shard(shard, land or {})
     with timer("encode"):
         stored = encode.encode_stored(encoder, lat, lon, job.precision, job.quantizer())
+    return write_and_index(job, shard, cells, stored, timer), timer.seconds
+
+
+def write_and_index(job: ShardJob, shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any],
+                    timer: Timer) -> dict[str, Any]:
+    """Write one encoded shard's part file, then add its rows to its resolution's index; returns
+    its done record (the caller marks it done)."""
     with timer("write"):
         record = write_shard(job.dataset, shard, cells, stored, job.metadata)
     with timer("index"):
-        record = add_to_index(job, shard, cells, stored, record)
-    return record, timer.seconds
+        return add_to_index(job, shard, cells, stored, record)
 
 
 def add_to_index(job: ShardJob, shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any],

@@ -1,8 +1,8 @@
 """Cosine-similarity FAISS indexes over cell embeddings: how they are built and searched.
 
 Both sides of the format live here so that the recall the builder measures is the recall the
-query layer gets: the index proposes ``rerank`` x k candidates and these are re-ranked by
-exact cosine similarity against the stored embeddings.
+query layer gets: the index proposes ``rerank`` x k candidates, these are re-ranked by exact
+cosine similarity against the stored embeddings, and (for IVF-PQ) refined along the H3 grid.
 """
 
 from __future__ import annotations

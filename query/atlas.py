@@ -143,7 +143,8 @@ class Atlas:
         self._datasets = datasets
         self._mirrors = mirrors or {}  # remote dataset name -> local folder of the files fetched whole
         self._loaded: dict[tuple[str, int], _Resolution] = {}
-        self._indexes: dict[tuple[Any, ...], Any] = {}  # FAISS indexes and land cells, opened
+        self._indexes: dict[tuple[str, int], Any] = {}  # FAISS indexes, opened
+        self._land_cells: dict[tuple[str, int], NDArray[np.uint64]] = {}  # memory-mapped
         self._lock = threading.Lock()
         self._fetch_lock = threading.Lock()
 
@@ -339,10 +340,10 @@ class Atlas:
             raise InvalidArgumentError("this atlas was built before land flags were stored; rebuild it to use "
                                        "land_only (hexatlas build ... --overwrite)")
         with self._lock:
-            if (name, "land", res) not in self._indexes:
+            if (name, res) not in self._land_cells:
                 path = self._local(name, [land["path"]]) / land["path"]
-                self._indexes[(name, "land", res)] = np.load(path, mmap_mode="r")
-            return self._indexes[(name, "land", res)]
+                self._land_cells[(name, res)] = np.load(path, mmap_mode="r")
+            return self._land_cells[(name, res)]
 
     def similar(self, *, lat: float | None = None, lon: float | None = None, cell: int | str | None = None,
                 vector: ArrayLike | None = None, k: int = 10, res: int | None = None, model: str | None = None,

@@ -118,6 +118,25 @@ def test_validate_names_missing_extra_and_altered_files(toy_atlas, tmp_path, cap
     assert "altered file" in capsys.readouterr().out
 
 
+def test_validate_checks_what_the_index_holds(toy_atlas, tmp_path) -> None:
+    """An index file swapped in with its manifest record updated still fails: its header
+    names the wrong number of vectors."""
+    import json
+    import shutil
+
+    from catalog.manifest import file_record
+
+    shutil.copytree(toy_atlas[0], tmp_path / "copy")
+    dataset = tmp_path / "copy" / "toy"
+    shutil.copyfile(dataset / "index/res=0.faiss", dataset / "index/res=1.faiss")
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["files"] = [file_record(dataset, r["path"]) if r["path"] == "index/res=1.faiss" else r
+                         for r in manifest["files"]]
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    expected = "index/res=1.faiss: an index of 122 vectors of 4 dimensions, expected 842 of 4"
+    assert validate_dataset(dataset) == [expected]
+
+
 @pytest.mark.parametrize(("precision", "tolerance", "dtype"),
                          [("float16", 2e-3, "fixed_size_list<element: halffloat>[4]"), ("int8", 1e-2, "fixed_size_binary[4]")])
 def test_reduced_precision(tmp_path, precision, tolerance, dtype) -> None:

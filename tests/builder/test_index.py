@@ -67,7 +67,7 @@ def test_top_k_over_blocks_and_merged_over_shards_equals_a_full_sort() -> None:
         top = TopK(queries, 10)
         top.update(vectors[start:start + 1700])
         shards.append(top.best)
-    np.testing.assert_allclose(index.merged_top(iter(shards), len(queries)), full[:, 9], rtol=1e-6)
+    np.testing.assert_allclose(index.merged_kth(shards), full[:, 9], rtol=1e-6)
 
 
 def _source(tmp_path, vectors, ids, shard_rows=7000):
@@ -103,7 +103,7 @@ def _write_index(tmp_path, source, res, n, dim, monkeypatch, trained=lambda: Non
     state.mark(f"index-train-res={res}", index.train(store, res, n, dim, 2 * dim, vectors_of))
     trained()
     job = write.ShardJob(store, "float16", None, {})
-    finish.finish_index(res, source.records(), job, state, finish.Timer(), source)
+    finish.finish_index(res, job, state, finish.Timer(), source)
     done = state.done(f"index-res={res}")
     return done["index"], done["file"]
 
@@ -215,7 +215,7 @@ def test_an_index_missing_cells_is_refused(tmp_path, monkeypatch) -> None:
     source = _source(tmp_path, _smooth(ids, 16), ids)
 
     def claim_one_more():  # the parts' records claim a cell their rows do not hold
-        source.records()[0]["rows"] += 1
+        source.records[0]["rows"] += 1
 
     with pytest.raises(AtlasCorruptError, match=f"hold {len(ids):,} cells in their index lists, expected"):
         _write_index(tmp_path, source, 3, len(ids), 16, monkeypatch, claim_one_more)

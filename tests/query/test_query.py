@@ -148,8 +148,9 @@ def _exact_top(cells, values, query_vector, k, keep):
     return cells[keep][np.argsort(-scores, kind="stable")[:k]]
 
 
-def test_similar_in_a_box_is_exact_over_the_box(atlas, stored) -> None:
+def test_similar_in_a_box_is_exact_over_the_box(atlas, stored, monkeypatch) -> None:
     cells, values = stored
+    monkeypatch.setattr(atlas, "_index", lambda *a: pytest.fail("a small box is searched without the index"))
     c_lat, c_lon = np.array([h3i.cell_to_latlng(c) for c in cells]).T
     box = (-10.0, 35.0, 30.0, 60.0)
     inside = (c_lon >= box[0]) & (c_lat >= box[1]) & (c_lon <= box[2]) & (c_lat <= box[3])
@@ -177,6 +178,12 @@ def test_similar_filters_that_leave_nothing_say_so(atlas) -> None:
         atlas.similar(lat=0.0, lon=0.0, k=5, model=MODEL, exclude_within_km=20_100)
     with pytest.raises(InvalidArgumentError, match="no cell of resolution 2 in this atlas passes the filters"):
         atlas.similar(lat=0.0, lon=0.0, k=5, model=MODEL, bbox=(0.0, 0.0, 0.001, 0.001))
+    with pytest.warns(UserWarning, match="most similar cells pass the filters"):  # the index's results, filtered
+        antipodes = atlas.similar(lat=0.0, lon=0.0, k=1000, model=MODEL, exclude_within_km=19_000)
+    from query.atlas import _haversine_km
+
+    far = _haversine_km(antipodes.column("lat").to_numpy(), antipodes.column("lon").to_numpy(), 0.0, 0.0)
+    assert 0 < antipodes.num_rows < 1000 and (far >= 19_000).all()
     lat, lon = h3i.cell_to_latlng(h3i.latlng_to_cell(48.85, 2.35, 2))
     with pytest.warns(UserWarning, match="returning 1, not 5"):  # a box around one cell's centre
         one = atlas.similar(lat=0.0, lon=0.0, k=5, model=MODEL, bbox=(lon - 0.01, lat - 0.01, lon + 0.01, lat + 0.01))
