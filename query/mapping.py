@@ -141,18 +141,19 @@ def coastline_grid() -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[
     from catalog.tables import atomic_path
 
     cache = Path(os.environ.get("HEXATLAS_CACHE") or Path.home() / ".cache" / "hexatlas")
-    path = cache / f"coast-global-land-mask-{release}-{COAST_STEP}.npy"
+    path = cache / f"coast-global-land-mask-{release}-{COAST_STEP}-land.npy"
     if path.is_file():
         count = np.load(path)
     else:
         from global_land_mask import globe
 
-        mask = globe._mask  # (21600, 43200) bool, row 0 at 90 N; the package's only copy
-        rows, cols = mask.shape[0] // COAST_STEP, mask.shape[1] // COAST_STEP
+        ocean = globe._mask  # (21600, 43200) bool, True at sea, row 0 at 90 N; the package's only copy
+        rows, cols = ocean.shape[0] // COAST_STEP, ocean.shape[1] // COAST_STEP
         count = np.empty((rows, cols), dtype=np.uint8)
         for start in range(0, rows, 100):  # a band at a time: no full-size temporary
-            band = mask[start * COAST_STEP:(start + 100) * COAST_STEP]
-            count[start:start + 100] = band.reshape(-1, COAST_STEP, cols, COAST_STEP).sum(axis=(1, 3), dtype=np.uint8)
+            band = ocean[start * COAST_STEP:(start + 100) * COAST_STEP]
+            sea = band.reshape(-1, COAST_STEP, cols, COAST_STEP).sum(axis=(1, 3), dtype=np.uint8)
+            count[start:start + 100] = COAST_STEP * COAST_STEP - sea
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, count)
