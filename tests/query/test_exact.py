@@ -154,3 +154,15 @@ def test_the_server_takes_exact(atlas) -> None:
     both = client.get("/v1/lookup", params={"lat": 1.0, "lon": 2.0, "model": MODEL, "exact": "true",
                                             "interpolate": "true"})
     assert both.status_code == 400 and "choose one" in both.json()["detail"]
+
+
+def test_concurrent_exact_lookups_agree_with_one_call(atlas_dir) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    atlas = query.open(atlas_dir[0])
+    lat, lon = _points(64)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: atlas.lookup(lat[i:i + 8], lon[i:i + 8], model=MODEL, exact=True),
+                                range(0, 64, 8)))
+    assert len(atlas._exact) == 1
+    np.testing.assert_array_equal(np.concatenate(results), atlas.lookup(lat, lon, model=MODEL, exact=True))
