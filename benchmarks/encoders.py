@@ -1,4 +1,5 @@
-"""Encoder throughput (issue 2): points/s per model and dtype against same-run baselines.
+"""Encoder throughput (issue 2): points/s per model and dtype against same-run baselines;
+and the exported encoder that ``exact=True`` runs (onnxruntime) against torch (issue 14).
 
 Baselines:
 - SatCLIP: the naive per-harmonic float64 evaluation the official code does
@@ -90,5 +91,37 @@ def geoclip_rows(quick: bool = False) -> list[Row]:
     return rows
 
 
+def exact_rows(quick: bool = False) -> list[Row]:
+    """``exact=True``'s encoder (the exported ONNX model in onnxruntime, as :mod:`query.exact` runs it)
+    against the torch encoder it was exported from, float32, CPU, on the same 10,000 points."""
+    import hashlib
+
+    from builder.export import export_onnx
+    from query.exact import ExactEncoder
+    from tests.data.satclip_checkpoint import make_checkpoint
+
+    n = 2_000 if quick else 10_000
+    lat, lon = _points(n, seed=1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        encoders = [(f"SatCLIP L={lvl}", load_encoder(f"satclip-vit16-l{lvl}", device="cpu",
+                                                    checkpoint=make_checkpoint(Path(tmp) / f"l{lvl}.ckpt", legendre_polys=lvl)))
+                    for lvl in (10, 40)]
+        encoders.append(("GeoCLIP", load_encoder("geoclip", device="cpu")))
+        for label, enc in encoders:
+            model, info = export_onnx(enc)
+            if model is None:
+                raise RuntimeError(f"{label}: {info['reason']}")
+            path = Path(tmp) / f"{enc.name}.onnx"
+            path.write_bytes(model)
+            exact = ExactEncoder(path, {**info, "sha256": hashlib.sha256(model).hexdigest()}, str(path))
+            rate = best_rate(lambda e=exact: e.encode(lat, lon), n)
+            torch_rate = best_rate(lambda e=enc: e.encode(lat=lat, lon=lon, batch_size=BATCH), n)
+            diff = float(np.abs(exact.encode(lat, lon) - enc.encode(lat=lat, lon=lon)).max())
+            rows.append(Row("exact", f"{label} onnxruntime, {n:,} points (max diff {diff:.1g})", rate, "pts/s",
+                            "torch encoder (float32)", torch_rate))
+    return rows
+
+
 def run(quick: bool = False) -> list[Row]:
-    return satclip_rows(quick) + geoclip_rows(quick)
+    return satclip_rows(quick) + geoclip_rows(quick) + exact_rows(quick)

@@ -4,7 +4,7 @@ The build is a pipeline whose stages each have their module: :mod:`builder.plan`
 build, which shards, which are done), :mod:`builder.encode` (cell centres through the
 encoder, into the stored precision), :mod:`builder.write` (a shard's part file and its codes
 in the resolution's index, :mod:`builder.index`) and :mod:`builder.finish` (the index merged,
-the Zarr face), then
+the Zarr face), :mod:`builder.export` (the encoder as ONNX, for exact lookups without torch), then
 :mod:`builder.publish` (the manifest, last; the lock; the swap of a rebuild). This module
 runs them: here, overlapped in threads (``executor="local"``), or as Ray tasks
 (``executor="ray"``, :mod:`builder.executors`), which only decides where the per-shard
@@ -245,9 +245,26 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
                                                           land_flags=not config.land_only)
         cells[res] = res_info[str(res)]["cells"]
         files += res_files
-    write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, name)
+    files, onnx = _export_encoder(dataset, encoder, files, timer)
+    write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, name, encoder_onnx=onnx)
     where = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
     return BuildSummary(where, cells, sum(f["bytes"] for f in files), dict(timer.seconds), resumed)
+
+
+def _export_encoder(dataset: Store, encoder: Encoder, files: list[dict[str, Any]],
+                    timer: Timer) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Store the encoder as ONNX (:mod:`builder.export`) for exact lookups; returns the file
+    records with its own added and its manifest entry (or why there is none)."""
+    from builder.export import export_onnx
+
+    with timer("export encoder"):
+        model, info = export_onnx(encoder)
+        if model is None:
+            return files, info
+        with dataset.staged(fmt.ENCODER_ONNX) as tmp:
+            tmp.write_bytes(model)
+            record = fmt.file_record(Path(), fmt.ENCODER_ONNX, local=tmp)
+    return files + [record], {"path": fmt.ENCODER_ONNX, "sha256": record["sha256"], "bytes": record["bytes"], **info}
 
 
 def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[int, NDArray[np.uint64]],

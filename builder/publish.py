@@ -87,7 +87,7 @@ def versions() -> dict[str, str]:
 
     out = {}
     for dist in ("hexatlas", "torch", "h3", "pyarrow", "numpy", "xarray", "zarr", "faiss-cpu", "faiss-gpu-cu12",
-                 "global-land-mask"):
+                 "global-land-mask", "onnxruntime"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
@@ -95,9 +95,9 @@ def versions() -> dict[str, str]:
 
 def write_manifest(dataset: Store, config: BuildConfig, encoder: Encoder, quantizer: Quantizer | None,
                    resolutions: dict[str, Any], files: list[dict[str, Any]], timer: Timer,
-                   name: str | None = None) -> None:
+                   name: str | None = None, encoder_onnx: dict[str, Any] | None = None) -> None:
     """Publish a finished dataset: its STAC collection, then the manifest (last, atomic), then
-    drop the resume state."""
+    drop the resume state. ``encoder_onnx``: the exported encoder's entry (:mod:`builder.export`)."""
     manifest = {
         "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "dataset": name or dataset.name,
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -108,6 +108,7 @@ def write_manifest(dataset: Store, config: BuildConfig, encoder: Encoder, quanti
                   "ray_address": None,  # where it ran is not part of the dataset
                   "land_mask": land_mask_description() if config.land_only else None,
                   "device": str(encoder.device), "compute_dtype": str(encoder.dtype).removeprefix("torch.")},
+        "encoder_onnx": encoder_onnx,
         "software": versions(), "timings_s": {k: round(v, 3) for k, v in timer.seconds.items()},
     }
     dataset.write_json(fmt.STAC, fmt.stac_collection(manifest))

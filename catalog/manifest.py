@@ -11,6 +11,7 @@ An atlas is a directory holding one dataset per model::
         zarr/res=<r>.zarr/                  # opt-in (--formats zarr): xarray/xdggs embedding(cell_ids, dim)
         index/res=<r>.faiss                 # cosine index (IVF-PQ, memory-mapped; flat when small), ids = cells
         land/res=<r>.npy                    # global atlases: the sorted cells that touch land
+        encoder/model.onnx                  # the encoder, exported: exact embeddings without torch
         _build/                             # resume state while a build runs; removed at the end
 
 The dataset may also live under an ``s3://`` prefix (see :mod:`catalog.storage`); reading,
@@ -54,6 +55,7 @@ BUILD_DIR = "_build"
 # --overwrite of a finished dataset builds the new one here, then swaps it in (manifest last);
 # like everything named _build*, not part of the dataset
 REBUILD_DIR = "_build.rebuild"
+ENCODER_ONNX = "encoder/model.onnx"  # manifest["encoder_onnx"] describes it (or why a dataset has none)
 
 
 def dataset_name(model: str) -> str:
@@ -222,6 +224,12 @@ def stac_collection(manifest: dict[str, Any]) -> dict[str, Any]:
                 "href": f"./{info['index']['path']}", "type": "application/octet-stream",
                 "title": f"FAISS cosine index at resolution {res}", "roles": ["metadata"],
             }
+    if (manifest.get("encoder_onnx") or {}).get("path"):
+        assets["encoder-onnx"] = {
+            "href": f"./{manifest['encoder_onnx']['path']}", "type": "application/octet-stream",
+            "title": "The location encoder as ONNX: inputs lat, lon (float64 degrees), output embedding",
+            "roles": ["metadata"],
+        }
     created = manifest["created"]
     return {
         "type": "Collection",

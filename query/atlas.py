@@ -145,6 +145,7 @@ class Atlas:
         self._loaded: dict[tuple[str, int], _Resolution] = {}
         self._indexes: dict[tuple[str, int], Any] = {}  # FAISS indexes, opened
         self._land_cells: dict[tuple[str, int], NDArray[np.uint64]] = {}  # memory-mapped
+        self._exact: dict[str, Any] = {}  # dataset name -> its exported encoder (query.exact), loaded once
         self._lock = threading.Lock()
         self._fetch_lock = threading.Lock()
 
@@ -200,6 +201,7 @@ class Atlas:
                                     "index_detail": _index_detail(i["index"]), "land_flags": bool(i.get("land"))}
                                 for r, i in sorted(manifest["resolutions"].items(), key=lambda kv: int(kv[0]))},
                 "provenance": manifest["provenance"],
+                "exact": _exact_summary(name, manifest),
             }
         return out
 
@@ -241,17 +243,37 @@ class Atlas:
                 self._loaded[key] = _Resolution(*self._datasets[name], res)
             return self._loaded[key]
 
+    def _exact_encoder(self, model: str | None) -> Any:
+        """The dataset's exported encoder, loaded (and its sha256 checked) on first use."""
+        from query.exact import ExactEncoder, require_onnxruntime, unavailable_reason
+
+        name = self._name(model)
+        manifest = self._manifest(name)
+        reason = unavailable_reason(name, manifest)
+        if reason is not None:
+            raise InvalidArgumentError(f"exact=True: {reason}")
+        require_onnxruntime()
+        with self._lock:
+            if name not in self._exact:
+                info = manifest["encoder_onnx"]
+                store = self._datasets[name][0]
+                path = self._local(name, [info["path"]]) / info["path"]
+                self._exact[name] = ExactEncoder(path, info, f"{store}/{info['path']}")
+            return self._exact[name]
+
     def _embed(self, lat: NDArray[np.float64], lon: NDArray[np.float64], res: int, model: str | None,
-               interpolate: bool) -> tuple[NDArray[np.uint64], NDArray[np.float32]]:
+               interpolate: bool, exact: bool = False) -> tuple[NDArray[np.uint64], NDArray[np.float32]]:
         """Cells and embeddings of valid points; rows of points outside the atlas are NaN."""
-        data = self._data(model, res)
         cells = latlng_to_cells(lat, lon, res)
+        if exact:
+            return cells, self._exact_encoder(model).encode(lat, lon)
+        data = self._data(model, res)
         if not interpolate:
             return cells, data.vectors(cells)
         return cells, _interpolate(data, lat, lon, cells)
 
     def lookup(self, lat: ArrayLike, lon: ArrayLike, *, res: int | None = None, model: str | None = None,
-               interpolate: bool = False, on_invalid: str = "raise") -> NDArray[np.float32]:
+               interpolate: bool = False, on_invalid: str = "raise", exact: bool = False) -> NDArray[np.float32]:
         """Embeddings at points.
 
         Parameters
@@ -266,33 +288,57 @@ class Atlas:
         on_invalid : {"raise", "null"}
             NaN/out-of-range coordinates (and points in cells a land-only atlas lacks) raise,
             or give a row of NaN with "null".
+        exact : bool
+            The encoder's embedding at the point itself, computed by the encoder the atlas
+            stores (ONNX, run with onnxruntime: ``pip install 'hexatlas[exact]'``; never
+            torch) instead of the stored embedding of the point's cell. Reads no cells, so
+            ``res`` and ``interpolate`` do not apply (giving either raises), and a land-only
+            atlas answers at sea too.
 
         Returns
         -------
         numpy.ndarray, float32, shape (n, dim)
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``exact=True`` on a dataset without an exported encoder (the message says why:
+            a plugin encoder that could not be exported, or an atlas built before exports).
+        MissingDependencyError
+            ``exact=True`` without onnxruntime installed.
         """
         if on_invalid not in ON_INVALID:
             raise InvalidArgumentError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
+        if exact and (res is not None or interpolate):
+            given = "res= and interpolate=True" if res is not None and interpolate else (
+                "res=" if res is not None else "interpolate=True")
+            raise InvalidArgumentError(f"exact=True evaluates the encoder at each point and reads no cells, so {given} "
+                                       "does not apply; drop it, or use exact=False for the cell embeddings")
         res = self._res(res, model)
         lat_a, lon_a = as_coordinates(lat=lat, lon=lon, allow_invalid=on_invalid == "null")
         bad = invalid_mask(lat_a, lon_a)
         out = np.full((lat_a.size, self.dim(model)), np.nan, dtype=np.float32)
-        _, emb = self._embed(lat_a[~bad], lon_a[~bad], res, model, interpolate)
+        _, emb = self._embed(lat_a[~bad], lon_a[~bad], res, model, interpolate, exact)
         out[~bad] = emb
         if on_invalid == "raise":
             _raise_if_missing(out, lat_a, lon_a, res)
         return out
 
     def join(self, points: Any, *, lat_col: str = "lat", lon_col: str = "lon", res: int | None = None,
-             model: str | None = None, interpolate: bool = False, on_invalid: str = "raise") -> pa.Table:
+             model: str | None = None, interpolate: bool = False, on_invalid: str = "raise",
+             exact: bool = False) -> pa.Table:
         """Add ``cell`` (uint64) and ``embedding`` (fixed-size list of float32) to a point table.
 
         ``points``: a pyarrow Table, a pandas or polars DataFrame, or a Parquet/CSV path.
         Rows with invalid coordinates raise, or get null cell and embedding with
-        ``on_invalid="null"``.
+        ``on_invalid="null"``. ``exact=True``: the embedding is the encoder's at the point (see
+        :meth:`lookup`); ``cell`` is still the point's cell at ``res``.
         """
         if on_invalid not in ON_INVALID:
             raise InvalidArgumentError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
+        if exact and interpolate:
+            raise InvalidArgumentError("exact=True evaluates the encoder at each point, interpolate=True blends "
+                                       "stored cells: choose one")
         table = _as_table(points)
         for name in ("cell", "embedding"):
             if name in table.column_names:
@@ -303,9 +349,9 @@ class Atlas:
         if bad.any():
             emb = np.full((lat.size, self.dim(model)), np.nan, dtype=np.float32)
             cells = np.zeros(lat.size, dtype=np.uint64)
-            cells[~bad], emb[~bad] = self._embed(lat[~bad], lon[~bad], res, model, interpolate)
+            cells[~bad], emb[~bad] = self._embed(lat[~bad], lon[~bad], res, model, interpolate, exact)
         else:  # the common case: no masked copies of a (n, dim) matrix
-            cells, emb = self._embed(lat, lon, res, model, interpolate)
+            cells, emb = self._embed(lat, lon, res, model, interpolate, exact)
         if on_invalid == "raise":
             _raise_if_missing(emb, lat, lon, res)
         missing = np.isnan(emb[:, 0])
@@ -453,6 +499,17 @@ class Atlas:
         manifest = self._datasets[name][1]
         root = self._local(name, [p["path"] for info in manifest["resolutions"].values() for p in info["parts"]])
         return str(root / "data" / "res=*" / "part-*.parquet")
+
+
+def _exact_summary(name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What ``info`` shows of the exported encoder: whether exact=True works, and its record or why not."""
+    from query.exact import unavailable_reason
+
+    reason = unavailable_reason(name, manifest)
+    if reason is not None:
+        return {"available": False, "reason": reason}
+    info = manifest["encoder_onnx"]
+    return {"available": True, **{k: info[k] for k in ("path", "bytes", "sha256", "opset", "licence", "parity")}}
 
 
 def _index_detail(index: dict[str, Any]) -> dict[str, Any]:

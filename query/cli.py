@@ -31,6 +31,12 @@ def _place_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="dataset, when the atlas holds several models")
 
 
+def _exact_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exact", action="store_true",
+                        help="the encoder's embedding at each point, from the encoder the atlas stores (needs "
+                             "pip install 'hexatlas[exact]'), instead of its cell's; --res then only picks the cell")
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 6)
@@ -87,6 +93,9 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"{name}: {d['model']} {d['dim']}-d, {d['precision']}{', land only' if d['land_only'] else ''}, "
               f"built {d['created']}, format {d['format_version']}")
         print(f"  weights: {prov['source']} (sha256 {prov['sha256'][:12]}...), {prov['licence']}")
+        ex = d["exact"]
+        print(f"  exact (--exact): {ex['path']}, {ex['bytes'] / 1e6:.1f} MB, ONNX opset {ex['opset']}, max diff to torch "
+              f"{ex['parity']['max_abs_diff']:.1g}" if ex["available"] else f"  exact (--exact): unavailable: {ex['reason']}")
         for r, ri in d["resolutions"].items():
             zarr = " + Zarr" if ri["zarr"] else ""
             ix = ri["index_detail"]
@@ -102,6 +111,7 @@ def configure_lookup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lat", type=float, required=True, nargs="+", help="latitude(s), degrees")
     parser.add_argument("--lon", type=float, required=True, nargs="+", help="longitude(s), degrees")
     parser.add_argument("--interpolate", action="store_true", help="blend the three nearest cell centres")
+    _exact_arg(parser)
     _place_args(parser)
     _format_arg(parser)
 
@@ -113,7 +123,7 @@ def run_lookup(args: argparse.Namespace) -> int:
     if len(args.lat) != len(args.lon):
         raise InvalidCoordinateError(f"--lat has {len(args.lat)} values but --lon has {len(args.lon)}")
     table = query.open(args.atlas).join(pa.table({"lat": args.lat, "lon": args.lon}), res=args.res, model=args.model,
-                                        interpolate=args.interpolate)
+                                        interpolate=args.interpolate, exact=args.exact)
     emit(table, args.format)
     return 0
 
@@ -127,6 +137,7 @@ def configure_join(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interpolate", action="store_true", help="blend the three nearest cell centres")
     parser.add_argument("--on-invalid", choices=("raise", "null"), default="raise",
                         help="bad coordinates: fail (default) or give null cell and embedding")
+    _exact_arg(parser)
     _place_args(parser)
 
 
@@ -139,7 +150,8 @@ def run_join(args: argparse.Namespace) -> int:
     if suffix not in (".parquet", ".csv"):
         raise InvalidArgumentError(f"output {args.output!r} must be .parquet or .csv")
     table = query.open(args.atlas).join(args.input, lat_col=args.lat_col, lon_col=args.lon_col, res=args.res,
-                                        model=args.model, interpolate=args.interpolate, on_invalid=args.on_invalid)
+                                        model=args.model, interpolate=args.interpolate, on_invalid=args.on_invalid,
+                                        exact=args.exact)
     if suffix == ".parquet":
         write_parquet(table, args.output)
     else:

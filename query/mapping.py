@@ -18,7 +18,8 @@ from numpy.typing import NDArray
 
 from catalog.errors import InvalidArgumentError, MissingDependencyError
 
-__all__ = ["MapLayer", "configure_map", "map_layer", "principal_colors", "render_png", "run_map"]
+__all__ = ["MapLayer", "coastline_grid", "configure_map", "map_layer", "principal_colors", "render_layer", "render_png",
+           "run_map"]
 
 # A map of more cells than this is refused: the page would ship tens of MB and the PNG
 # would take minutes to draw. Resolution 4 of a full globe (288,122 cells) fits.
@@ -110,11 +111,81 @@ def _boundary_rings(cells: NDArray[np.uint64]) -> list[NDArray[np.float64]]:
     return rings
 
 
+COAST_STEP = 12  # mask pixels (1/120 degree) per side of a coastline-grid cell: 0.1 degree
+
+
+def coastline_grid() -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.uint8]]:
+    """Land fraction on a 0.1-degree grid, from the ``global-land-mask`` package (PyPI).
+
+    That package ships the GLOBE land/ocean grid (1/120 degree) inside its wheel: the land
+    mask the builder's land flags use, so the coastlines drawn are the ones the atlas's
+    ``land_only`` means; nothing is fetched at run time. Decoding the whole mask takes a few
+    seconds and ~1 GB, so the reduced grid (6.5 MB) is cached under ``$HEXATLAS_CACHE``.
+
+    Returns
+    -------
+    lon : float64 (3600,), lat : float64 (1800,)
+        Grid-cell centres, degrees; ``lat`` runs north to south.
+    count : uint8 (1800, 3600)
+        Land pixels among the 144 of each grid cell.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("global-land-mask")
+    except PackageNotFoundError:
+        raise MissingDependencyError("coastlines on hexatlas map come from global-land-mask: "
+                                     "pip install 'hexatlas[serve]'") from None
+    import os
+
+    from catalog.tables import atomic_path
+
+    cache = Path(os.environ.get("HEXATLAS_CACHE") or Path.home() / ".cache" / "hexatlas")
+    path = cache / f"coast-global-land-mask-{release}-{COAST_STEP}-land.npy"
+    if path.is_file():
+        count = np.load(path)
+    else:
+        from global_land_mask import globe
+
+        ocean = globe._mask  # (21600, 43200) bool, True at sea, row 0 at 90 N; the package's only copy
+        rows, cols = ocean.shape[0] // COAST_STEP, ocean.shape[1] // COAST_STEP
+        count = np.empty((rows, cols), dtype=np.uint8)
+        for start in range(0, rows, 100):  # a band at a time: no full-size temporary
+            band = ocean[start * COAST_STEP:(start + 100) * COAST_STEP]
+            sea = band.reshape(-1, COAST_STEP, cols, COAST_STEP).sum(axis=(1, 3), dtype=np.uint8)
+            count[start:start + 100] = COAST_STEP * COAST_STEP - sea
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, count)
+    step = COAST_STEP / 120.0
+    lon = -180.0 + step * (np.arange(count.shape[1]) + 0.5)
+    lat = 90.0 - step * (np.arange(count.shape[0]) + 0.5)
+    return lon, lat, count
+
+
 def render_png(atlas: Any, output: str | Path, *, res: int | None = None, model: str | None = None,
-               width_px: int = 1800) -> Path:
-    """Draw one resolution as a world map (plate carree) to a PNG, with a title and legend.
+               width_px: int = 1800, coastlines: bool = True) -> Path:
+    """Draw one resolution as a world map (plate carree) to a PNG, with a title, legend and
+    coastlines (:func:`coastline_grid`).
 
     Returns the path written. Needs matplotlib (``pip install 'hexatlas[serve]'``).
+    """
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise InvalidArgumentError(f"output {str(output)!r} must end in .png")
+    layer = map_layer(atlas, res, model)
+    provenance = atlas._manifest(layer.model)["provenance"]
+    title = f"{provenance['model']} embeddings, H3 resolution {layer.res} ({len(layer.cells):,} cells)"
+    return render_layer(layer, output, title=title, width_px=width_px, coastlines=coastlines)
+
+
+def render_layer(layer: MapLayer, output: str | Path, *, title: str, width_px: int = 1800,
+                 coastlines: bool = True) -> Path:
+    """Draw ``layer``'s cells to a PNG (see :func:`render_png`).
+
+    A cell that crosses the antimeridian is one unwrapped ring (its longitudes run past 180)
+    drawn twice, shifted by 360 degrees, each copy clipped by the map's edge: each half
+    appears once on its side, and no polygon spans the map.
     """
     try:
         import matplotlib
@@ -128,9 +199,6 @@ def render_png(atlas: Any, output: str | Path, *, res: int | None = None, model:
     from catalog.tables import atomic_path
 
     output = Path(output)
-    if output.suffix.lower() != ".png":
-        raise InvalidArgumentError(f"output {str(output)!r} must end in .png")
-    layer = map_layer(atlas, res, model)
     rings = _boundary_rings(layer.cells)
     colours = layer.rgb / 255.0
     polys, faces = [], []
@@ -143,13 +211,16 @@ def render_png(atlas: Any, output: str | Path, *, res: int | None = None, model:
     dpi = 150
     fig, ax = plt.subplots(figsize=(width_px / dpi, width_px / dpi * 0.56), dpi=dpi)
     ax.add_collection(PolyCollection(polys, facecolors=faces, edgecolors=faces, linewidths=0.15))
+    if coastlines:
+        lon, lat, count = coastline_grid()
+        ax.contour(lon, lat, count, levels=[COAST_STEP * COAST_STEP / 2], colors="white", linewidths=0.5,
+                   alpha=0.8)
     ax.set_xlim(-180, 180)
     ax.set_ylim(-90, 90)
     ax.set_aspect("equal")
     ax.set_xlabel("longitude (degrees)")
     ax.set_ylabel("latitude (degrees)")
-    provenance = atlas._manifest(layer.model)["provenance"]
-    ax.set_title(f"{provenance['model']} embeddings, H3 resolution {layer.res} ({len(layer.cells):,} cells)")
+    ax.set_title(title)
     names = ("red", "green", "blue")
     handles = [Patch(color=c, label=f"{n}: principal component {i + 1} ({layer.explained[i]:.0%} of variance)")
                for i, (n, c) in enumerate(zip(names, ("#d62728", "#2ca02c", "#1f77b4")))]

@@ -164,6 +164,8 @@ class LookupBatch(BaseModel):
     model: str | None = Field(None, max_length=MAX_NAME,
                               description="dataset, when the atlas holds several models")
     interpolate: bool = Field(False, description="blend the three nearest cell centres")
+    exact: bool = Field(False, description="the encoder's embedding at each point (the atlas's exported encoder), "
+                                           "not its cell's; not with interpolate")
     on_invalid: str = Field("raise", pattern="^(raise|null)$",
                             description="bad or missing points: 400 (raise) or null results (null)")
 
@@ -276,11 +278,14 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
     def lookup_one(lat: float = Query(description="latitude, degrees"),
                    lon: float = Query(description="longitude, degrees"),
                    res: int | None = res_query, model: str | None = model_query,
-                   interpolate: bool = False) -> Response:
+                   interpolate: bool = False,
+                   exact: bool = Query(False, description="the encoder's embedding at the point (the atlas's "
+                                                          "exported encoder), not its cell's; not with interpolate")
+                   ) -> Response:
         """The embedding at one point."""
         name = atlas._name(model)
         r = atlas._res(res, name)
-        table = atlas.join(_points([lat], [lon]), res=r, model=name, interpolate=interpolate)
+        table = atlas.join(_points([lat], [lon]), res=r, model=name, interpolate=interpolate, exact=exact)
         return respond({"model": name, "res": r, "lat": lat, "lon": lon,
                         "cell": cell_to_hex(table.column("cell")[0].as_py()),
                         "embedding": _matrix(table)[0]})
@@ -294,7 +299,7 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
         name = atlas._name(body.model)
         r = atlas._res(body.res, name)
         table = atlas.join(_points([p.lat for p in body.points], [p.lon for p in body.points]), res=r,
-                           model=name, interpolate=body.interpolate, on_invalid=body.on_invalid)
+                           model=name, interpolate=body.interpolate, on_invalid=body.on_invalid, exact=body.exact)
         cells = table.column("cell").to_pylist()
         emb = _matrix(table)
         results = [{"cell": None, "embedding": None} if c is None else {"cell": cell_to_hex(c), "embedding": e}
@@ -373,7 +378,7 @@ def _matrix(table: Any) -> list[Any]:
     return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
 
 
-_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "cell", "k", "bbox", "exclude_within_km", "land_only"}
+_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "exact", "cell", "k", "bbox", "exclude_within_km", "land_only"}
 
 
 def _one_value_each(request: Request) -> None:

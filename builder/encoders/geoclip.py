@@ -45,10 +45,23 @@ _A1, _A2, _A3, _A4 = 1.340264, -0.081106, 0.000893, 0.003796
 _SF = 66.50336
 
 
+def _asin(x: torch.Tensor) -> torch.Tensor:
+    """``asin`` of |x| <= sqrt(3)/2 from float32 ``asin`` and two Newton steps in ``x``'s dtype.
+
+    ONNX Runtime has no float64 Asin kernel; this form exports with the float64 precision
+    intact (each step squares the relative error: 1e-7, 1e-14, rounding), so the exported
+    model (:mod:`builder.onnx_export`) computes what this module does.
+    """
+    theta = torch.asin(x.float()).to(x.dtype)
+    for _ in range(2):
+        theta = theta - (torch.sin(theta) - x) / torch.cos(theta)
+    return theta
+
+
 def equal_earth(lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
     """GeoCLIP's scaled Equal Earth projection: degrees (b,) -> (b, 2) in the inputs' dtype."""
     lat_r, lon_r = torch.deg2rad(lat), torch.deg2rad(lon)
-    theta = torch.asin(math.sqrt(3.0) / 2.0 * torch.sin(lat_r))
+    theta = _asin(math.sqrt(3.0) / 2.0 * torch.sin(lat_r))
     t2 = theta * theta
     t6 = t2 * t2 * t2
     x = 2.0 * math.sqrt(3.0) * lon_r * torch.cos(theta) / (3.0 * (9.0 * _A4 * t6 * t2 + 7.0 * _A3 * t6 + 3.0 * _A2 * t2 + _A1))
@@ -94,6 +107,8 @@ class GeoCLIPLocationEncoder(torch.nn.Module):
         # Reduce exactly in float64 (angles reach ~1e4 rad), then evaluate the functions in
         # the compute dtype (at least float32), 8x cheaper than float64 trigonometry.
         reduced = torch.remainder(angles, 2 * math.pi).to(torch.promote_types(dtype, torch.float32))
+        if torch.onnx.is_in_onnx_export():  # the exporter cannot trace writes into slices of ``out``
+            return torch.cat([torch.cos(reduced), torch.sin(reduced)], dim=-1).to(dtype)
         out = torch.empty(*reduced.shape[:2], 512, dtype=reduced.dtype, device=reduced.device)
         torch.cos(reduced, out=out[..., :256])
         torch.sin(reduced, out=out[..., 256:])

@@ -1,7 +1,8 @@
 // hexatlas map page: one resolution of an atlas, each H3 cell coloured by the first three
 // principal components of its embedding; a click lists and outlines the most similar places.
 // Talks only to this server's /v1 API. The page's state is mirrored in window.hexatlasState
-// (status, model, res, cells, selected, similar, error) for scripts and tests.
+// (status, model, res, cells, selected, similar, error) for scripts and tests;
+// window.hexatlasPolygons() returns the cells' outlines as drawn.
 "use strict";
 
 const MAX_MAP_CELLS = 300000; // the server refuses larger layers (query/mapping.py)
@@ -13,6 +14,8 @@ let deckgl = null;
 let info = null;
 let land = null;
 let cellsLayer = null;
+let drawnPolygons = [];
+window.hexatlasPolygons = () => drawnPolygons;
 
 async function getJSON(url) {
   const response = await fetch(url);
@@ -53,6 +56,79 @@ function fillResolutions() {
   return preferred;
 }
 
+const MERCATOR_LAT = 85.051129; // the map's top and bottom edge (Web Mercator)
+
+// A cell's outline as [lng, lat] vertices, unwrapped so that no edge jumps 360 degrees (as the
+// PNG of query/mapping.py draws cells); a cell round a pole is closed along the map's top or
+// bottom edge. A ring may then run past +-180.
+function cellRing(cell) {
+  const ring = h3.cellToBoundary(cell).map(([lat, lng]) => [lng, lat]);
+  for (let i = 1; i < ring.length; i++) {
+    let step = ring[i][0] - ring[i - 1][0];
+    step -= 360 * Math.round(step / 360);
+    ring[i][0] = ring[i - 1][0] + step;
+  }
+  const first = ring[0];
+  const last = ring[ring.length - 1];
+  let closing = first[0] - last[0];
+  closing -= 360 * Math.round(closing / 360);
+  const winding = last[0] - first[0] + closing;
+  if (Math.abs(winding) > 180) { // round a pole
+    const pole = ring.reduce((sum, p) => sum + p[1], 0) > 0 ? 90 : -90;
+    const end = first[0] + winding;
+    ring.push([end, first[1]], [end, pole], [first[0], pole]);
+  }
+  return ring;
+}
+
+// The part of a ring where coordinate ``axis`` (0: lng, 1: lat) is <= ``limit`` (``below``) or
+// >= it: Sutherland-Hodgman on one half-plane.
+function clip(ring, axis, limit, below) {
+  const inside = (p) => (below ? p[axis] <= limit : p[axis] >= limit);
+  const out = [];
+  ring.forEach((a, i) => {
+    const b = ring[(i + 1) % ring.length];
+    if (inside(a)) out.push(a);
+    if (inside(a) !== inside(b)) {
+      const t = (limit - a[axis]) / (b[axis] - a[axis]);
+      out.push(axis === 0 ? [limit, a[1] + t * (b[1] - a[1])] : [a[0] + t * (b[0] - a[0]), limit]);
+    }
+  });
+  return out;
+}
+
+function ringArea(ring) {
+  return Math.abs(ring.reduce((sum, a, i) => {
+    const b = ring[(i + 1) % ring.length];
+    return sum + a[0] * b[1] - b[0] * a[1];
+  }, 0)) / 2;
+}
+
+// A cell's outline cut at the antimeridian: one polygon for most cells, two (one each side) for a
+// cell that crosses it, each within -180..180, so every cell is drawn once in each world copy and
+// no polygon stretches across the map as a band. Cut at the map's top and bottom too (Web
+// Mercator cannot show the poles).
+function cellPolygons(cell) {
+  const ring = cellRing(cell);
+  const pieces = [];
+  for (const shift of [-360, 0, 360]) {
+    const shifted = ring.map(([x, y]) => [x + shift, y]);
+    let piece = clip(clip(shifted, 0, 180, true), 0, -180, false);
+    piece = clip(clip(piece, 1, MERCATOR_LAT, true), 1, -MERCATOR_LAT, false);
+    if (piece.length >= 3 && ringArea(piece) > 1e-9) pieces.push(piece);
+  }
+  return pieces;
+}
+window.hexatlasCellPolygons = cellPolygons;
+
+function outlineLayer(id, cells, color, width) {
+  return new deck.PolygonLayer({
+    id, data: cells.flatMap((cell) => cellPolygons(cell).map((polygon) => ({ cell, polygon }))),
+    getPolygon: (d) => d.polygon,
+    filled: false, stroked: true, getLineColor: color, lineWidthMinPixels: width,
+  });
+}
+
 function render() {
   const layers = [cellsLayer];
   if (land) {
@@ -62,16 +138,10 @@ function render() {
     }));
   }
   if (state.similar.length) {
-    layers.push(new deck.H3HexagonLayer({
-      id: "similar", data: state.similar, getHexagon: (d) => d.cell, filled: false, stroked: true,
-      extruded: false, highPrecision: true, getLineColor: [255, 230, 0], lineWidthMinPixels: 2.5,
-    }));
+    layers.push(outlineLayer("similar", state.similar.map((r) => r.cell), [255, 230, 0], 2.5));
   }
   if (state.selected) {
-    layers.push(new deck.H3HexagonLayer({
-      id: "selected", data: [{ cell: state.selected }], getHexagon: (d) => d.cell, filled: false, stroked: true,
-      extruded: false, highPrecision: true, getLineColor: [255, 255, 255], lineWidthMinPixels: 4,
-    }));
+    layers.push(outlineLayer("selected", [state.selected], [255, 255, 255], 4));
   }
   deckgl.setProps({ layers });
 }
@@ -84,19 +154,24 @@ async function loadLayer() {
   $("similar-title").hidden = true;
   setStatus(`loading resolution ${state.res}…`);
   const data = await getJSON(`v1/map?model=${encodeURIComponent(state.model)}&res=${state.res}`);
-  const rows = data.cells.map((cell, i) => ({ cell, color: data.colors.slice(3 * i, 3 * i + 3) }));
-  cellsLayer = new deck.H3HexagonLayer({
-    id: `cells-${data.model}-${data.res}`, data: rows, getHexagon: (d) => d.cell, getFillColor: (d) => d.color,
-    filled: true, stroked: false, extruded: false, pickable: true,
-    highPrecision: true, // true cell outlines: the fast instanced hexagons drift from them at coarse resolutions
+  const rows = data.cells.flatMap((cell, i) => {
+    const color = data.colors.slice(3 * i, 3 * i + 3);
+    return cellPolygons(cell).map((polygon) => ({ cell, color, polygon }));
   });
+  // Polygons cut here (cellPolygons) rather than deck.gl's H3HexagonLayer, which leaves cells on
+  // the antimeridian and round the poles to the map's world copies, drawn only where those are.
+  cellsLayer = new deck.PolygonLayer({
+    id: `cells-${data.model}-${data.res}`, data: rows, getPolygon: (d) => d.polygon, getFillColor: (d) => d.color,
+    filled: true, stroked: false, extruded: false, pickable: true,
+  });
+  drawnPolygons = rows.map((r) => r.polygon);
   const pct = data.explained_variance.map((v) => `${(100 * v).toFixed(1)}%`);
   $("legend").textContent = `${info[data.model].model}, H3 resolution ${data.res}: colour = principal components `
     + `1, 2, 3 of the embeddings as red, green, blue (${pct.join(", ")} of the variance). Click a place.`;
-  state.cells = rows.length;
+  state.cells = data.cells.length;
   render();
   state.status = "ready";
-  setStatus(`${rows.length.toLocaleString()} cells`);
+  setStatus(`${data.cells.length.toLocaleString()} cells`);
 }
 
 async function showSimilar(query, label) {

@@ -193,3 +193,19 @@ def test_a_local_file_is_on_disk_before_it_is_published(tmp_path, monkeypatch) -
         assert synced == []
     assert synced == [(inode, False)]  # the staged file, synced while not yet published
     assert (tmp_path / "a" / "b.bin").read_bytes() == b"x" * 100
+
+
+def test_exact_lookup_from_s3_fetches_the_model_once_checked(built, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import query
+
+    local, _ = built
+    lat, lon = [48.85, -33.9, 0.0], [2.35, 18.4, 179.99]
+    remote = query.open(URI)
+    np.testing.assert_array_equal(remote.lookup(lat, lon, exact=True), query.open(local).lookup(lat, lon, exact=True))
+    fetched = [p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("model.onnx")]
+    assert len(fetched) == 1 and fetched[0].endswith("toy/encoder/model.onnx")
+    model = tmp_path / "cache" / fetched[0]
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")  # the cached copy altered: refused, not run
+    with pytest.raises(AtlasCorruptError, match="sha256"):
+        query.open(URI).lookup(lat, lon, exact=True)

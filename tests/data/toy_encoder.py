@@ -34,3 +34,30 @@ def load(*, checkpoint=None, device="auto", dtype=None) -> Encoder:
 
 def broken(*, checkpoint=None, device="auto", dtype=None) -> object:
     return object()
+
+
+class NumpyToy:
+    """A plugin encoder with no torch module (say, one wrapping another framework): it builds,
+    but has nothing to export for exact lookups."""
+
+    name, dim, device, dtype, batch_size = "toy-numpy", 4, "cpu", "float32", 4096
+
+    def __init__(self) -> None:
+        self.provenance = Provenance(
+            model=self.name, dim=4, source="tests/data/toy_encoder.py", revision=None, sha256="1" * 64,
+            coordinate_order="lat,lon", licence="MIT", paper="none",
+        )
+
+    def encode(self, *, lat, lon, batch_size=None, out=None):
+        import numpy as np
+
+        la, lo = np.radians(np.asarray(lat, dtype=np.float64)), np.radians(np.asarray(lon, dtype=np.float64))
+        emb = np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la), np.cos(la)], axis=1)
+        if out is None:
+            return emb.astype(np.float32)
+        out[...] = emb
+        return out
+
+
+def numpy_plugin(*, checkpoint=None, device="auto", dtype=None) -> NumpyToy:
+    return NumpyToy()

@@ -115,3 +115,25 @@ def test_switching_resolution_reloads_the_layer(page) -> None:
     tab.wait_for_function("window.hexatlasState.res === 1 && window.hexatlasState.status === 'ready'", timeout=30_000)
     state = tab.evaluate("window.hexatlasState")
     assert state["cells"] == 2 + 120 * 7 and state["similar"] == [] and not errors
+
+
+def test_cells_on_the_antimeridian_and_poles_are_drawn_once(page) -> None:
+    tab, atlas, errors = page
+    tab.select_option("#res", "1")
+    tab.wait_for_function("window.hexatlasState.res === 1 && window.hexatlasState.status === 'ready'", timeout=30_000)
+    polygons = [np.asarray(p) for p in tab.evaluate("window.hexatlasPolygons()")]
+    lon = np.concatenate([p[:, 0] for p in polygons])
+    assert lon.min() >= -180 and lon.max() <= 180  # cut at the antimeridian, nothing past the edge
+    area = sum(abs(np.dot(p[:, 0], np.roll(p[:, 1], -1)) - np.dot(p[:, 1], np.roll(p[:, 0], -1))) / 2 for p in polygons)
+    np.testing.assert_allclose(area, 360 * 2 * 85.051129, rtol=1e-6)  # the map covered once: no band, no gap
+    crossing = [c for c in h3.get_res0_cells() for k in h3.cell_to_children(c, 1)
+                if np.ptp([lng for _, lng in h3.cell_to_boundary(k)]) > 180 and abs(h3.cell_to_latlng(k)[0]) < 70]
+    crossing = [k for k in dict.fromkeys(crossing)]
+    assert crossing
+    for cell in crossing:
+        pieces = [np.asarray(p) for p in tab.evaluate("(c) => window.hexatlasCellPolygons(c)", cell)]
+        assert len(pieces) == 2 and sum(np.ptp(p[:, 0]) for p in pieces) < 90  # a piece each side, no band
+        assert sorted(np.sign(p[:, 0].mean()) for p in pieces) == [-1, 1]
+    tab.select_option("#res", "2")
+    tab.wait_for_function("window.hexatlasState.res === 2 && window.hexatlasState.status === 'ready'", timeout=30_000)
+    assert not errors

@@ -64,3 +64,64 @@ def test_render_png_and_cli(atlas_dir, tmp_path, capsys) -> None:
     assert main(["map", str(atlas_dir[0]), "--model", MODEL, "--res", "5", "--output", str(tmp_path / "x.png")]) == 2
     assert "resolution 5 is not in this atlas" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def _cells(res: int) -> np.ndarray:
+    return np.array([h3.str_to_int(k) for c in h3.get_res0_cells() for k in h3.cell_to_children(c, res)],
+                    dtype=np.uint64)
+
+
+def _axes_box(image: np.ndarray) -> tuple[slice, slice]:
+    """Rows and columns inside the map: where the (all-painted) cells are, 3 pixels in."""
+    painted = (image < 40).all(axis=2)
+    rows, cols = np.flatnonzero(painted.sum(1) > painted.shape[1] // 2), np.flatnonzero(painted.sum(0) > painted.shape[0] // 2)
+    return slice(rows[0] + 3, rows[-1] - 3), slice(cols[0] + 3, cols[-1] - 3)
+
+
+def test_png_cells_on_the_antimeridian_are_drawn_once_without_a_band(tmp_path) -> None:
+    from PIL import Image
+
+    from query.mapping import MapLayer, render_layer
+
+    cells = _cells(1)
+    rings = _boundary_rings(cells)
+    crossing = [c for c, r in zip(cells.tolist(), rings) if (r[:, 0].min() < -180 or r[:, 0].max() > 180)
+                and abs(h3.cell_to_latlng(h3.int_to_str(c))[0]) < 60]
+    assert len(crossing) >= 4
+    # every cell black, the crossing ones pure green: a band would paint green across the map
+    rgb = np.zeros((len(cells), 3), np.uint8)
+    rgb[np.isin(cells, crossing)] = [0, 255, 0]
+    layer = MapLayer("test", 1, cells, rgb, (1.0, 0.0, 0.0))
+    image = np.asarray(Image.open(render_layer(layer, tmp_path / "a.png", title="t", width_px=900,
+                                               coastlines=False)).convert("RGB")).astype(int)
+    rows, cols = _axes_box(np.where((np.abs(image - [0, 255, 0]).max(axis=2) < 30)[..., None], 0, image))
+    inside = image[rows, cols]
+    green = np.abs(inside - [0, 255, 0]).max(axis=2) < 30
+    width = green.shape[1]
+    columns = np.flatnonzero(green.any(axis=0))
+    assert columns.min() < 0.02 * width and columns.max() > 0.98 * width  # both halves, at both edges
+    assert not green[:, int(0.1 * width):int(0.9 * width)].any()  # and nothing between: no band
+    for lat in {round(h3.cell_to_latlng(h3.int_to_str(c))[0]) for c in crossing}:  # each row drawn at the edges
+        row = int((90 - lat) / 180 * green.shape[0])
+        assert green[row, : int(0.05 * width)].any() or green[row, int(0.95 * width):].any()
+
+
+def test_png_coastlines_come_from_the_installed_land_mask(tmp_path) -> None:
+    from PIL import Image
+
+    from query.mapping import MapLayer, coastline_grid, render_layer
+
+    lon, lat, count = coastline_grid()
+    assert count.shape == (1800, 3600) and count.max() == 144
+    at = lambda la, lo: count[np.abs(lat - la).argmin(), np.abs(lon - lo).argmin()]  # noqa: E731
+    assert at(0.0, 20.0) == 144 and at(0.0, -30.0) == 0 and at(-80.0, 0.0) == 144  # Congo, Atlantic, Antarctica
+    cells = _cells(0)
+    layer = MapLayer("test", 0, cells, np.zeros((len(cells), 3), np.uint8), (1.0, 0.0, 0.0))
+    white = []
+    for coast in (False, True):
+        image = np.asarray(Image.open(render_layer(layer, tmp_path / f"{coast}.png", title="t", width_px=900,
+                                                   coastlines=coast)).convert("RGB")).astype(int)
+        rows, cols = _axes_box(image)
+        north = image[rows, cols][: (rows.stop - rows.start) // 2]  # above the legend
+        white.append(int((north.min(axis=2) > 120).sum()))
+    assert white[0] == 0 and white[1] > 2000
