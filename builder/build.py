@@ -35,6 +35,7 @@ import numpy as np
 from builder import encode, write
 from builder._timing import Timer, progress_bar, timed
 from builder.encode import Quantizer
+from builder.fidelity import measure_written
 from builder.finish import finish_resolution, finishing, train_index
 from builder.grid import Shard, cell_count, plan_shards
 from builder.plan import (
@@ -100,6 +101,8 @@ def build(
     executor: str = "local",
     ray_address: str | None = None,
     formats: str | tuple[str, ...] = ("parquet",),
+    region: Any = None,
+    fidelity_points: int = 2000,
 ) -> BuildSummary:
     """Build (or resume) one model's dataset in an atlas directory.
 
@@ -133,6 +136,14 @@ def build(
         Faces to write besides the store: ``"zarr"`` adds a Zarr store per resolution that
         ``xdggs.decode(xarray.open_zarr(...))`` reads (a second copy of the embeddings).
         ``"parquet"`` is the store itself (plain Parquet), always written.
+    region : str, sequence of 4 floats or dict, optional
+        A study area (:func:`builder.region.parse_region`): ``"MINLON,MINLAT,MAXLON,MAXLAT"``
+        (MINLON > MAXLON crosses the antimeridian), a GeoJSON file or dict of polygons. Only
+        cells whose hexagon touches it are kept (with ``land_only``, those that also touch
+        land), at resolutions up to 10; a lookup outside it is refused.
+    fidelity_points : int
+        Seeded random points per resolution (in the region / on land as the atlas is) at which
+        the finished atlas is compared with the encoder; recorded in the manifest.
 
     Returns
     -------
@@ -154,6 +165,7 @@ def build(
         model=model, resolutions=resolutions, output=output, checkpoint=checkpoint, land_only=land_only,
         device=device, precision=precision, batch_size=batch_size, overwrite=overwrite,
         trust_checkpoint=trust_checkpoint, executor=executor, ray_address=ray_address, formats=formats,
+        region=region, fidelity_points=fidelity_points,
     )
     encoder_given = encoder is not None
     if encoder_given:
@@ -213,13 +225,13 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     if isinstance(dataset, LocalStore):
         remove_stale_temporaries(dataset.root)
 
-    shards = plan_shards(config.resolutions)
+    land = land_cells_of(config) if config.land_only or config.region is not None else {}
+    shards = plan_shards(config.resolutions, only=land if config.region is not None else None)
     done_records = state.all_done()
     present = set(dataset.files("data")) | set(dataset.files("blocks"))
     todo = [s for s in shards
             if (r := done_records.get(step_name(s))) is None or not all(f["path"] in present for f in r["files"])]
     resumed = len(shards) - len(todo)
-    land = land_cells_of(config) if config.land_only else {}
     job = ShardJob(dataset, config.precision, quantizer.to_dict() if quantizer else None,
                    parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats)
     # trained before any shard, so that each shard's codes are added where it is encoded
@@ -242,9 +254,15 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     for res in config.resolutions:
         records = [r for s in shards if s.res == res and (r := done_records[step_name(s)])["rows"]]
         res_info[str(res)], res_files = finish_resolution(res, records, encoder, job, state, timer, progress,
-                                                          land_flags=not config.land_only)
+                                                          land_flags=not config.land_only, kept=land.get(res))
         cells[res] = res_info[str(res)]["cells"]
         files += res_files
+    with timer("fidelity"):  # read back from the written parts: what a reader of the atlas gets
+        measured = measure_written(dataset, res_info, files, encoder.dim, config.precision,
+                                   quantizer.to_dict() if quantizer else None, encoder, config.land_only,
+                                   config.region, config.fidelity_points)
+    for res, fidelity in measured.items():
+        res_info[res]["fidelity"] = fidelity
     write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, name)
     where = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
     return BuildSummary(where, cells, sum(f["bytes"] for f in files), dict(timer.seconds), resumed)

@@ -364,16 +364,18 @@ def land_relpath(res: int) -> str:
     return f"land/res={res}.npy"
 
 
-def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer) -> dict[str, Any]:
-    """A global resolution's land flags: ``land/res=<r>.npy``, the sorted cells (uint64) that
-    touch land by the build's land mask (:mod:`builder.landmask`); returns its done record."""
-    from builder.landmask import land_cells
+def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer,
+                kept: NDArray[np.uint64] | None = None) -> dict[str, Any]:
+    """A resolution's land flags: ``land/res=<r>.npy``, the sorted cells (uint64) that touch
+    land by the build's land mask (:mod:`builder.landmask`), of all cells or of the ``kept``
+    ones (a regional atlas); returns its done record."""
+    from builder.landmask import land_cells, touches_land
 
     step = f"land-res={res}"
     done = state.done(step)
     if done is None or not job.dataset.exists(done["file"]["path"]):
         with timer("land"):
-            cells = land_cells(res)
+            cells = land_cells(res) if kept is None else kept[touches_land(kept, res)]
             with job.dataset.staged(land_relpath(res)) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, cells.astype(np.uint64))
@@ -384,10 +386,12 @@ def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer) -> dic
 
 def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder, job: ShardJob,
                       state: BuildState, timer: Timer, progress: bool | None,
-                      land_flags: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      land_flags: bool = False,
+                      kept: NDArray[np.uint64] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A resolution's manifest entry and file records, once its shards are written.
 
-    Its index is merged here, and (``land_flags``, for a global atlas) its land cells listed.
+    Its index is merged here, and (``land_flags``, for an atlas not land-only) its land cells
+    listed, among the ``kept`` cells of a regional atlas.
     A Zarr face not streamed while the shards were written (a Ray
     or resumed build) is written here by streaming the part files in cell order: one part at
     a time in memory.
@@ -410,7 +414,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
     info["zarr"], info["index"] = (fmt.zarr_relpath(res) if job.zarr else None), index_done["index"]
     files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]
     if land_flags:
-        land = finish_land(res, job, state, timer)
+        land = finish_land(res, job, state, timer, kept)
         info["land"] = {"path": land["file"]["path"], "cells": land["cells"]}
         files.append(land["file"])
     return info, files

@@ -48,8 +48,18 @@ class BuildConfig:
     executor: str = "local"
     ray_address: str | None = None
     formats: tuple[str, ...] = ("parquet",)
+    region: Any = None  # a builder.region.Region (or what parse_region reads): keep the cells touching it
+    fidelity_points: int = 2000  # seeded random points per resolution for the fidelity measurement
 
     def __post_init__(self) -> None:
+        if self.region is not None:
+            from builder.region import parse_region
+
+            object.__setattr__(self, "region", parse_region(self.region))
+            for res in parse_resolutions(self.resolutions):
+                self.region.check_size(res)
+        if not isinstance(self.fidelity_points, int) or self.fidelity_points < 1:
+            raise InvalidArgumentError(f"fidelity_points must be a positive integer, got {self.fidelity_points!r}")
         object.__setattr__(self, "resolutions", parse_resolutions(self.resolutions))
         formats = self.formats.split(",") if isinstance(self.formats, str) else list(self.formats)
         formats = [f.strip().lower() for f in formats if f.strip()]
@@ -78,6 +88,7 @@ class BuildConfig:
         return {
             "model": self.model, "weights_sha256": provenance_sha256, "resolutions": list(self.resolutions),
             "land_only": self.land_only, "precision": self.precision, "formats": list(self.formats),
+            **({"region": self.region.to_dict()} if self.region is not None else {}),
         }
 
 
@@ -139,9 +150,17 @@ def remove_stale_temporaries(dataset: Path) -> None:
 
 
 def land_cells_of(config: BuildConfig) -> dict[int, NDArray[np.uint64]]:
-    from builder.landmask import land_cells
+    """The cells a build keeps, by resolution (sorted uint64): those touching its region (and
+    land, with ``land_only``), or touching land; empty for a global build, which keeps all."""
+    from builder.landmask import land_cells, touches_land
 
-    return {res: land_cells(res) for res in config.resolutions}
+    if config.region is None:
+        return {res: land_cells(res) for res in config.resolutions} if config.land_only else {}
+    kept = {}
+    for res in config.resolutions:
+        cells = config.region.cells(res)
+        kept[res] = cells[touches_land(cells, res)] if config.land_only else cells
+    return kept
 
 
 def land_mask_description() -> str:

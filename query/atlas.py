@@ -503,38 +503,11 @@ def _haversine_km(lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: Array
 
 def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.float64],
                  cells: NDArray[np.uint64]) -> NDArray[np.float32]:
-    """Inverse-distance blend of the three nearest stored cell centres to each point.
+    """Inverse-distance blend of the three nearest stored cell centres to each point
+    (:mod:`catalog.interpolation`); NaN rows for points whose own cell the atlas lacks."""
+    from catalog.interpolation import interpolate
 
-    The three nearest centres to a point are always among its cell and that cell's
-    neighbours. A point on a centre gets exactly that centre's embedding.
-    """
-    import h3.api.numpy_int as h3i
-
-    n = len(cells)
-    disks = np.zeros((n, 7), dtype=np.uint64)
-    for i, c in enumerate(cells.tolist()):
-        disk = h3i.grid_disk(c, 1)  # 7 cells; 6 around a pentagon (the 7th repeats, masked below)
-        disks[i, : len(disk)], disks[i, len(disk):] = disk, disk[0]
-    unique, inverse = np.unique(disks.ravel(), return_inverse=True)
-    stored = data.vectors(unique)  # neighbouring points share cells: each is read once
-    held = ~np.isnan(stored[:, 0])
-    rows = np.where(held[inverse], inverse, -1).reshape(n, 7)
-    c_lat, c_lon = cells_to_latlng(disks.ravel())
-    dist = _haversine_km(c_lat.reshape(n, 7), c_lon.reshape(n, 7), lat[:, None], lon[:, None])
-    duplicate = np.zeros((n, 7), dtype=bool)
-    duplicate[:, 1:] = disks[:, 1:] == disks[:, :1]
-    dist[(rows < 0) | duplicate] = np.inf
-    nearest = np.argsort(dist, axis=1)[:, :3]
-    d3 = np.take_along_axis(dist, nearest, axis=1)
-    r3 = np.take_along_axis(rows, nearest, axis=1)
-    weights = np.where(np.isfinite(d3), 1.0 / np.maximum(d3, 1e-9), 0.0)
-    weights[d3[:, 0] < 1e-6] = [1.0, 0.0, 0.0]
-    total = weights.sum(axis=1, keepdims=True)
-    weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-    vecs = stored[np.maximum(r3, 0).ravel()].reshape(n, 3, data.dim)  # n may be 0
-    out = np.einsum("nk,nkd->nd", weights, vecs).astype(np.float32)
-    out[total[:, 0] == 0] = np.nan
-    return out
+    return interpolate(data.vectors, lat, lon, cells)
 
 
 MAX_K = 1000
