@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from catalog.storage import Store
 
 __all__ = ["FIDELITY_POINTS", "FIDELITY_SEED", "choose_resolution", "compare", "measure", "measure_written",
-           "predict", "sample_points"]
+           "predict", "sample_points", "would_return"]
 
 FIDELITY_POINTS = 2000
 FIDELITY_SEED = 0
@@ -70,8 +70,7 @@ def compare(exact: NDArray[np.float32], got: NDArray[np.float32]) -> dict[str, f
     ok = ~np.isnan(got[:, 0]) if len(got) else np.zeros(0, bool)
     a, b = exact[ok].astype(np.float64), got[ok].astype(np.float64)
     if not len(a):
-        return {"mean_cosine": float("nan"), "p05_cosine": float("nan"), "min_cosine": float("nan"),
-                "mean_l2": float("nan"), "answered": 0}
+        return {"mean_cosine": None, "p05_cosine": None, "min_cosine": None, "mean_l2": None, "answered": 0}
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     return {"mean_cosine": round(float(cos.mean()), 6), "p05_cosine": round(float(np.percentile(cos, 5)), 6),
             "min_cosine": round(float(cos.min()), 6), "mean_l2": round(float(np.linalg.norm(a - b, axis=1).mean()), 6),
@@ -121,11 +120,11 @@ def measure_written(dataset: Store, manifest_resolutions: dict[str, Any], files:
     return out
 
 
-def predict(encoder: Encoder, res: int, lat: NDArray[np.float64], lon: NDArray[np.float64],
-            exact: NDArray[np.float32], *, precision: str = "float16", land_only: bool = False,
-            region: Region | None = None) -> dict[str, Any]:
-    """What an atlas of ``res`` would measure, without building it: the encoder at the cell
-    centres it would hold (float16 or float32 as stored; int8 is measured as float32)."""
+def would_return(encoder: Encoder, res: int, *, precision: str = "float16", land_only: bool = False,
+                 region: Region | None = None) -> Vectors:
+    """What an atlas of ``res`` would return for cells, without building it: the encoder at
+    their centres, stored as float16 or float32 (int8 is taken as float32); NaN rows for
+    cells it would not hold (outside the region; not touching land when ``land_only``)."""
     keep = None
     if region is not None:
         region.check_size(res)
@@ -146,6 +145,15 @@ def predict(encoder: Encoder, res: int, lat: NDArray[np.float64], lon: NDArray[n
             got[held] = encoder.encode(lat=c_lat, lon=c_lon).astype(dtype).astype(np.float32)
         return got
 
+    return vectors
+
+
+def predict(encoder: Encoder, res: int, lat: NDArray[np.float64], lon: NDArray[np.float64],
+            exact: NDArray[np.float32], *, precision: str = "float16", land_only: bool = False,
+            region: Region | None = None) -> dict[str, Any]:
+    """The fidelity an atlas of ``res`` would measure at the points, without building it
+    (:func:`would_return`)."""
+    vectors = would_return(encoder, res, precision=precision, land_only=land_only, region=region)
     return measure(vectors, res, lat, lon, exact, describe_sample(land_only, region))
 
 
