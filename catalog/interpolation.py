@@ -101,6 +101,7 @@ def interpolate(vectors: Callable[[NDArray[np.uint64]], NDArray[np.float32]], la
     held = ~np.isnan(stored[:, 0])
     rows, weights = blend(hood, held)
     stored = np.where(held[:, None], stored, 0.0)  # a weight of 0 on a NaN row would still give NaN
-    out = np.einsum("nk,nkd->nd", weights, stored[rows.ravel()].reshape(len(cells), 3, -1)).astype(np.float32)
+    out = np.einsum("nk,nkd->nd", weights, stored[rows.ravel()].reshape(len(cells), 3, stored.shape[1]))
+    out = out.astype(np.float32)
     out[weights.sum(axis=1) == 0] = np.nan
     return out

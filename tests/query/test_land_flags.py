@@ -56,3 +56,9 @@ def test_an_atlas_without_land_flags(atlas_dir, tmp_path) -> None:
     assert atlas.info()[MODEL]["resolutions"]["2"]["fidelity"] is None
     with pytest.raises(InvalidArgumentError, match="before land flags"):
         atlas.lookup([48.85], [2.35], res=2, land=True)
+
+
+def test_interpolated_lookup_of_no_valid_point(atlas_dir) -> None:
+    atlas = query.open(atlas_dir[0])
+    got = atlas.lookup([np.nan, 95.0], [0.0, 0.0], res=2, model=MODEL, interpolate=True, on_invalid="null")
+    assert got.shape == (2, 256) and np.isnan(got).all()
