@@ -210,6 +210,12 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
             f"{str(dataset)!r} already holds a finished {encoder.name} dataset; pass --overwrite (Python: "
             "overwrite=True) to rebuild it, or choose another --output"
         )
+    # before anything is written: a region that keeps no cell is refused, not left half built
+    land = land_cells_of(config) if config.land_only or config.region is not None else {}
+    empty = [res for res, kept in land.items() if not len(kept)]
+    if config.region is not None and empty:
+        raise InvalidArgumentError(f"no cell of resolution {empty[0]} touches land in the region {config.region.bbox}; "
+                                   "drop --land-only or choose another area")
     if config.overwrite:
         dataset.delete_tree(keep=("_build.lock",))
     state = BuildState(dataset)
@@ -225,7 +231,6 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     if isinstance(dataset, LocalStore):
         remove_stale_temporaries(dataset.root)
 
-    land = land_cells_of(config) if config.land_only or config.region is not None else {}
     shards = plan_shards(config.resolutions, only=land if config.region is not None else None)
     done_records = state.all_done()
     present = set(dataset.files("data")) | set(dataset.files("blocks"))

@@ -170,10 +170,16 @@ def choose_resolution(encoder: Encoder, min_cosine: float, *, precision: str = "
     if not (isinstance(min_cosine, (int, float)) and 0 < min_cosine <= 1):
         raise InvalidArgumentError(f"--min-cosine must be a number in (0, 1], got {min_cosine!r}")
     lat, lon = sample_points(points, land_only=land_only, region=region)
+    if not len(lat):
+        raise InvalidArgumentError("no random point fell on land in the region: there is nothing to measure or build")
     exact = encoder.encode(lat=lat, lon=lon)
     seen = []
     for res in range(0, max_res + 1):
-        fid = predict(encoder, res, lat, lon, exact, precision=precision, land_only=land_only, region=region)
+        try:
+            fid = predict(encoder, res, lat, lon, exact, precision=precision, land_only=land_only, region=region)
+        except InvalidArgumentError as exc:  # the region is too large at this resolution
+            raise InvalidArgumentError(f"no resolution up to {res - 1} reaches an interpolated mean cosine of "
+                                       f"{min_cosine} ({'; '.join(seen)}), and at {res}: {exc}") from None
         got = fid["interpolated"]["mean_cosine"]
         seen.append(f"{res}: {got:.4f}")
         if report is not None:

@@ -144,6 +144,9 @@ def test_bad_geojson_and_too_large(tmp_path) -> None:
         parse_region(str(tmp_path / "bad.json"))
     with pytest.raises(InvalidArgumentError, match="more than the"):
         build(TOY, resolutions="8", output=tmp_path, region="0,0,50,50", device="cpu")
+    with pytest.raises(InvalidArgumentError, match="touches land in the region"):
+        build(TOY, resolutions="3", output=tmp_path / "sea", region="-140,-30,-139,-29", land_only=True, device="cpu")
+    assert not (tmp_path / "sea" / "toy" / "_build").exists()  # refused before anything was written
     with pytest.raises(InvalidArgumentError, match=f"up to resolution {MAX_REGION_RES}"):
         build(TOY, resolutions="11", output=tmp_path, region=PARIS, device="cpu")
 
