@@ -44,6 +44,7 @@ from builder.plan import (
     BuildState,
     enumerate_shard,
     land_cells_of,
+    land_flag_cells,
     remove_stale_temporaries,
     step_name,
     total_cells,
@@ -232,13 +233,16 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         remove_stale_temporaries(dataset.root)
 
     shards = plan_shards(config.resolutions, only=land if config.region is not None else None)
+    with timer("land"):
+        flags = land_flag_cells(config, land)
     done_records = state.all_done()
     present = set(dataset.files("data")) | set(dataset.files("blocks"))
     todo = [s for s in shards
             if (r := done_records.get(step_name(s))) is None or not all(f["path"] in present for f in r["files"])]
     resumed = len(shards) - len(todo)
     job = ShardJob(dataset, config.precision, quantizer.to_dict() if quantizer else None,
-                   parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats)
+                   parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats,
+                   land_only=config.land_only)
     # trained before any shard, so that each shard's codes are added where it is encoded
     trained = {res: t for res in config.resolutions
                if (t := train_index(res, len(land[res]) if res in land else cell_count(res), encoder, job,
@@ -248,9 +252,9 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         from builder.executors import run_ray
 
         run_ray(todo, job, config, encoder, land, state, timer, progress, total_cells(todo, land, state),
-                encoder_given=encoder_given)
+                encoder_given=encoder_given, flags=flags)
     else:
-        _run_shards(todo, encoder, job, land, state, timer, progress)
+        _run_shards(todo, encoder, job, land, state, timer, progress, flags)
 
     cells: dict[int, int] = {}
     res_info: dict[str, Any] = {}
@@ -259,7 +263,7 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     for res in config.resolutions:
         records = [r for s in shards if s.res == res and (r := done_records[step_name(s)])["rows"]]
         res_info[str(res)], res_files = finish_resolution(res, records, encoder, job, state, timer, progress,
-                                                          land_flags=not config.land_only, kept=land.get(res))
+                                                          land_flags=not config.land_only, land_cells=flags.get(res))
         cells[res] = res_info[str(res)]["cells"]
         files += res_files
     with timer("fidelity"):  # read back from the written parts: what a reader of the atlas gets
@@ -274,7 +278,8 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
 
 
 def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[int, NDArray[np.uint64]],
-                state: BuildState, timer: Timer, progress: bool | None) -> None:
+                state: BuildState, timer: Timer, progress: bool | None,
+                flags: dict[int, NDArray[np.uint64]] | None = None) -> None:
     """Encode shards in this process; enumerating and writing run beside the encoder.
 
     Resolutions go largest first, each with a writer thread of its own: it writes the
@@ -287,7 +292,8 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
     order = [shard for shards in by_res.values() for shard in shards]
 
     def write_one(shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any]) -> None:
-        state.mark(step_name(shard), write.write_and_index(job, shard, cells, stored, timer))
+        state.mark(step_name(shard), write.write_and_index(job, shard, cells, stored, timer,
+                                                           (flags or {}).get(shard.res)))
 
     def write_res(res: int, shards: list[Shard], feed: queue.Queue[Any]) -> None:
         # streamed only when this run writes every shard of the resolution, in cell order

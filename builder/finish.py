@@ -365,17 +365,18 @@ def land_relpath(res: int) -> str:
 
 
 def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer,
-                kept: NDArray[np.uint64] | None = None) -> dict[str, Any]:
-    """A resolution's land flags: ``land/res=<r>.npy``, the sorted cells (uint64) that touch
-    land by the build's land mask (:mod:`builder.landmask`), of all cells or of the ``kept``
-    ones (a regional atlas); returns its done record."""
-    from builder.landmask import land_cells, touches_land
+                cells: NDArray[np.uint64] | None = None) -> dict[str, Any]:
+    """A resolution's land flags: ``land/res=<r>.npy``, the sorted cells (uint64) of the atlas
+    that touch land by the build's land mask (:mod:`builder.landmask`): ``cells`` when the
+    build listed them (:func:`builder.plan.land_flag_cells`), else all of the resolution's;
+    returns its done record."""
+    from builder.landmask import land_cells
 
     step = f"land-res={res}"
     done = state.done(step)
     if done is None or not job.dataset.exists(done["file"]["path"]):
         with timer("land"):
-            cells = land_cells(res) if kept is None else kept[touches_land(kept, res)]
+            cells = land_cells(res) if cells is None else cells
             with job.dataset.staged(land_relpath(res)) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, cells.astype(np.uint64))
@@ -387,11 +388,11 @@ def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer,
 def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder, job: ShardJob,
                       state: BuildState, timer: Timer, progress: bool | None,
                       land_flags: bool = False,
-                      kept: NDArray[np.uint64] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      land_cells: NDArray[np.uint64] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A resolution's manifest entry and file records, once its shards are written.
 
     Its index is merged here, and (``land_flags``, for an atlas not land-only) its land cells
-    listed, among the ``kept`` cells of a regional atlas.
+    listed (``land_cells``, when the build listed them).
     A Zarr face not streamed while the shards were written (a Ray
     or resumed build) is written here by streaming the part files in cell order: one part at
     a time in memory.
@@ -400,7 +401,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
 
     cells = sum(r["rows"] for r in records)
     files = [f for r in records for f in r["files"]]
-    info = {"cells": cells, "block_rows": block_rows(encoder.dim, job.precision),
+    info = {"cells": cells, "block_rows": block_rows(encoder.dim, job.precision), "land_column": True,
             "parts": [{k: r[k] for k in ("path", "blocks", "rows", "first_cell", "last_cell")} for r in records]}
     source = ShardSource(job.dataset, records, encoder.dim, job.precision, job.quantizer())
     with finishing(res, cells, job, state, timer) as finish:
@@ -414,7 +415,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
     info["zarr"], info["index"] = (fmt.zarr_relpath(res) if job.zarr else None), index_done["index"]
     files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]
     if land_flags:
-        land = finish_land(res, job, state, timer, kept)
+        land = finish_land(res, job, state, timer, land_cells)
         info["land"] = {"path": land["file"]["path"], "cells": land["cells"]}
         files.append(land["file"])
     return info, files

@@ -24,7 +24,7 @@ from catalog.storage import Store, is_remote
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-__all__ = ["EXECUTORS", "PRECISIONS", "BuildConfig", "BuildState", "enumerate_shard", "land_cells_of",
+__all__ = ["EXECUTORS", "PRECISIONS", "BuildConfig", "BuildState", "enumerate_shard", "land_cells_of", "land_flag_cells",
            "land_mask_description", "remove_stale_temporaries", "shard_step", "step_name", "total_cells"]
 
 PRECISIONS = ("float16", "float32", "int8")
@@ -161,6 +161,19 @@ def land_cells_of(config: BuildConfig) -> dict[int, NDArray[np.uint64]]:
         cells = config.region.cells(res)
         kept[res] = cells[touches_land(cells, res)] if config.land_only else cells
     return kept
+
+
+def land_flag_cells(config: BuildConfig, kept: dict[int, NDArray[np.uint64]]) -> dict[int, NDArray[np.uint64]]:
+    """The sorted cells touching land per resolution, for the land flags of an atlas that is
+    not land-only (listed once, before the shards: each shard's land column and
+    ``land/res=<r>.npy`` come from them); empty for a land-only build, where all cells do."""
+    from builder.landmask import land_cells, touches_land
+
+    if config.land_only:
+        return {}
+    if config.region is not None:
+        return {res: kept[res][touches_land(kept[res], res)] for res in config.resolutions}
+    return {res: land_cells(res) for res in config.resolutions}
 
 
 def land_mask_description() -> str:

@@ -480,7 +480,8 @@ class Atlas:
         from query.sql import View, connect
 
         views = [View(name, self.dim(name), self._parquet_glob(name), self._manifest(name).get("quantization"),
-                      land=self._has_land_flags(name))
+                      land=self._has_land_flags(name),
+                      land_column=all(i.get("land_column") for i in self._manifest(name)["resolutions"].values()))
                  for name in self.models]
 
         def lookup(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int, model: str | None) -> NDArray:

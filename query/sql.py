@@ -34,6 +34,7 @@ class View:
     glob: str  # the dataset's local part files
     quantization: dict[str, list[float]] | None = None
     land: bool = False  # the view has a land column (the dataset has land flags)
+    land_column: bool = False  # ... read from the part files' own land column
 
 
 class QueryError(HexatlasError, ValueError):
@@ -206,7 +207,8 @@ def connect(views: list[View], lookup: Lookup, land: LandFlags | None = None) ->
         con.execute(
             f"CREATE VIEW {view} AS SELECT cell, CAST(res AS INTEGER) AS res, h3_cell_to_lat(cell) AS lat, "
             f"h3_cell_to_lng(cell) AS lon, {embedding} AS embedding"
-            + (f", _hexatlas_land(cell, '{dataset.name.replace(chr(39), chr(39) * 2)}') AS land" if dataset.land else "")
+            + (", land" if dataset.land_column else
+               f", _hexatlas_land(cell, '{dataset.name.replace(chr(39), chr(39) * 2)}') AS land" if dataset.land else "")
             + f" FROM read_parquet('{glob}', hive_partitioning = true)"
         )
         if i == 0:
