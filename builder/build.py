@@ -312,9 +312,16 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                     # at most 2 x PARQUET_WRITERS files in flight; a failed write stops the resolution
                     while written and (written[0].done() or len(written) > 2 * PARQUET_WRITERS):
                         written.pop(0).result()
+            except _Cancelled:
+                raise
+            except BaseException:  # a write failed: the shards still queued behind it are not started
+                for future in written:
+                    future.cancel()
+                raise
             finally:  # the resolution is published only once its part files are
                 for future in written:
-                    future.result()
+                    if not future.cancelled():
+                        future.result()
 
     writers: list[tuple[queue.Queue[Any], Future[None]]] = []
     with progress_bar(progress, total_cells(todo, land, state), f"build {encoder.name}") as bar, \
