@@ -12,6 +12,7 @@ EXTRAS_GPU := build,gpu,serve,ray,test
 EXTRAS := $(if $(HAS_GPU),$(EXTRAS_GPU),$(EXTRAS_CPU))
 DEMO_ATLAS ?= demo-atlas
 DEMO_MAP ?= demo-map.png
+DEMO_REGIONAL ?= demo-atlas-paris
 # The map page's front-end packages (deck.gl, h3-js, land outlines), installed from npm.
 WEB := query/web
 WEB_STAMP := $(WEB)/node_modules/.installed
@@ -40,7 +41,7 @@ browser:
 	  echo "no chromium: the map-page browser test will be skipped (Debian: apt-get install chromium)"
 
 demo: setup
-	$(PY) -m builder.demo --output $(DEMO_ATLAS) --map $(DEMO_MAP)
+	$(PY) -m builder.demo --output $(DEMO_ATLAS) --map $(DEMO_MAP) --regional $(DEMO_REGIONAL)
 
 test: setup browser
 	$(PY) -m pytest -q
@@ -52,4 +53,4 @@ bench: setup
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO_ATLAS) $(DEMO_MAP) $(WEB)/node_modules .pytest_cache
+	rm -rf $(VENV) $(DEMO_ATLAS) $(DEMO_REGIONAL) $(DEMO_MAP) $(WEB)/node_modules .pytest_cache

@@ -35,6 +35,7 @@ import numpy as np
 from builder import encode, write
 from builder._timing import Timer, progress_bar, timed
 from builder.encode import Quantizer
+from builder.fidelity import measure_written
 from builder.finish import finish_resolution, finishing, train_index
 from builder.grid import Shard, cell_count, plan_shards
 from builder.plan import (
@@ -43,6 +44,7 @@ from builder.plan import (
     BuildState,
     enumerate_shard,
     land_cells_of,
+    land_flag_cells,
     remove_stale_temporaries,
     step_name,
     total_cells,
@@ -100,6 +102,8 @@ def build(
     executor: str = "local",
     ray_address: str | None = None,
     formats: str | tuple[str, ...] = ("parquet",),
+    region: Any = None,
+    fidelity_points: int = 2000,
 ) -> BuildSummary:
     """Build (or resume) one model's dataset in an atlas directory.
 
@@ -133,6 +137,14 @@ def build(
         Faces to write besides the store: ``"zarr"`` adds a Zarr store per resolution that
         ``xdggs.decode(xarray.open_zarr(...))`` reads (a second copy of the embeddings).
         ``"parquet"`` is the store itself (plain Parquet), always written.
+    region : str, sequence of 4 floats or dict, optional
+        A study area (:func:`builder.region.parse_region`): ``"MINLON,MINLAT,MAXLON,MAXLAT"``
+        (MINLON > MAXLON crosses the antimeridian), a GeoJSON file or dict of polygons. Only
+        cells whose hexagon touches it are kept (with ``land_only``, those that also touch
+        land), at resolutions up to 10; a lookup outside it is refused.
+    fidelity_points : int
+        Seeded random points per resolution (in the region / on land as the atlas is) at which
+        the finished atlas is compared with the encoder; recorded in the manifest.
 
     Returns
     -------
@@ -154,6 +166,7 @@ def build(
         model=model, resolutions=resolutions, output=output, checkpoint=checkpoint, land_only=land_only,
         device=device, precision=precision, batch_size=batch_size, overwrite=overwrite,
         trust_checkpoint=trust_checkpoint, executor=executor, ray_address=ray_address, formats=formats,
+        region=region, fidelity_points=fidelity_points,
     )
     encoder_given = encoder is not None
     if encoder_given:
@@ -198,6 +211,12 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
             f"{str(dataset)!r} already holds a finished {encoder.name} dataset; pass --overwrite (Python: "
             "overwrite=True) to rebuild it, or choose another --output"
         )
+    # before anything is written: a region that keeps no cell is refused, not left half built
+    land = land_cells_of(config) if config.land_only or config.region is not None else {}
+    empty = [res for res, kept in land.items() if not len(kept)]
+    if config.region is not None and empty:
+        raise InvalidArgumentError(f"no cell of resolution {empty[0]} touches land in the region {config.region.bbox}; "
+                                   "drop --land-only or choose another area")
     if config.overwrite:
         dataset.delete_tree(keep=("_build.lock",))
     state = BuildState(dataset)
@@ -213,15 +232,17 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     if isinstance(dataset, LocalStore):
         remove_stale_temporaries(dataset.root)
 
-    shards = plan_shards(config.resolutions)
+    shards = plan_shards(config.resolutions, only=land if config.region is not None else None)
+    with timer("land"):
+        flags = land_flag_cells(config, land)
     done_records = state.all_done()
     present = set(dataset.files("data")) | set(dataset.files("blocks"))
     todo = [s for s in shards
             if (r := done_records.get(step_name(s))) is None or not all(f["path"] in present for f in r["files"])]
     resumed = len(shards) - len(todo)
-    land = land_cells_of(config) if config.land_only else {}
     job = ShardJob(dataset, config.precision, quantizer.to_dict() if quantizer else None,
-                   parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats)
+                   parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats,
+                   land_only=config.land_only)
     # trained before any shard, so that each shard's codes are added where it is encoded
     trained = {res: t for res in config.resolutions
                if (t := train_index(res, len(land[res]) if res in land else cell_count(res), encoder, job,
@@ -231,9 +252,9 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         from builder.executors import run_ray
 
         run_ray(todo, job, config, encoder, land, state, timer, progress, total_cells(todo, land, state),
-                encoder_given=encoder_given)
+                encoder_given=encoder_given, flags=flags)
     else:
-        _run_shards(todo, encoder, job, land, state, timer, progress)
+        _run_shards(todo, encoder, job, land, state, timer, progress, flags)
 
     cells: dict[int, int] = {}
     res_info: dict[str, Any] = {}
@@ -242,9 +263,15 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     for res in config.resolutions:
         records = [r for s in shards if s.res == res and (r := done_records[step_name(s)])["rows"]]
         res_info[str(res)], res_files = finish_resolution(res, records, encoder, job, state, timer, progress,
-                                                          land_flags=not config.land_only)
+                                                          land_flags=not config.land_only, land_cells=flags.get(res))
         cells[res] = res_info[str(res)]["cells"]
         files += res_files
+    with timer("fidelity"):  # read back from the written parts: what a reader of the atlas gets
+        measured = measure_written(dataset, res_info, files, encoder.dim, config.precision,
+                                   quantizer.to_dict() if quantizer else None, encoder, config.land_only,
+                                   config.region, config.fidelity_points)
+    for res, fidelity in measured.items():
+        res_info[res]["fidelity"] = fidelity
     files, onnx = _export_encoder(dataset, encoder, files, timer)
     write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, name, encoder_onnx=onnx)
     where = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
@@ -268,7 +295,8 @@ def _export_encoder(dataset: Store, encoder: Encoder, files: list[dict[str, Any]
 
 
 def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[int, NDArray[np.uint64]],
-                state: BuildState, timer: Timer, progress: bool | None) -> None:
+                state: BuildState, timer: Timer, progress: bool | None,
+                flags: dict[int, NDArray[np.uint64]] | None = None) -> None:
     """Encode shards in this process; enumerating and writing run beside the encoder.
 
     Resolutions go largest first, each with a writer thread of its own: it writes the
@@ -281,7 +309,8 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
     order = [shard for shards in by_res.values() for shard in shards]
 
     def write_one(shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any]) -> None:
-        state.mark(step_name(shard), write.write_and_index(job, shard, cells, stored, timer))
+        state.mark(step_name(shard), write.write_and_index(job, shard, cells, stored, timer,
+                                                           (flags or {}).get(shard.res)))
 
     def write_res(res: int, shards: list[Shard], feed: queue.Queue[Any]) -> None:
         # streamed only when this run writes every shard of the resolution, in cell order
@@ -300,9 +329,16 @@ def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[i
                     # at most 2 x PARQUET_WRITERS files in flight; a failed write stops the resolution
                     while written and (written[0].done() or len(written) > 2 * PARQUET_WRITERS):
                         written.pop(0).result()
+            except _Cancelled:
+                raise
+            except BaseException:  # a write failed: the shards still queued behind it are not started
+                for future in written:
+                    future.cancel()
+                raise
             finally:  # the resolution is published only once its part files are
                 for future in written:
-                    future.result()
+                    if not future.cancelled():
+                        future.result()
 
     writers: list[tuple[queue.Queue[Any], Future[None]]] = []
     with progress_bar(progress, total_cells(todo, land, state), f"build {encoder.name}") as bar, \

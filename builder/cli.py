@@ -60,8 +60,16 @@ def run_encode(args: argparse.Namespace) -> int:
 def configure_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True,
                         help="atlas directory or s3://BUCKET/PREFIX (the dataset goes to OUTPUT/<model>/)")
-    parser.add_argument("--resolutions", default="0-3", help="H3 resolutions: a range 0-5, a list 3,5, or both")
+    parser.add_argument("--resolutions", default="0-3",
+                        help="H3 resolutions: a range 0-5, a list 3,5, or both; or auto (with --min-cosine): the "
+                             "coarsest that is close enough to the encoder, auto:0 with its coarser ones from 0")
+    parser.add_argument("--min-cosine", type=float, default=None,
+                        help="with --resolutions auto: the interpolated mean cosine to the encoder to reach "
+                             "(measured at random points before building; e.g. 0.99)")
     parser.add_argument("--land-only", action="store_true", help="keep only cells that touch land")
+    parser.add_argument("--region", default=None,
+                        help="keep only cells touching this area: MINLON,MINLAT,MAXLON,MAXLAT (MINLON > MAXLON "
+                             "crosses the antimeridian) or a GeoJSON file of polygons; resolutions up to 10")
     parser.add_argument("--precision", default="float16", choices=["float16", "float32", "int8"],
                         help="storage of the embeddings (default float16)")
     parser.add_argument("--formats", default="parquet",
@@ -77,15 +85,58 @@ def configure_build(parser: argparse.ArgumentParser) -> None:
     _add_encoder_options(parser)
 
 
+def _auto_resolutions(args: argparse.Namespace, region: object) -> tuple[str, object]:
+    """``--resolutions auto[:LOW]``: measure the encoder, choose, and say why; returns the
+    resolutions to build and the loaded encoder."""
+    import re
+
+    from builder.encoders import load_encoder
+    from builder.fidelity import choose_resolution
+    from catalog.errors import InvalidArgumentError
+
+    match = re.fullmatch(r"auto(?::(\d+))?", args.resolutions.strip())
+    if match is None:
+        raise InvalidArgumentError(f"--resolutions {args.resolutions!r}: write auto, or auto:LOW to add the coarser "
+                                   "resolutions from LOW")
+    if args.min_cosine is None:
+        raise InvalidArgumentError("--resolutions auto needs --min-cosine (the interpolated mean cosine to reach, "
+                                   "e.g. 0.99)")
+    encoder = load_encoder(args.model, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
+                           trust_checkpoint=args.trust_checkpoint)
+    print(f"measuring {encoder.name} at random points{' on land' if args.land_only else ''}"
+          f"{' in the region' if region is not None else ''} (what each resolution's atlas would return):",
+          file=sys.stderr)
+    res = choose_resolution(encoder, args.min_cosine, precision=args.precision, land_only=args.land_only,
+                            region=region, report=lambda line: print(f"  {line}", file=sys.stderr))
+    low = match[1]
+    if low is not None and int(low) > res:
+        raise InvalidArgumentError(f"--resolutions auto:{low}: the chosen resolution {res} is coarser than {low}")
+    chosen = f"{low}-{res}" if low is not None else str(res)
+    print(f"chose resolution {res}: the coarsest whose interpolated mean cosine reaches {args.min_cosine}"
+          f"{f'; building {chosen}' if low is not None else ''}", file=sys.stderr)
+    return chosen, encoder
+
+
 def run_build(args: argparse.Namespace) -> int:
     from builder.build import build
+    from catalog.errors import InvalidArgumentError
 
+    region = None
+    if args.region is not None:
+        from builder.region import parse_region
+
+        region = parse_region(args.region)
+    resolutions, encoder = args.resolutions, None
+    if args.resolutions.strip().startswith("auto"):
+        resolutions, encoder = _auto_resolutions(args, region)
+    elif args.min_cosine is not None:
+        raise InvalidArgumentError("--min-cosine goes with --resolutions auto")
     summary = build(
-        args.model, resolutions=args.resolutions, output=args.output, checkpoint=args.checkpoint,
+        args.model, resolutions=resolutions, output=args.output, checkpoint=args.checkpoint,
         land_only=args.land_only, device=args.device, precision=args.precision, batch_size=args.batch_size,
         overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
         progress=False if args.no_progress else None, executor=args.executor, ray_address=args.ray_address,
-        formats=args.formats,
+        formats=args.formats, region=region, encoder=encoder,
     )
     print(f"built {summary}", file=sys.stderr)
     return 0

@@ -3,7 +3,8 @@
 Run as ``python -m builder.demo --output DIR``. Builds (or resumes, or reuses) the atlas,
 validates it, then shows it through the query layer: cells per resolution in SQL, a join of
 well-known places onto the atlas (with and without interpolation, against encoding the
-places exactly) and, for each place, the most similar cells elsewhere.
+places exactly) and, for each place, the most similar cells elsewhere. Then a fine regional
+layer: resolution 8 around Paris only (``--region``), and the measured fidelity of both.
 """
 
 from __future__ import annotations
@@ -51,6 +52,48 @@ def _show(atlas_dir: Path, model: str, encoder) -> None:
         print(f"{name:<10} {cell_to_hex(joined.column('cell')[i].as_py()):>16} {cos_cell[i]:>6.3f} {cos_blend[i]:>6.3f}  {near_txt}")
 
 
+REGION = (1.9, 48.6, 2.8, 49.1)  # Paris and its suburbs, (min lon, min lat, max lon, max lat)
+REGION_RES = 8
+
+
+def _fidelity_table(atlas_dir: Path, title: str) -> None:
+    import query
+
+    print(f"\n{title}: cosine similarity to the encoder at 2,000 seeded random points, measured by the build")
+    print(f"{'res':>4} {'cells':>10}  {'cell mean':>9} {'p05':>6}  {'interp mean':>11} {'p05':>6}")
+    for name, entry in query.open(atlas_dir).info().items():
+        for res, info in entry["resolutions"].items():
+            fid = info["fidelity"]
+            c, i = fid["cell"], fid["interpolated"]
+            print(f"{res:>4} {info['cells']:>10,}  {c['mean_cosine']:>9.4f} {c['p05_cosine']:>6.3f}  "
+                  f"{i['mean_cosine']:>11.4f} {i['p05_cosine']:>6.3f}")
+
+
+def _regional(atlas_dir: Path, regional_dir: Path, encoder) -> None:
+    from builder.build import build
+    from catalog.manifest import MANIFEST, dataset_name
+
+    import query
+    from catalog.vector_index import normalize
+
+    dataset = regional_dir / dataset_name(encoder.name)
+    if (dataset / MANIFEST).is_file():
+        print(f"\nreusing the finished regional atlas in {dataset} (delete it to rebuild)")
+    else:
+        summary = build(encoder=encoder, resolutions=str(REGION_RES), output=regional_dir, region=REGION)
+        print(f"\nregional layer (--region {','.join(map(str, REGION))} --resolutions {REGION_RES}): built {summary}")
+    _fidelity_table(atlas_dir, "The global atlas")
+    _fidelity_table(regional_dir, f"The regional atlas around Paris {REGION}")
+    lat, lon = np.array([48.8566, 48.8049, 48.9362]), np.array([2.3522, 2.1204, 2.3574])  # Paris, Versailles, Saint-Denis
+    exact = normalize(encoder.encode(lat=lat, lon=lon))
+    coarse = normalize(query.open(atlas_dir).lookup(lat, lon, interpolate=True))
+    fine = normalize(query.open(regional_dir).lookup(lat, lon, interpolate=True))
+    res = query.open(atlas_dir).resolutions()[-1]
+    print(f"\nInterpolated lookups against the encoder: global res {res} vs regional res {REGION_RES}")
+    for name, a, b in zip(("Paris", "Versailles", "Saint-Denis"), np.sum(coarse * exact, 1), np.sum(fine * exact, 1)):
+        print(f"  {name:<12} {a:.4f}  {b:.5f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from builder.build import build
     from builder.encoders import load_encoder
@@ -62,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="geoclip")
     parser.add_argument("--resolutions", default="0-3")
     parser.add_argument("--map", default=None, help="also draw the finest resolution to this PNG")
+    parser.add_argument("--regional", default=None,
+                        help="atlas directory of the regional layer (default: OUTPUT-paris); 'none' to skip it")
     args = parser.parse_args(argv)
 
     try:
@@ -82,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
             render_png(query.open(args.output), args.map, model=dataset.name)
             print(f"\nmap of the finest resolution, coloured by principal components: {args.map}")
+        if args.regional != "none":
+            _regional(Path(args.output), Path(args.regional or f"{args.output}-paris"), encoder)
     except HexatlasError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2

@@ -84,22 +84,25 @@ _LOADED: dict[EncoderSpec, Any] = {}
 
 
 def _shard_task(job: ShardJob, shard: Shard, encoder: EncoderSpec | Encoder,
-                land: dict[int, NDArray[np.uint64]] | None) -> tuple[dict[str, Any], dict[str, float]]:
+                land: dict[int, NDArray[np.uint64]] | None,
+                flags: dict[int, NDArray[np.uint64]] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """The body of one Ray task (``encoder`` arrives already resolved from an object ref)."""
     from builder.write import process_shard
 
     if isinstance(encoder, EncoderSpec):
         encoder = encoder.load()
-    return process_shard(job, shard, encoder, land)
+    return process_shard(job, shard, encoder, land, flags)
 
 
 def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Encoder,
             land: dict[int, NDArray[np.uint64]], state: BuildState, timer: Timer, progress: bool | None,
-            total_cells: int, *, encoder_given: bool = False) -> None:
+            total_cells: int, *, encoder_given: bool = False,
+            flags: dict[int, NDArray[np.uint64]] | None = None) -> None:
     """Run ``todo`` as Ray tasks, marking each shard done as its result arrives.
 
     ``encoder_given``: the encoder was passed in Python, so workers cannot load it by name
-    and get it from Ray's object store instead.
+    and get it from Ray's object store instead. ``flags``: the land cells per resolution for
+    the part files' land column (put in Ray's object store once, like ``land``).
 
     Raises
     ------
@@ -129,10 +132,11 @@ def run_ray(todo: list[Shard], job: ShardJob, config: BuildConfig, encoder: Enco
         else:  # an Encoder object given in Python: workers unpickle it from the object store
             payload = ray.put(encoder)
         land_ref = ray.put(land) if land else None
+        flags_ref = ray.put(flags) if flags else None
         task = ray.remote(_shard_task).options(max_retries=MAX_RETRIES, retry_exceptions=[OSError], **resources)
         log.info("submitting %d shards to Ray (%s per task)", len(todo), "1 GPU" if use_gpu else "1 CPU")
         start = time.perf_counter()
-        pending = {task.remote(job, shard, payload, land_ref): shard for shard in todo}
+        pending = {task.remote(job, shard, payload, land_ref, flags_ref): shard for shard in todo}
         failed: list[tuple[Shard, BaseException]] = []
         with progress_bar(progress, total_cells, f"build {encoder.name} (ray)") as bar:
             while pending:

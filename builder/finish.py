@@ -364,16 +364,19 @@ def land_relpath(res: int) -> str:
     return f"land/res={res}.npy"
 
 
-def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer) -> dict[str, Any]:
-    """A global resolution's land flags: ``land/res=<r>.npy``, the sorted cells (uint64) that
-    touch land by the build's land mask (:mod:`builder.landmask`); returns its done record."""
+def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer,
+                cells: NDArray[np.uint64] | None = None) -> dict[str, Any]:
+    """A resolution's land flags: ``land/res=<r>.npy``, the sorted cells (uint64) of the atlas
+    that touch land by the build's land mask (:mod:`builder.landmask`): ``cells`` when the
+    build listed them (:func:`builder.plan.land_flag_cells`), else all of the resolution's;
+    returns its done record."""
     from builder.landmask import land_cells
 
     step = f"land-res={res}"
     done = state.done(step)
     if done is None or not job.dataset.exists(done["file"]["path"]):
         with timer("land"):
-            cells = land_cells(res)
+            cells = land_cells(res) if cells is None else cells
             with job.dataset.staged(land_relpath(res)) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, cells.astype(np.uint64))
@@ -384,10 +387,12 @@ def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer) -> dic
 
 def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder, job: ShardJob,
                       state: BuildState, timer: Timer, progress: bool | None,
-                      land_flags: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      land_flags: bool = False,
+                      land_cells: NDArray[np.uint64] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A resolution's manifest entry and file records, once its shards are written.
 
-    Its index is merged here, and (``land_flags``, for a global atlas) its land cells listed.
+    Its index is merged here, and (``land_flags``, for an atlas not land-only) its land cells
+    listed (``land_cells``, when the build listed them).
     A Zarr face not streamed while the shards were written (a Ray
     or resumed build) is written here by streaming the part files in cell order: one part at
     a time in memory.
@@ -396,7 +401,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
 
     cells = sum(r["rows"] for r in records)
     files = [f for r in records for f in r["files"]]
-    info = {"cells": cells, "block_rows": block_rows(encoder.dim, job.precision),
+    info = {"cells": cells, "block_rows": block_rows(encoder.dim, job.precision), "land_column": True,
             "parts": [{k: r[k] for k in ("path", "blocks", "rows", "first_cell", "last_cell")} for r in records]}
     source = ShardSource(job.dataset, records, encoder.dim, job.precision, job.quantizer())
     with finishing(res, cells, job, state, timer) as finish:
@@ -410,7 +415,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
     info["zarr"], info["index"] = (fmt.zarr_relpath(res) if job.zarr else None), index_done["index"]
     files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]
     if land_flags:
-        land = finish_land(res, job, state, timer)
+        land = finish_land(res, job, state, timer, land_cells)
         info["land"] = {"path": land["file"]["path"], "cells": land["cells"]}
         files.append(land["file"])
     return info, files

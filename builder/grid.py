@@ -102,9 +102,15 @@ def shard_resolution(res: int) -> int | None:
     return max(0, res - SHARD_SPAN)
 
 
-def plan_shards(resolutions: Iterable[int]) -> list[Shard]:
-    """The shards covering every cell of each resolution exactly once, in sorted cell order."""
+def plan_shards(resolutions: Iterable[int], only: dict[int, NDArray[np.uint64]] | None = None) -> list[Shard]:
+    """The shards covering every cell of each resolution exactly once, in sorted cell order.
+
+    ``only``: for the resolutions it names, just the shards holding any of its cells (a
+    regional build); the shards are the same as without it, fewer.
+    """
     import h3.api.numpy_int as h3i
+
+    from catalog.cells import cells_to_parent
 
     shards = []
     for res in resolutions:
@@ -112,17 +118,25 @@ def plan_shards(resolutions: Iterable[int]) -> list[Shard]:
         if parent_res is None:
             shards.append(Shard(res))
             continue
+        needed = None
+        if only is not None and res in only:
+            needed = set(np.unique(cells_to_parent(only[res], parent_res)).tolist())
         parents = _parents(parent_res)
         group: list[int] = []
         size = 0
+
+        def close() -> None:
+            if needed is None or any(p in needed for p in group):
+                shards.append(Shard(res, group[0], len(group)))
+
         for p in parents.tolist():
             n = int(h3i.cell_to_children_size(p, res))
             if group and size + n > SHARD_CELLS:
-                shards.append(Shard(res, group[0], len(group)))
+                close()
                 group, size = [], 0
             group.append(p)
             size += n
-        shards.append(Shard(res, group[0], len(group)))
+        close()
     return shards
 
 

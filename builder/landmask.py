@@ -71,7 +71,7 @@ from numpy.typing import ArrayLike, NDArray
 from catalog.cells import cells_to_latlng
 from catalog.errors import InvalidCoordinateError, MissingDependencyError, UnknownResolutionError
 
-__all__ = ["MARGIN", "MASK_DESCRIPTION", "is_land_point", "land_cells", "land_fraction"]
+__all__ = ["MARGIN", "MASK_DESCRIPTION", "is_land_point", "land_cells", "land_fraction", "touches_land"]
 
 _log = logging.getLogger(__name__)
 
@@ -408,6 +408,24 @@ def _near_land(cells: NDArray[np.uint64], lat: NDArray[np.float64], lon: NDArray
     return hit
 
 
+def _classify(cells: NDArray[np.uint64], res: int) -> tuple[NDArray[np.bool_], NDArray[np.bool_], int]:
+    """Tests 1-3 for candidate cells of ``res``: (to refine, final, number polygon-tested).
+
+    A cell is neither when it is dropped with all its descendants.
+    """
+    reach = (1 + MARGIN) * _radius_bound(res)
+    lat, lon = cells_to_latlng(cells)
+    land, total = _land_in_boxes(*_cap_box(lat, lon, reach, _SAT_POOL))  # test 1
+    final = land == total
+    refine = np.zeros(len(cells), bool)
+    mixed = np.flatnonzero((land > 0) & (land < total))
+    on_land = is_land_point(lat=lat[mixed], lon=lon[mixed])  # test 2
+    refine[mixed[on_land]] = True
+    rest = mixed[~on_land]
+    refine[rest[_near_land(cells[rest], lat[rest], lon[rest], res)]] = True  # test 3
+    return refine, final, len(rest)
+
+
 @functools.cache
 def _level(res: int) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
     """Kept cells at ``res``, split in (to refine, final), both sorted uint64.
@@ -423,23 +441,16 @@ def _level(res: int) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
         candidates = np.sort(np.asarray(h3i.get_res0_cells(), np.uint64))
     else:
         candidates = _children(_level(res - 1)[0], res - 1)
-    reach = (1 + MARGIN) * _radius_bound(res)
     refine, final = [], []
     tested = 0
     chunks = range(0, len(candidates), _CHUNK_CELLS)
     for start in tqdm(chunks, desc=f"land cells res {res}", unit="chunk", leave=False,
                       disable=None if len(chunks) > 4 else True):
         cells = candidates[start:start + _CHUNK_CELLS]
-        lat, lon = cells_to_latlng(cells)
-        land, total = _land_in_boxes(*_cap_box(lat, lon, reach, _SAT_POOL))  # test 1
-        final.append(cells[land == total])
-        mixed = (land > 0) & (land < total)
-        cells, lat, lon = cells[mixed], lat[mixed], lon[mixed]
-        on_land = is_land_point(lat=lat, lon=lon)  # test 2
-        refine.append(cells[on_land])
-        cells, lat, lon = cells[~on_land], lat[~on_land], lon[~on_land]
-        tested += len(cells)
-        refine.append(cells[_near_land(cells, lat, lon, res)])  # test 3
+        to_refine, is_final, n_tested = _classify(cells, res)
+        refine.append(cells[to_refine])
+        final.append(cells[is_final])
+        tested += n_tested
     refine_cells = np.sort(np.concatenate(refine)) if refine else np.empty(0, np.uint64)
     final_cells = np.sort(np.concatenate(final)) if final else np.empty(0, np.uint64)
     _log.info("land cells res %d: %d candidates, %d polygons tested, %d kept to refine, %d kept with all "
@@ -487,6 +498,35 @@ def _land_cells(res: int) -> NDArray[np.uint64]:
     out = np.concatenate(parts)
     out.sort()
     out.flags.writeable = False
+    return out
+
+
+def touches_land(cells: ArrayLike, res: int) -> NDArray[np.bool_]:
+    """Whether each cell of resolution ``res`` is in :func:`land_cells` (``res``), without
+    listing the whole resolution: the same tests, run only on the cells' ancestors.
+
+    For the cells of a region at a fine resolution (8-10), where listing every land cell of
+    the globe would take minutes and gigabytes. Returns bool, shape (n,).
+    """
+    from catalog.cells import cells_to_parent
+
+    res = _check_res(res)
+    cells = np.asarray(cells, np.uint64)
+    out = np.zeros(len(cells), bool)
+    open_ = np.arange(len(cells))
+    for k in range(res + 1):
+        if not len(open_):
+            break
+        ancestors = cells_to_parent(cells[open_], k) if k < res else cells[open_]
+        unique, inverse = np.unique(ancestors, return_inverse=True)
+        refine, final = np.zeros(len(unique), bool), np.zeros(len(unique), bool)
+        for start in range(0, len(unique), _CHUNK_CELLS):
+            part = slice(start, start + _CHUNK_CELLS)
+            refine[part], final[part], _ = _classify(unique[part], k)
+        inverse = inverse.ravel()
+        out[open_[final[inverse]]] = True
+        open_ = open_[refine[inverse] & ~final[inverse]]
+    out[open_] = True
     return out
 
 

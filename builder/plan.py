@@ -24,7 +24,7 @@ from catalog.storage import Store, is_remote
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-__all__ = ["EXECUTORS", "PRECISIONS", "BuildConfig", "BuildState", "enumerate_shard", "land_cells_of",
+__all__ = ["EXECUTORS", "PRECISIONS", "BuildConfig", "BuildState", "enumerate_shard", "land_cells_of", "land_flag_cells",
            "land_mask_description", "remove_stale_temporaries", "shard_step", "step_name", "total_cells"]
 
 PRECISIONS = ("float16", "float32", "int8")
@@ -48,8 +48,18 @@ class BuildConfig:
     executor: str = "local"
     ray_address: str | None = None
     formats: tuple[str, ...] = ("parquet",)
+    region: Any = None  # a builder.region.Region (or what parse_region reads): keep the cells touching it
+    fidelity_points: int = 2000  # seeded random points per resolution for the fidelity measurement
 
     def __post_init__(self) -> None:
+        if self.region is not None:
+            from builder.region import parse_region
+
+            object.__setattr__(self, "region", parse_region(self.region))
+            for res in parse_resolutions(self.resolutions):
+                self.region.check_size(res)
+        if not isinstance(self.fidelity_points, int) or self.fidelity_points < 1:
+            raise InvalidArgumentError(f"fidelity_points must be a positive integer, got {self.fidelity_points!r}")
         object.__setattr__(self, "resolutions", parse_resolutions(self.resolutions))
         formats = self.formats.split(",") if isinstance(self.formats, str) else list(self.formats)
         formats = [f.strip().lower() for f in formats if f.strip()]
@@ -78,6 +88,7 @@ class BuildConfig:
         return {
             "model": self.model, "weights_sha256": provenance_sha256, "resolutions": list(self.resolutions),
             "land_only": self.land_only, "precision": self.precision, "formats": list(self.formats),
+            **({"region": self.region.to_dict()} if self.region is not None else {}),
         }
 
 
@@ -139,8 +150,29 @@ def remove_stale_temporaries(dataset: Path) -> None:
 
 
 def land_cells_of(config: BuildConfig) -> dict[int, NDArray[np.uint64]]:
-    from builder.landmask import land_cells
+    """The cells a build keeps, by resolution (sorted uint64): those touching its region (and
+    land, with ``land_only``), or touching land; empty for a global build, which keeps all."""
+    from builder.landmask import land_cells, touches_land
 
+    if config.region is None:
+        return {res: land_cells(res) for res in config.resolutions} if config.land_only else {}
+    kept = {}
+    for res in config.resolutions:
+        cells = config.region.cells(res)
+        kept[res] = cells[touches_land(cells, res)] if config.land_only else cells
+    return kept
+
+
+def land_flag_cells(config: BuildConfig, kept: dict[int, NDArray[np.uint64]]) -> dict[int, NDArray[np.uint64]]:
+    """The sorted cells touching land per resolution, for the land flags of an atlas that is
+    not land-only (listed once, before the shards: each shard's land column and
+    ``land/res=<r>.npy`` come from them); empty for a land-only build, where all cells do."""
+    from builder.landmask import land_cells, touches_land
+
+    if config.land_only:
+        return {}
+    if config.region is not None:
+        return {res: kept[res][touches_land(kept[res], res)] for res in config.resolutions}
     return {res: land_cells(res) for res in config.resolutions}
 
 

@@ -104,7 +104,9 @@ def write_manifest(dataset: Store, config: BuildConfig, encoder: Encoder, quanti
         "provenance": encoder.provenance.to_dict(), "precision": config.precision,
         "quantization": quantizer.to_dict() if quantizer else None,
         "resolutions": resolutions, "files": sorted(files, key=lambda r: r["path"]),
-        "build": {**asdict(config), "output": str(config.output), "land_only": config.land_only,
+        "build": {**{k: v for k, v in asdict(config).items() if k != "region"}, "output": str(config.output),
+                  "land_only": config.land_only,
+                  "region": config.region.to_dict() if config.region is not None else None,
                   "ray_address": None,  # where it ran is not part of the dataset
                   "land_mask": land_mask_description() if config.land_only else None,
                   "device": str(encoder.device), "compute_dtype": str(encoder.dtype).removeprefix("torch.")},

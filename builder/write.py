@@ -9,6 +9,7 @@ the unit of work of a distributed build. The index is merged and the Zarr face w
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
     from builder.encoders._base import Encoder
 
-__all__ = ["ShardJob", "add_to_index", "parquet_metadata", "process_shard", "shard_table", "write_and_index", "write_shard"]
+__all__ = ["ShardJob", "add_to_index", "land_flags", "parquet_metadata", "process_shard", "shard_table", "write_and_index", "write_shard"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ShardJob:
     quantization: dict[str, list[float]] | None
     metadata: dict[str, str]
     zarr: bool = False  # also write the Zarr face
+    land_only: bool = False  # every cell touches land: the part files' land column is all True
     indexes: dict[int, TrainedIndex] = field(default_factory=dict)  # by resolution: trained IVF indexes
 
     def quantizer(self) -> Quantizer | None:
@@ -61,7 +63,8 @@ def parquet_metadata(encoder: Encoder, precision: str, quantizer: Quantizer | No
 
 
 def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
-                  land: dict[int, NDArray[np.uint64]] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+                  land: dict[int, NDArray[np.uint64]] | None = None,
+                  flags: dict[int, NDArray[np.uint64]] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """One shard, start to finish: enumerate, encode, write its part file and index lists.
 
     The unit of work of a distributed build (a Ray task runs exactly this). The file name
@@ -81,15 +84,18 @@ def process_shard(job: ShardJob, shard: Shard, encoder: Encoder,
         cells, lat, lon = enumerate_shard(shard, land or {})
     with timer("encode"):
         stored = encode.encode_stored(encoder, lat, lon, job.precision, job.quantizer())
-    return write_and_index(job, shard, cells, stored, timer), timer.seconds
+    return write_and_index(job, shard, cells, stored, timer, (flags or {}).get(shard.res)), timer.seconds
 
 
 def write_and_index(job: ShardJob, shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any],
-                    timer: Timer) -> dict[str, Any]:
-    """Write one encoded shard's part file, then add its rows to its resolution's index; returns
-    its done record (the caller marks it done)."""
+                    timer: Timer, land_cells: NDArray[np.uint64] | None = None) -> dict[str, Any]:
+    """Write one encoded shard's part file (its land column from ``land_cells``, see
+    :func:`land_flags`), then add its rows to its resolution's index; returns its done record
+    (the caller marks it done)."""
+    with timer("land"):
+        land = land_flags(shard.res, cells, job.land_only, land_cells)
     with timer("write"):
-        record = write_shard(job.dataset, shard, cells, stored, job.metadata)
+        record = write_shard(job.dataset, shard, cells, stored, job.metadata, land)
     with timer("index"):
         return add_to_index(job, shard, cells, stored, record)
 
@@ -109,16 +115,40 @@ def shard_table(cells: NDArray[np.uint64], stored: NDArray[Any]) -> pa.Table:
     return pa.table({"cell": pa.array(cells, pa.uint64()), "embedding": embedding_column(stored)})
 
 
+def land_flags(res: int, cells: NDArray[np.uint64], land_only: bool,
+               land_cells: NDArray[np.uint64] | None = None) -> NDArray[np.bool_]:
+    """Whether each of a shard's cells touches land by the build's land mask: all do in a
+    land-only build; else membership in ``land_cells`` (the resolution's sorted land cells,
+    listed once per build), or, without them, :func:`builder.landmask.touches_land` on the
+    shard's cells (the same answer, slower)."""
+    if land_only or not len(cells):
+        return np.ones(len(cells), bool)
+    if land_cells is not None:
+        if not len(land_cells):
+            return np.zeros(len(cells), bool)
+        pos = np.minimum(np.searchsorted(land_cells, cells), len(land_cells) - 1)
+        return land_cells[pos] == cells
+    from builder.landmask import touches_land
+
+    with _LAND_LOCK:  # one mask (1.2 GB) loaded, not one per writer thread
+        return touches_land(cells, res)
+
+
+_LAND_LOCK = threading.Lock()
+
+
 def write_shard(dataset: Store, shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any],
-                 metadata: dict[str, str]) -> dict[str, Any]:
+                metadata: dict[str, str], land: NDArray[np.bool_] | None = None) -> dict[str, Any]:
     """Write one shard's part file and block table (atomically, under fixed names); returns
-    its done record. A shard without cells (open ocean in a land-only build) writes nothing."""
+    its done record. A shard without cells (open ocean in a land-only build) writes nothing.
+    ``land``: the cells' land flags, the part's ``land`` column."""
     part, blocks = fmt.part_relpath(shard.res, shard.key), fmt.blocks_relpath(shard.res, shard.key)
     record: dict[str, Any] = {"res": shard.res, "rows": len(cells), "path": part, "blocks": blocks, "files": []}
     if not len(cells):
         return record
     with dataset.staged(part) as tmp_part, dataset.staged(blocks) as tmp_blocks:
-        write_part(tmp_part, tmp_blocks, cells, stored, metadata={**metadata, "hexatlas.res": str(shard.res)})
+        write_part(tmp_part, tmp_blocks, cells, stored, metadata={**metadata, "hexatlas.res": str(shard.res)},
+                   land=land)
         record["files"] = [fmt.file_record(Path(), part, local=tmp_part),
                            fmt.file_record(Path(), blocks, local=tmp_blocks)]
     return {**record, "first_cell": int(cells[0]), "last_cell": int(cells[-1])}

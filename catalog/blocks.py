@@ -2,7 +2,8 @@
 
 Each part file holds a run of one resolution's cells, sorted, as a Parquet file with two
 columns, ``cell`` (uint64, with min/max statistics) and ``embedding`` (a fixed-size list of
-float16/float32, or for int8 a fixed-size binary of ``dim`` bytes). It is written
+float16/float32, or for int8 a fixed-size binary of ``dim`` bytes), then (atlases built
+since land flags per cell) ``land`` (bool), which only Parquet readers read. It is written
 uncompressed, PLAIN-encoded, without dictionaries, one data page per column chunk, in row
 groups of :func:`block_rows` cells (about 256 KB of embeddings), so each row group's cell
 ids and embeddings are two contiguous runs of raw little-endian values at the end of their
@@ -79,8 +80,11 @@ def embedding_column(values: NDArray[Any]) -> pa.Array:
 
 
 def write_part(path: Path, blocks_path: Path, cells: NDArray[np.uint64], values: NDArray[Any], *,
-               metadata: dict[str, str]) -> NDArray[Any]:
+               metadata: dict[str, str], land: NDArray[np.bool_] | None = None) -> NDArray[Any]:
     """Write one part file and its block table (both to the local paths given).
+
+    ``land`` (bool, one per cell) adds a third column, ``land``: whether the cell touches
+    land. It follows the two columns read in place and is only read as Parquet (SQL).
 
     The byte runs are located from the Parquet footer, then checked against ``cells`` and
     ``values`` as read back from the file, and their CRC-32s taken from those bytes: what
@@ -91,7 +95,10 @@ def write_part(path: Path, blocks_path: Path, cells: NDArray[np.uint64], values:
     n, dim = values.shape
     precision = next(k for k, v in STORED_DTYPES.items() if v == values.dtype.newbyteorder("<"))
     rows = block_rows(dim, precision)
-    table = pa.table({"cell": pa.array(cells, pa.uint64()), "embedding": embedding_column(values)})
+    columns = {"cell": pa.array(cells, pa.uint64()), "embedding": embedding_column(values)}
+    if land is not None:
+        columns["land"] = pa.array(np.asarray(land, bool), pa.bool_())
+    table = pa.table(columns)
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     pq.write_table(table, path, row_group_size=rows, compression="none", use_dictionary=False,
                    write_statistics=["cell"], data_page_size=4 * rows * dim * values.itemsize + (1 << 16))

@@ -231,6 +231,10 @@ def stac_collection(manifest: dict[str, Any]) -> dict[str, Any]:
             "roles": ["metadata"],
         }
     created = manifest["created"]
+    region = manifest["build"].get("region")
+    bbox = region["bbox"] if region else [-180.0, -90.0, 180.0, 90.0]
+    where = f" (cells touching the region {bbox})" if region else ""  # west > east: across the antimeridian
+    fidelity = {res: info["fidelity"] for res, info in manifest["resolutions"].items() if info.get("fidelity")}
     return {
         "type": "Collection",
         "stac_version": "1.0.0",
@@ -239,11 +243,12 @@ def stac_collection(manifest: dict[str, Any]) -> dict[str, Any]:
         "description": (
             f"{prov['model']} embeddings ({prov['dim']}-d, {manifest['precision']}) evaluated at H3 cell centres, "
             f"resolutions {', '.join(sorted(manifest['resolutions'], key=int))}"
-            f"{' (cells touching land only)' if manifest['build']['land_only'] else ''}. Model: {prov['paper']}."
+            f"{' (cells touching land only)' if manifest['build']['land_only'] else ''}"
+            f"{where}. Model: {prov['paper']}."
         ),
         "license": "other",
         "extent": {
-            "spatial": {"bbox": [[-180.0, -90.0, 180.0, 90.0]]},
+            "spatial": {"bbox": [list(bbox)]},
             "temporal": {"interval": [[created, created]]},
         },
         "providers": [{"name": "hexatlas", "roles": ["processor"]}],
@@ -255,4 +260,6 @@ def stac_collection(manifest: dict[str, Any]) -> dict[str, Any]:
         "links": [{"rel": "describedby", "href": f"./{MANIFEST}", "type": "application/json"}],
         "assets": assets,
         "hexatlas:provenance": prov,
+        # per resolution: the atlas against its encoder at seeded random points (see the manifest)
+        "hexatlas:fidelity": fidelity,
     }

@@ -195,10 +195,13 @@ class Atlas:
                 "path": str(store), "format_version": manifest["format_version"], "model": manifest["provenance"]["model"], "dim": manifest["provenance"]["dim"],
                 "precision": manifest["precision"], "created": manifest["created"],
                 "land_only": manifest["build"]["land_only"],
+                "region": _region_summary(manifest["build"].get("region")),
                 "resolutions": {r: {"cells": i["cells"], "parts": len(i["parts"]), "zarr": i.get("zarr"),
                                     "index": i["index"]["type"],
                                     "recall_at_10": i["index"]["recall_at_10"],
-                                    "index_detail": _index_detail(i["index"]), "land_flags": bool(i.get("land"))}
+                                    "index_detail": _index_detail(i["index"]),
+                                    "land_flags": bool(i.get("land")) or manifest["build"]["land_only"],
+                                    "fidelity": i.get("fidelity")}
                                 for r, i in sorted(manifest["resolutions"].items(), key=lambda kv: int(kv[0]))},
                 "provenance": manifest["provenance"],
                 "exact": _exact_summary(name, manifest),
@@ -273,7 +276,8 @@ class Atlas:
         return cells, _interpolate(data, lat, lon, cells)
 
     def lookup(self, lat: ArrayLike, lon: ArrayLike, *, res: int | None = None, model: str | None = None,
-               interpolate: bool = False, on_invalid: str = "raise", exact: bool = False) -> NDArray[np.float32]:
+               interpolate: bool = False, on_invalid: str = "raise", exact: bool = False,
+               land: bool = False) -> NDArray[np.float32] | tuple[NDArray[np.float32], NDArray[np.bool_]]:
         """Embeddings at points.
 
         Parameters
@@ -286,18 +290,23 @@ class Atlas:
             Blend the three nearest cell centres by inverse distance, so that a point between
             centres gets a smooth embedding, instead of its cell's embedding.
         on_invalid : {"raise", "null"}
-            NaN/out-of-range coordinates (and points in cells a land-only atlas lacks) raise,
-            or give a row of NaN with "null".
+            NaN/out-of-range coordinates (and points in cells the atlas lacks: open ocean in a
+            land-only atlas, outside the region of a regional one) raise, or give a row of NaN
+            with "null".
         exact : bool
             The encoder's embedding at the point itself, computed by the encoder the atlas
             stores (ONNX, run with onnxruntime: ``pip install 'hexatlas[exact]'``; never
             torch) instead of the stored embedding of the point's cell. Reads no cells, so
             ``res`` and ``interpolate`` do not apply (giving either raises), and a land-only
-            atlas answers at sea too.
+            or regional atlas answers everywhere.
+        land : bool
+            Also return whether each point's cell touches land by the build's land mask.
 
         Returns
         -------
         numpy.ndarray, float32, shape (n, dim)
+            With ``land=True``, a tuple: that and a bool array of shape (n,) (False where
+            the row is NaN).
 
         Raises
         ------
@@ -318,21 +327,27 @@ class Atlas:
         lat_a, lon_a = as_coordinates(lat=lat, lon=lon, allow_invalid=on_invalid == "null")
         bad = invalid_mask(lat_a, lon_a)
         out = np.full((lat_a.size, self.dim(model)), np.nan, dtype=np.float32)
-        _, emb = self._embed(lat_a[~bad], lon_a[~bad], res, model, interpolate, exact)
+        cells, emb = self._embed(lat_a[~bad], lon_a[~bad], res, model, interpolate, exact)
         out[~bad] = emb
         if on_invalid == "raise":
-            _raise_if_missing(out, lat_a, lon_a, res)
+            _raise_if_missing(out, lat_a, lon_a, res, self._region_text(model))
+        if land:
+            flags = np.zeros(lat_a.size, bool)
+            flags[~bad] = self.land_flags(cells, res=res, model=model)
+            return out, flags & ~np.isnan(out[:, 0])
         return out
 
     def join(self, points: Any, *, lat_col: str = "lat", lon_col: str = "lon", res: int | None = None,
              model: str | None = None, interpolate: bool = False, on_invalid: str = "raise",
-             exact: bool = False) -> pa.Table:
+             exact: bool = False, land: bool = False) -> pa.Table:
         """Add ``cell`` (uint64) and ``embedding`` (fixed-size list of float32) to a point table.
 
         ``points``: a pyarrow Table, a pandas or polars DataFrame, or a Parquet/CSV path.
         Rows with invalid coordinates raise, or get null cell and embedding with
         ``on_invalid="null"``. ``exact=True``: the embedding is the encoder's at the point (see
-        :meth:`lookup`); ``cell`` is still the point's cell at ``res``.
+        :meth:`lookup`); ``cell`` is still the point's cell at ``res``. ``land=True`` adds
+        ``land`` (bool: the cell touches land by the build's land mask; null where the
+        embedding is).
         """
         if on_invalid not in ON_INVALID:
             raise InvalidArgumentError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
@@ -340,7 +355,7 @@ class Atlas:
             raise InvalidArgumentError("exact=True evaluates the encoder at each point, interpolate=True blends "
                                        "stored cells: choose one")
         table = _as_table(points)
-        for name in ("cell", "embedding"):
+        for name in ("cell", "embedding") + (("land",) if land else ()):
             if name in table.column_names:
                 raise InvalidArgumentError(f"the points already have a {name!r} column; rename or drop it first")
         res = self._res(res, model)
@@ -353,14 +368,43 @@ class Atlas:
         else:  # the common case: no masked copies of a (n, dim) matrix
             cells, emb = self._embed(lat, lon, res, model, interpolate, exact)
         if on_invalid == "raise":
-            _raise_if_missing(emb, lat, lon, res)
+            _raise_if_missing(emb, lat, lon, res, self._region_text(model))
         missing = np.isnan(emb[:, 0])
         valid = pa.array(~missing)
         cell_col = pa.array(cells, pa.uint64(), mask=missing)
         emb_col = embedding_array(emb)
         if missing.any():
             emb_col = pa.FixedSizeListArray.from_arrays(emb_col.values, emb_col.type.list_size, mask=pa.compute.invert(valid))
-        return table.append_column("cell", cell_col).append_column("embedding", emb_col)
+        table = table.append_column("cell", cell_col).append_column("embedding", emb_col)
+        if land:
+            flags = np.zeros(len(cells), bool)
+            flags[~missing] = self.land_flags(cells[~missing], res=res, model=model)
+            table = table.append_column("land", pa.array(flags, pa.bool_(), mask=missing))
+        return table
+
+    def land_flags(self, cells: ArrayLike, *, res: int | None = None, model: str | None = None) -> NDArray[np.bool_]:
+        """Whether each cell (uint64 H3 ids of resolution ``res``) touches land by the build's
+        land mask: all True in a land-only atlas; from ``land/res=<r>.npy`` otherwise.
+
+        Raises
+        ------
+        InvalidArgumentError
+            The atlas was built before land flags were stored (rebuild it).
+        """
+        name = self._name(model)
+        res = self._res(res, name)
+        cells = np.asarray(cells, dtype=np.uint64).reshape(-1)
+        flags = self._land(name, res)
+        if flags is None:
+            return np.ones(len(cells), bool)
+        if not len(flags):
+            return np.zeros(len(cells), bool)
+        pos = np.minimum(np.searchsorted(flags, cells), len(flags) - 1)
+        return np.asarray(flags[pos]) == cells
+
+    def _region_text(self, model: str | None) -> str:
+        region = self._manifest(model)["build"].get("region")
+        return f" {tuple(region['bbox'])}" if region else ""
 
     # ----------------------------------------------------------------- search
     def _index(self, model: str | None, res: int) -> tuple[Any, dict[str, Any]]:
@@ -481,13 +525,22 @@ class Atlas:
         """
         from query.sql import View, connect
 
-        views = [View(name, self.dim(name), self._parquet_glob(name), self._manifest(name).get("quantization"))
+        views = [View(name, self.dim(name), self._parquet_glob(name), self._manifest(name).get("quantization"),
+                      land=self._has_land_flags(name),
+                      land_column=all(i.get("land_column") for i in self._manifest(name)["resolutions"].values()))
                  for name in self.models]
 
         def lookup(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int, model: str | None) -> NDArray:
             return self.lookup(lat, lon, res=res, model=model, on_invalid="null")
 
-        return connect(views, lookup)
+        def land(cells: NDArray[np.uint64], res: int, model: str | None) -> NDArray[np.bool_]:
+            return self.land_flags(cells, res=res, model=model)
+
+        return connect(views, lookup, land)
+
+    def _has_land_flags(self, name: str) -> bool:
+        manifest = self._manifest(name)
+        return manifest["build"]["land_only"] or all(i.get("land") for i in manifest["resolutions"].values())
 
     def sql(self, text: str) -> pa.Table:
         """Run SQL on :meth:`connect`'s connection and return an Arrow table."""
@@ -510,6 +563,11 @@ def _exact_summary(name: str, manifest: dict[str, Any]) -> dict[str, Any]:
         return {"available": False, "reason": reason}
     info = manifest["encoder_onnx"]
     return {"available": True, **{k: info[k] for k in ("path", "bytes", "sha256", "opset", "licence", "parity")}}
+def _region_summary(region: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What ``info`` shows of a regional atlas's area: its box, and the GeoJSON's file and digest."""
+    if region is None:
+        return None
+    return {k: region[k] for k in ("bbox", "file", "sha256") if k in region}
 
 
 def _index_detail(index: dict[str, Any]) -> dict[str, Any]:
@@ -519,7 +577,8 @@ def _index_detail(index: dict[str, Any]) -> dict[str, Any]:
     return {key: index[key] for key in keys if key in index}
 
 
-def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> None:
+def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: NDArray[np.float64], res: int,
+                      region: str = "") -> None:
     bad = invalid_mask(lat, lon)
     if bad.any():
         as_coordinates(lat=lat, lon=lon)  # raises with the first bad index
@@ -528,8 +587,8 @@ def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: N
         i = int(np.flatnonzero(missing)[0])
         raise InvalidCoordinateError(
             f"{int(missing.sum())} of {len(lat)} points fall in cells this atlas does not hold at resolution {res} "
-            f"(a land-only atlas has no open-ocean cells); first at index {i}: lat={lat[i]}, lon={lon[i]}. "
-            "Pass on_invalid='null' to get NaN rows instead"
+            f"(a land-only atlas has no open-ocean cells, a regional one none outside its region{region}); first "
+            f"at index {i}: lat={lat[i]}, lon={lon[i]}. Pass on_invalid='null' to get NaN rows instead"
         )
 
 
@@ -560,38 +619,11 @@ def _haversine_km(lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: Array
 
 def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.float64],
                  cells: NDArray[np.uint64]) -> NDArray[np.float32]:
-    """Inverse-distance blend of the three nearest stored cell centres to each point.
+    """Inverse-distance blend of the three nearest stored cell centres to each point
+    (:mod:`catalog.interpolation`); NaN rows for points whose own cell the atlas lacks."""
+    from catalog.interpolation import interpolate
 
-    The three nearest centres to a point are always among its cell and that cell's
-    neighbours. A point on a centre gets exactly that centre's embedding.
-    """
-    import h3.api.numpy_int as h3i
-
-    n = len(cells)
-    disks = np.zeros((n, 7), dtype=np.uint64)
-    for i, c in enumerate(cells.tolist()):
-        disk = h3i.grid_disk(c, 1)  # 7 cells; 6 around a pentagon (the 7th repeats, masked below)
-        disks[i, : len(disk)], disks[i, len(disk):] = disk, disk[0]
-    unique, inverse = np.unique(disks.ravel(), return_inverse=True)
-    stored = data.vectors(unique)  # neighbouring points share cells: each is read once
-    held = ~np.isnan(stored[:, 0])
-    rows = np.where(held[inverse], inverse, -1).reshape(n, 7)
-    c_lat, c_lon = cells_to_latlng(disks.ravel())
-    dist = _haversine_km(c_lat.reshape(n, 7), c_lon.reshape(n, 7), lat[:, None], lon[:, None])
-    duplicate = np.zeros((n, 7), dtype=bool)
-    duplicate[:, 1:] = disks[:, 1:] == disks[:, :1]
-    dist[(rows < 0) | duplicate] = np.inf
-    nearest = np.argsort(dist, axis=1)[:, :3]
-    d3 = np.take_along_axis(dist, nearest, axis=1)
-    r3 = np.take_along_axis(rows, nearest, axis=1)
-    weights = np.where(np.isfinite(d3), 1.0 / np.maximum(d3, 1e-9), 0.0)
-    weights[d3[:, 0] < 1e-6] = [1.0, 0.0, 0.0]
-    total = weights.sum(axis=1, keepdims=True)
-    weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-    vecs = stored[np.maximum(r3, 0).ravel()].reshape(n, 3, data.dim)  # n may be 0
-    out = np.einsum("nk,nkd->nd", weights, vecs).astype(np.float32)
-    out[total[:, 0] == 0] = np.nan
-    return out
+    return interpolate(data.vectors, lat, lon, cells)
 
 
 MAX_K = 1000

@@ -90,7 +90,8 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     for name, d in info.items():
         prov = d["provenance"]
-        print(f"{name}: {d['model']} {d['dim']}-d, {d['precision']}{', land only' if d['land_only'] else ''}, "
+        region = f", region {tuple(d['region']['bbox'])}" if d.get("region") else ""
+        print(f"{name}: {d['model']} {d['dim']}-d, {d['precision']}{', land only' if d['land_only'] else ''}{region}, "
               f"built {d['created']}, format {d['format_version']}")
         print(f"  weights: {prov['source']} (sha256 {prov['sha256'][:12]}...), {prov['licence']}")
         ex = d["exact"]
@@ -102,8 +103,19 @@ def run_info(args: argparse.Namespace) -> int:
             size = f", {ix['bytes_per_cell']} B a cell" if "bytes_per_cell" in ix else ""
             probe = f", nprobe {ix['nprobe']}, re-rank x{ix['rerank']}" if not ix.get("exact", True) else ""
             print(f"  res {r}: {ri['cells']:,} cells in {ri['parts']} part{'s' * (ri['parts'] != 1)}{zarr}, "
-                  f"index {ri['index']} (recall@10 {ri['recall_at_10']}{probe}{size})")
+                  f"index {ri['index']} (recall@10 {ri['recall_at_10']}{probe}{size}){_fidelity_text(ri.get('fidelity'))}")
     return 0
+
+
+def _fidelity_text(fidelity: dict | None) -> str:
+    """The info line's fidelity column: mean (5th percentile) cosine to the encoder, cell and interpolated."""
+    if not fidelity:
+        return ", fidelity not measured (built before hexatlas measured it)"
+    cell, interp = fidelity["cell"], fidelity["interpolated"]
+    if cell["mean_cosine"] is None:
+        return f", fidelity: none of {fidelity['points']:,} points answered"
+    return (f", cosine to encoder cell {cell['mean_cosine']:.4f} (p05 {cell['p05_cosine']:.4f}), "
+            f"interpolated {interp['mean_cosine']:.4f} (p05 {interp['p05_cosine']:.4f}) at {fidelity['points']:,} points")
 
 
 def configure_lookup(parser: argparse.ArgumentParser) -> None:

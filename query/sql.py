@@ -21,6 +21,8 @@ __all__ = ["QueryError", "View", "connect", "run_sql"]
 
 # (lat, lon, res, model) -> (n, dim) float32 embeddings, NaN rows where there is none
 Lookup = Callable[[np.ndarray, np.ndarray, int, "str | None"], np.ndarray]
+# (cells, res, model) -> bool (n,): whether each cell touches land
+LandFlags = Callable[[np.ndarray, int, "str | None"], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class View:
     dim: int
     glob: str  # the dataset's local part files
     quantization: dict[str, list[float]] | None = None
+    land: bool = False  # the view has a land column (the dataset has land flags)
+    land_column: bool = False  # ... read from the part files' own land column
 
 
 class QueryError(HexatlasError, ValueError):
@@ -140,10 +144,31 @@ def _register_functions(con: Any) -> None:
     con.create_function("h3_cell_to_resolution", _cell_to_resolution, [UBIGINT], INTEGER, **arrow)
 
 
-def connect(views: list[View], lookup: Lookup) -> Any:
+def _land_function(land: LandFlags) -> Any:
+    """``hexatlas_land(cell, model)`` over one Arrow chunk: whether each cell touches land."""
+
+    def flags(cell: pa.Array, model: pa.Array) -> pa.Array:
+        values = _to_numpy(cell.cast(pa.uint64()).fill_null(0))
+        names = model.cast(pa.string()).to_pylist()
+        res = ((values >> np.uint64(52)) & np.uint64(15)).astype(np.int64)
+        out = np.zeros(len(values), bool)
+        valid = values != 0
+        for name in sorted({n for n in names if n is not None} | ({None} if None in names else set()),
+                           key=lambda n: n or ""):
+            rows = valid & np.array([n == name for n in names])
+            for r in np.unique(res[rows]).tolist():
+                sel = rows & (res == r)
+                out[sel] = land(values[sel], int(r), name)
+        return pa.array(out, pa.bool_(), mask=~valid)
+
+    return flags
+
+
+def connect(views: list[View], lookup: Lookup, land: LandFlags | None = None) -> Any:
     """A read-only-by-convention DuckDB connection over an atlas's datasets (see
     :meth:`query.Atlas.connect`): a view per dataset over its part files, the h3 functions,
-    and ``hexatlas_embedding``, which answers through ``lookup``."""
+    and ``hexatlas_embedding``, which answers through ``lookup``; with ``land``, the views'
+    ``land`` column and ``hexatlas_land(cell[, model])``."""
     import duckdb
 
     try:
@@ -159,6 +184,16 @@ def connect(views: list[View], lookup: Lookup) -> Any:
     # a macro gives the function its two forms (Python UDFs cannot be overloaded)
     con.execute("CREATE MACRO hexatlas_embedding(lat, lon, res) AS _hexatlas_embedding(lat, lon, res, NULL), "
                 "(lat, lon, res, model) AS _hexatlas_embedding(lat, lon, res, model)")
+    if land is not None:
+        try:
+            from duckdb.sqltypes import BOOLEAN, UBIGINT
+        except ImportError:  # duckdb < 1.4
+            from duckdb.typing import BOOLEAN, UBIGINT
+
+        con.create_function("_hexatlas_land", _land_function(land), [UBIGINT, VARCHAR], BOOLEAN, type="arrow",
+                            null_handling="special")
+        con.execute("CREATE MACRO hexatlas_land(cell) AS _hexatlas_land(cell, NULL), "
+                    "(cell, model) AS _hexatlas_land(cell, model)")
     for i, dataset in enumerate(views):
         view = "embeddings_" + re.sub(r"\W", "_", dataset.name)
         glob = dataset.glob.replace("'", "''")
@@ -171,8 +206,10 @@ def connect(views: list[View], lookup: Lookup) -> Any:
             embedding = f"{function}(embedding)"
         con.execute(
             f"CREATE VIEW {view} AS SELECT cell, CAST(res AS INTEGER) AS res, h3_cell_to_lat(cell) AS lat, "
-            f"h3_cell_to_lng(cell) AS lon, {embedding} AS embedding "
-            f"FROM read_parquet('{glob}', hive_partitioning = true)"
+            f"h3_cell_to_lng(cell) AS lon, {embedding} AS embedding"
+            + (", land" if dataset.land_column else
+               f", _hexatlas_land(cell, '{dataset.name.replace(chr(39), chr(39) * 2)}') AS land" if dataset.land else "")
+            + f" FROM read_parquet('{glob}', hive_partitioning = true)"
         )
         if i == 0:
             con.execute(f"CREATE VIEW embeddings AS SELECT * FROM {view}")

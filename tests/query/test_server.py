@@ -41,6 +41,9 @@ def test_health_info_and_openapi(client, atlas) -> None:
     assert set(info) == set(atlas.models)
     assert "path" not in info[MODEL]  # the server's file system stays private
     assert info[MODEL]["resolutions"]["2"]["cells"] == 2 + 120 * 7**2
+    fidelity = info[MODEL]["resolutions"]["2"]["fidelity"]  # measured by the build, per resolution
+    assert fidelity == atlas.info()[MODEL]["resolutions"]["2"]["fidelity"] and fidelity["points"] == 2000
+    assert 0 < fidelity["interpolated"]["p05_cosine"] <= fidelity["interpolated"]["mean_cosine"] <= 1
     spec = client.get("/openapi.json").json()
     assert {"/v1/health", "/v1/info", "/v1/lookup", "/v1/similar", "/v1/map"} <= set(spec["paths"])
     assert {"get", "post"} <= set(spec["paths"]["/v1/lookup"])
