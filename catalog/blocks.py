@@ -184,7 +184,7 @@ class _LocalBytes:
 
 
 class _RemoteBytes:
-    """A part file in object storage, read by range requests."""
+    """A part file in object storage or on an HTTP server, read by range requests."""
 
     def __init__(self, store: Store, rel: str) -> None:
         self.store, self.rel = store, rel
@@ -259,12 +259,20 @@ class Part:
         """Cells (uint64, sorted) and stored embeddings ((rows, dim)) of block ``b``, checked."""
         entry = self.blocks[b]
         rows = int(entry["rows"])
-        c_run = self.bytes.read(int(entry["cells_offset"]), rows * 8)
-        v_run = self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes)
-        if not self._cells_ok[b]:
-            self._check(b, "cells", c_run)
-        if not self._values_ok[b]:
-            self._check(b, "values", v_run)
+        # a remote block that fails its checksum is read once more: bytes damaged on the way
+        # differ the second time, bytes damaged where they are stored do not
+        for attempt in range(1 if isinstance(self.bytes, _LocalBytes) else 2):
+            c_run = self.bytes.read(int(entry["cells_offset"]), rows * 8)
+            v_run = self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes)
+            try:
+                if not self._cells_ok[b]:
+                    self._check(b, "cells", c_run)
+                if not self._values_ok[b]:
+                    self._check(b, "values", v_run)
+                break
+            except AtlasCorruptError:
+                if attempt or isinstance(self.bytes, _LocalBytes):
+                    raise
         cells = np.frombuffer(c_run, dtype="<u8")
         values = np.frombuffer(v_run, dtype=self.dtype).reshape(rows, self.dim)
         return cells, values

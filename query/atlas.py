@@ -5,11 +5,12 @@ query reads the block table of each part it touches (a few KB) and then only the
 (at most ~256 KB each) that hold its cells, each checked against its CRC-32 the first time
 this process reads it. Local parts are read with ``pread`` (through the page cache, nothing
 mapped or copied into the process but what a query returns); parts in object storage
-(``query.open("s3://bucket/prefix")``) are read with range requests, and checked blocks
-are kept in a bounded cache. Nothing is decoded or copied up front, so memory follows the
+(``query.open("s3://bucket/prefix")``), on an HTTP(S) server (``https://...``) or on the
+Hugging Face Hub (``hf://datasets/ORG/NAME``) are read with range requests, and checked
+blocks are kept in a bounded cache. Nothing is decoded or copied up front, so memory follows the
 query, not the atlas. The atlas itself is only ever read.
 
-Two things are still fetched whole from object storage, into a mirror in the user's cache
+Two things are still fetched whole from a remote atlas, into a mirror in the user's cache
 (``$HEXATLAS_CACHE``, else ``~/.cache/hexatlas``, under ``remote/<manifest digest>/``) and
 checked against the manifest's sha256: a resolution's FAISS index for ``similar``, and the
 part files for the SQL view (DuckDB reads local files; its httpfs extension cannot be
@@ -55,7 +56,10 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
     """Open an atlas directory (one dataset per model) or a single dataset directory.
 
     ``path`` may also be an ``s3://bucket/prefix`` (credentials and endpoint from the
-    standard AWS environment variables), read in place with range requests.
+    standard AWS environment variables), an ``https://`` (or ``http://``) URL, or
+    ``hf://datasets/ORG/NAME[@REVISION][/PATH]`` (a Hugging Face Hub dataset; ``HF_ENDPOINT``,
+    ``HF_TOKEN`` honoured), all read in place with range requests. Over HTTP a URL names a
+    dataset (the folder of its ``manifest.json``) or an atlas root with an ``atlas.json``.
 
     Raises
     ------
@@ -64,7 +68,8 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
     AtlasCorruptError
         No finished dataset (an unfinished build, or not an atlas), or an incompatible format.
     StorageError
-        The object store refused a request (credentials, endpoint, bucket).
+        The object store or HTTP server refused a request (credentials, endpoint, bucket), or
+        failed it after the retries.
     """
     if is_remote(os.fspath(path)):
         return _open_remote(open_store(os.fspath(path)))
@@ -95,13 +100,14 @@ def _open_remote(store: Store) -> Atlas:
             hint = (f"; unfinished builds: {', '.join(unfinished)} (run the same 'hexatlas build' again to resume)"
                     if unfinished else "")
             raise AtlasCorruptError(f"{str(store)!r} holds no finished hexatlas dataset{hint}")
-    datasets, mirrors = {}, {}
+    datasets, mirrors, digests = {}, {}, {}
     for dataset in stores:
         raw = dataset.read_bytes(MANIFEST)
-        manifest = read_manifest(dataset)
+        manifest = read_manifest(dataset, data=raw)
         datasets[dataset.name] = (dataset, manifest)
-        mirrors[dataset.name] = _cache_dir() / "remote" / hashlib.sha256(raw).hexdigest()[:24] / dataset.name
-    return Atlas(datasets, mirrors=mirrors)
+        digests[dataset.name] = hashlib.sha256(raw).hexdigest()
+        mirrors[dataset.name] = _cache_dir() / "remote" / digests[dataset.name][:24] / dataset.name
+    return Atlas(datasets, mirrors=mirrors, digests=digests)
 
 
 class _Resolution:
@@ -139,9 +145,10 @@ class Atlas:
     """An opened atlas: use :func:`query.open`. Every method is read-only and thread-safe."""
 
     def __init__(self, datasets: dict[str, tuple[Store, dict[str, Any]]],
-                 mirrors: dict[str, Path] | None = None) -> None:
+                 mirrors: dict[str, Path] | None = None, digests: dict[str, str] | None = None) -> None:
         self._datasets = datasets
         self._mirrors = mirrors or {}  # remote dataset name -> local folder of the files fetched whole
+        self._digests = digests or {}  # remote dataset name -> sha256 of the manifest read
         self._loaded: dict[tuple[str, int], _Resolution] = {}
         self._indexes: dict[tuple[str, int], Any] = {}  # FAISS indexes, opened
         self._land_cells: dict[tuple[str, int], NDArray[np.uint64]] = {}  # memory-mapped
@@ -201,6 +208,8 @@ class Atlas:
                                 for r, i in sorted(manifest["resolutions"].items(), key=lambda kv: int(kv[0]))},
                 "provenance": manifest["provenance"],
             }
+            if not store.is_local:  # what was read: the manifest's digest; URL, Hub commit, ETag where known
+                out[name]["source"] = {**store.describe(), "manifest_sha256": self._digests.get(name)}
         return out
 
     def __repr__(self) -> str:
