@@ -222,10 +222,13 @@ class Part:
         import hashlib
 
         self.info, self.dim, self.dtype, self.where = info, dim, np.dtype(dtype), where
-        try:
-            raw = store.read_bytes(info.blocks)
-        except FileNotFoundError:
-            raise AtlasCorruptError(f"{where}/{info.blocks} is missing; run 'hexatlas validate {where}'") from None
+        for attempt in range(1 if store.is_local else 2):  # remote: read again, in case it changed on the way
+            try:
+                raw = store.read_bytes(info.blocks)
+            except FileNotFoundError:
+                raise AtlasCorruptError(f"{where}/{info.blocks} is missing; run 'hexatlas validate {where}'") from None
+            if hashlib.sha256(raw).hexdigest() == info.blocks_sha256:
+                break
         if hashlib.sha256(raw).hexdigest() != info.blocks_sha256:
             raise AtlasCorruptError(
                 f"{where}/{info.blocks} does not match the sha256 in its manifest (altered or damaged); "

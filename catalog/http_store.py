@@ -35,7 +35,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from catalog.errors import AtlasChangedError, AtlasCorruptError, InvalidArgumentError, StorageError
 
-__all__ = ["ATLAS_INDEX", "HttpFile", "RetryPolicy", "Session", "parse_location"]
+__all__ = ["ATLAS_INDEX", "HttpFile", "RetryPolicy", "Session", "default_retry", "parse_location"]
 
 ATLAS_INDEX = "atlas.json"  # an atlas root's list of datasets: HTTP has no listing
 MANIFEST = "manifest.json"
@@ -60,6 +60,23 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.attempts < 1 or min(self.base_s, self.max_s, self.total_s, self.timeout_s) < 0:
             raise InvalidArgumentError(f"a retry policy needs attempts >= 1 and times >= 0, got {self}")
+
+
+def default_retry() -> RetryPolicy:
+    """The policy from ``HEXATLAS_HTTP_ATTEMPTS``, ``HEXATLAS_HTTP_BACKOFF`` (first wait, s),
+    ``HEXATLAS_HTTP_TOTAL`` (s) and ``HEXATLAS_HTTP_TIMEOUT`` (s), each defaulting as :class:`RetryPolicy`."""
+    base = RetryPolicy()
+    names = {"attempts": "HEXATLAS_HTTP_ATTEMPTS", "base_s": "HEXATLAS_HTTP_BACKOFF",
+             "total_s": "HEXATLAS_HTTP_TOTAL", "timeout_s": "HEXATLAS_HTTP_TIMEOUT"}
+    values: dict[str, Any] = {}
+    for key, env in names.items():
+        text = os.environ.get(env)
+        if text:
+            try:
+                values[key] = int(text) if key == "attempts" else float(text)
+            except ValueError:
+                raise InvalidArgumentError(f"{env}={text!r} is not a number") from None
+    return RetryPolicy(**{**base.__dict__, **values})
 
 
 class _Transient(Exception):
@@ -265,7 +282,7 @@ def _reason(status: int) -> str:
 
 def parse_location(location: str, *, retry: RetryPolicy | None = None) -> tuple[Session, str, str]:
     """``(session, root path, uri)`` for ``https://...``, ``http://...`` or ``hf://datasets/ORG/NAME[@REV][/PATH]``."""
-    policy = retry or RetryPolicy()
+    policy = retry or default_retry()
     text = location.strip()
     if text.lower().startswith("hf://"):
         rest = text[5:].strip("/")

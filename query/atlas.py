@@ -171,8 +171,11 @@ class Atlas:
                 if dest.is_file():
                     continue
                 tmp = dest.with_name(f".{dest.name}.{os.getpid()}.download")
-                store.download(rel, tmp)
-                if sha256_file(tmp) != digests.get(rel):
+                for _ in range(2):  # once more if it fails its sha256: bytes changed on the way differ next time
+                    store.download(rel, tmp)
+                    if ok := sha256_file(tmp) == digests.get(rel):
+                        break
+                if not ok:
                     tmp.unlink()
                     raise AtlasCorruptError(
                         f"{store}/{rel} does not match the sha256 in its manifest; run 'hexatlas validate {store}'"

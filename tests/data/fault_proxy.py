@@ -1,10 +1,13 @@
 """A fault-injecting HTTP proxy on loopback, between a reader and a real server (nginx, moto).
 
-It forwards GET and HEAD requests (keep-alive on both sides) and, chosen by a seeded random
-generator per request, answers some of them with a fault instead: the connection reset
-without an answer, HTTP 503 or 429, the body cut short and the connection closed, or the
-body with one byte changed. ``corrupt`` names paths whose bodies are always changed (bytes
-damaged where they are stored, not on the way). It counts requests and the body bytes it
+It forwards GET and HEAD requests (keep-alive on both sides) and answers some of them with
+a fault instead: the connection reset without an answer, HTTP 503 or 429, the body cut
+short and the connection closed, or (for range requests, whose bytes the reader can check)
+the body with one byte changed. Which requests get which fault is drawn from the seed, the
+request (method, path, range) and how many times it was asked before, so a run is the same
+whatever order threads send in; a request is faulted on at most its first ``max_faults``
+tries (transient faults), or on every try with ``max_faults=None``. ``corrupt`` names paths
+whose bodies are always changed: bytes damaged where they are stored, not on the way. It counts requests and the body bytes it
 sent, so the tests and benchmarks measure what a lookup costs on the wire.
 """
 
@@ -29,15 +32,15 @@ class FaultProxy:
     read from ``proxy.url``. ``rates``: each fault's share of requests (their sum at most 1)."""
 
     def __init__(self, upstream: str, *, rates: dict[str, float] | None = None, seed: int = 0,
-                 corrupt: tuple[str, ...] = ()) -> None:
+                 corrupt: tuple[str, ...] = (), max_faults: int | None = 1) -> None:
         parts = urlsplit(upstream)
         self.upstream = parts.netloc
         self.rates = dict(rates or {})
         unknown = set(self.rates) - set(FAULTS)
         if unknown or sum(self.rates.values()) > 1:
             raise ValueError(f"rates must name faults of {FAULTS} with a sum <= 1, got {self.rates}")
-        self.corrupt = corrupt
-        self._random = random.Random(seed)
+        self.corrupt, self.seed, self.max_faults = corrupt, seed, max_faults
+        self._seen: Counter[tuple[str, str, str]] = Counter()
         self._lock = threading.Lock()
         self.requests = 0
         self.bytes = 0
@@ -75,10 +78,15 @@ class FaultProxy:
         with self._lock:
             self.requests, self.bytes, self.log = 0, 0, []
             self.faults.clear()
+            self._seen.clear()
 
-    def _choose(self) -> str | None:
+    def _choose(self, key: tuple[str, str, str]) -> str | None:
         with self._lock:
-            draw = self._random.random()
+            tries = self._seen[key]
+            self._seen[key] += 1
+        if self.max_faults is not None and tries >= self.max_faults:
+            return None
+        draw = random.Random(f"{self.seed}|{key}|{tries}").random()
         total = 0.0
         for fault in FAULTS:
             total += self.rates.get(fault, 0.0)
@@ -108,8 +116,10 @@ class FaultProxy:
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
-        fault = self._choose()
         path = h.path
+        fault = self._choose((method, path, h.headers.get("Range", "")))
+        if fault == "flip" and not h.headers.get("Range"):
+            fault = None
         if fault == "reset":
             self._count(method, path, h.headers.get("Range", ""), 0, 0, fault)
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -126,7 +136,7 @@ class FaultProxy:
         status, out_headers, body = self._forward(method, path, headers)
         if method == "GET" and body and (fault == "flip" or any(c in path for c in self.corrupt)):
             data = bytearray(body)
-            at = self._random.randrange(len(data)) if fault == "flip" else len(data) // 2
+            at = random.Random(f"{self.seed}|{path}").randrange(len(data)) if fault == "flip" else len(data) // 2
             data[at] ^= 0x5A
             body = bytes(data)
             fault = fault or "corrupt"
