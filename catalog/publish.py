@@ -74,8 +74,8 @@ def _finished_datasets(atlas: str | os.PathLike[str]) -> list[LocalStore]:
                                    "(or publish from where it was built)")
     if not store.root_exists():
         raise AtlasNotFoundError(f"no atlas at {store.uri!r}")
-    if store.exists(MANIFEST):
-        datasets = [store]
+    if store.exists(MANIFEST) or store.exists(f"{BUILD_DIR}/build.json"):
+        datasets = [store]  # one dataset (read_manifest below refuses an unfinished one, saying so)
     else:
         unfinished = [n for n in store.subdirs() if not store.child(n).exists(MANIFEST)
                       and store.child(n).exists(f"{BUILD_DIR}/build.json")]
@@ -206,7 +206,14 @@ def _upload_dataset(dataset: LocalStore, target: ObjectStore, manifest: dict[str
 
     try:
         with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="publish") as pool:
-            list(pool.map(upload, todo))
+            futures = [pool.submit(upload, rel) for rel in todo]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:  # stop at the first failure; a rerun uploads what is missing
+                for future in futures:
+                    future.cancel()
+                raise
     finally:
         bar.close()
     for rel in present:  # an older version's files the new one does not have
