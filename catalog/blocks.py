@@ -472,7 +472,8 @@ class ResolutionReader:
     def _prefetch(self, work: list[tuple[int, int, int, int]]) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        wanted = list(dict.fromkeys((p, b) for p, b, _, _ in work))
+        with self._lock:  # blocks already cached need no thread
+            wanted = [pb for pb in dict.fromkeys((p, b) for p, b, _, _ in work) if pb not in self._cache]
         if len(wanted) > 1:
             with ThreadPoolExecutor(min(16, len(wanted)), thread_name_prefix="range-read") as pool:
                 list(pool.map(lambda pb: self._block(*pb), wanted))

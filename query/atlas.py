@@ -19,6 +19,7 @@ installed offline).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -91,7 +92,11 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
 
 
 def _open_remote(store: Store) -> Atlas:
-    if store.exists(MANIFEST):
+    first: bytes | None = None
+    if not store.listable:  # HTTP: one GET answers both whether it is a dataset and what it holds
+        with contextlib.suppress(FileNotFoundError):
+            first = store.read_bytes(MANIFEST)
+    if first is not None or (store.listable and store.exists(MANIFEST)):
         stores = [store]
     else:
         stores = [store.child(name) for name in list_datasets(store)]
@@ -102,7 +107,7 @@ def _open_remote(store: Store) -> Atlas:
             raise AtlasCorruptError(f"{str(store)!r} holds no finished hexatlas dataset{hint}")
     datasets, mirrors, digests = {}, {}, {}
     for dataset in stores:
-        raw = dataset.read_bytes(MANIFEST)
+        raw = first if first is not None else dataset.read_bytes(MANIFEST)
         manifest = read_manifest(dataset, data=raw)
         datasets[dataset.name] = (dataset, manifest)
         digests[dataset.name] = hashlib.sha256(raw).hexdigest()
