@@ -16,19 +16,18 @@ jitter, bounded in attempts and total time, after which a :class:`StorageError` 
 URL, the last status and what to do. Every answer's ETag is compared with the first one
 seen for that file: a file replaced under a reader raises :class:`AtlasChangedError`
 instead of mixing old and new bytes (the blocks' CRC-32s and the manifest's sha256s catch
-the rest). These stores are read-only: publish to them with ``hexatlas publish``.
+the rest). The store itself, read-only, is :class:`catalog.storage.HttpStore`; publish
+with ``hexatlas publish``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import random
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
@@ -109,9 +108,6 @@ class Session:
             rev = self.commit or self.revision or "main"
             return f"{self.base}/resolve/{quote(rev, safe='')}/{quoted}"
         return f"{self.base}/{quoted}"
-
-    def where(self, path: str) -> str:
-        return self.url(path)
 
     # ------------------------------------------------------------ connections
     def _connection(self, scheme: str, netloc: str, fresh: bool = False) -> http.client.HTTPConnection:
@@ -247,6 +243,8 @@ class Session:
             return
         with self._lock:
             first = self.etags.setdefault(path, etag)
+        if self.kind == "hf" and self.commit is not None:
+            return  # a commit's files cannot change; a CDN node may tag the same bytes differently
         if first != etag:
             raise AtlasChangedError(
                 f"{self.url(path)} changed while it was being read (ETag {first!r}, now {etag!r}): the atlas was "
