@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catalog.errors import AtlasBusyError, AtlasCorruptError, AtlasNotFoundError, InvalidArgumentError, \
-    MissingDependencyError
+from catalog.errors import AtlasBusyError, AtlasCorruptError, AtlasNotFoundError, HexatlasError, \
+    InvalidArgumentError, MissingDependencyError, StorageError
 from catalog.manifest import ATLAS_INDEX, BUILD_DIR, FORMAT_NAME, FORMAT_VERSION, MANIFEST, REBUILD_DIR, STAC, \
     list_datasets, read_manifest, validate_dataset, write_atlas_index
 from catalog.storage import UPLOAD_THREADS, LocalStore, ObjectStore, Store, open_store
@@ -244,9 +244,25 @@ def _publish_hub(datasets: list[LocalStore], text: str, *, message: str | None, 
         raise MissingDependencyError("publishing to the Hub needs huggingface_hub: pip install 'hexatlas[publish]'") \
             from None
     repo_id, revision, sub = _hub_target(text)
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
-    api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
-    existing = set(api.list_repo_files(repo_id, repo_type="dataset", revision=revision))
+    try:
+        return _commit_to_hub(datasets, text, repo_id, revision, sub, message=message, private=private, api=HfApi(
+            endpoint=os.environ.get("HF_ENDPOINT") or None), add=CommitOperationAdd, delete=CommitOperationDelete)
+    except (HexatlasError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub's and its HTTP client's errors, named for the user
+        raise StorageError(
+            f"cannot publish to {text}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Check the "
+            "token (HF_TOKEN or 'huggingface-cli login'), HF_ENDPOINT and the network, then publish again: large "
+            "files already uploaded are not sent twice") from None
+
+
+def _commit_to_hub(datasets: list[LocalStore], text: str, repo_id: str, revision: str | None, sub: str, *,
+                   message: str | None, private: bool, api: Any, add: Any, delete: Any) -> PublishSummary:
+    CommitOperationAdd, CommitOperationDelete = add, delete  # noqa: N806 - huggingface_hub's names
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private or None)
+    # the commit is made on top of the one listed here: a push in between makes it fail, not mix
+    parent = api.repo_info(repo_id, repo_type="dataset", revision=revision).sha
+    existing = set(api.list_repo_files(repo_id, repo_type="dataset", revision=parent))
     summary = PublishSummary(text)
     ops: list[Any] = []
     manifests: dict[str, dict[str, Any]] = {}
@@ -262,27 +278,23 @@ def _publish_hub(datasets: list[LocalStore], text: str, *, message: str | None, 
         ops += [CommitOperationDelete(path_in_repo=path) for path in sorted(existing)
                 if path.startswith(prefix) and path[len(prefix):] not in keep]
         summary.datasets[dataset.name] = "uploaded"
-    names = sorted(set(manifests) | _hub_listed(repo_id, revision, sub))
+    earlier = {path[len(sub):].split("/")[0] for path in existing  # datasets published before, kept
+               if path.startswith(sub) and path[len(sub):].count("/") == 1 and path.endswith(f"/{MANIFEST}")}
+    names = sorted(set(manifests) | earlier)
+    card = dict(manifests)
+    for name in sorted(earlier - set(manifests)):  # the card describes them too
+        with contextlib.suppress(HexatlasError, OSError):
+            card[name] = read_manifest(open_store(f"hf://datasets/{repo_id}@{parent}/{sub}{name}"))
     index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "datasets": names}
     ops.append(CommitOperationAdd(path_in_repo=f"{sub}{ATLAS_INDEX}",
                                   path_or_fileobj=(json.dumps(index, indent=1) + "\n").encode()))
     if not sub:
         ops.append(CommitOperationAdd(path_in_repo="README.md",
-                                      path_or_fileobj=dataset_card(manifests, repo_id).encode()))
-    info = api.create_commit(repo_id, repo_type="dataset", operations=ops, revision=revision,
+                                      path_or_fileobj=dataset_card(card, repo_id).encode()))
+    info = api.create_commit(repo_id, repo_type="dataset", operations=ops, revision=revision, parent_commit=parent,
                              commit_message=message or f"hexatlas publish: {', '.join(sorted(manifests))}")
     summary.commit = getattr(info, "oid", None)
     return summary
-
-
-def _hub_listed(repo_id: str, revision: str | None, sub: str) -> set[str]:
-    """The datasets the Hub copy's atlas.json lists already (kept in the new one)."""
-    from catalog.errors import HexatlasError
-
-    with contextlib.suppress(HexatlasError, OSError):  # a new repository, or no atlas.json yet
-        store = open_store(f"hf://datasets/{repo_id}{'@' + revision if revision else ''}/{sub}".rstrip("/"))
-        return set(store.subdirs())
-    return set()
 
 
 def dataset_card(manifests: dict[str, dict[str, Any]], repo_id: str) -> str:

@@ -175,3 +175,15 @@ def test_the_dataset_card_says_what_is_published_and_how_to_query_it(atlas) -> N
                                                                  if line.startswith("| 2 |")][0]]
     assert "hexatlas lookup hf://datasets/org/toy-atlas --lat 48.8566 --lon 2.3522 --res 0 --model toy" in card
     assert 'query.open("hf://datasets/org/toy-atlas")' in card
+
+
+def test_publishing_to_an_unreachable_hub_is_one_clear_error(atlas, monkeypatch, capsys) -> None:
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    assert main(["publish", str(atlas), "hf://datasets/org/toy-atlas"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hexatlas publish: error: cannot publish to hf://datasets/org/toy-atlas: ") and \
+        "Connection refused" in err and "publish again" in err and err.count("\n") == 1
+    with pytest.raises(InvalidArgumentError, match="publish to a Hub dataset"):
+        publish(atlas, "hf://models/org/x")
