@@ -9,7 +9,8 @@ commit the first answer names (``X-Repo-Commit``) pins every later read, so one 
 atlas never mixes two revisions. ``HF_TOKEN`` is sent (to the Hub's host only, never to the
 CDN it redirects to) for private datasets.
 
-Only the standard library is used: one keep-alive connection per thread and host;
+Only the standard library is used: kept-alive connections shared by the threads (a pool per
+host, so a lookup's reader threads reuse those of the last lookup);
 redirects followed (and a file's final URL reused); transient failures (connection reset or
 refused, timeouts, a short body, 408/425/429/5xx) retried with exponential backoff and
 jitter, bounded in attempts and total time, after which a :class:`StorageError` names the
@@ -41,6 +42,7 @@ MANIFEST = "manifest.json"
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 DOWNLOAD_CHUNK = 8 << 20  # whole-file reads (an index, a part for SQL) go in ranges of this size
 MAX_REDIRECTS = 5
+MAX_IDLE = 32  # kept-alive connections per host: the readers' thread pool (16) and some callers
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 
 
@@ -97,7 +99,8 @@ class Session:
         self.requests = 0
         self.bytes = 0
         self.retries = 0
-        self._tls = threading.local()
+        self.reconnects = 0  # idle connections found closed by the server, reopened at once
+        self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}  # kept-alive, shared by threads
         self._lock = threading.Lock()
         self._base_host = urlsplit(self.base).netloc
 
@@ -110,47 +113,55 @@ class Session:
         return f"{self.base}/{quoted}"
 
     # ------------------------------------------------------------ connections
-    def _connection(self, scheme: str, netloc: str, fresh: bool = False) -> http.client.HTTPConnection:
-        pool = getattr(self._tls, "pool", None)
-        if pool is None:
-            pool = self._tls.pool = {}
-        key = (scheme, netloc)
-        conn = pool.get(key)
-        if conn is None or fresh:
-            if conn is not None:
-                conn.close()
-            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-            conn = pool[key] = cls(netloc, timeout=self.retry.timeout_s)
-        return conn
+    def _acquire(self, key: tuple[str, str]) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle kept-alive connection to ``key`` (scheme, host:port), or a new one; and whether it was idle."""
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop(), True
+        return self._new(key), False
 
-    def _drop(self, scheme: str, netloc: str) -> None:
-        pool = getattr(self._tls, "pool", {})
-        conn = pool.pop((scheme, netloc), None)
-        if conn is not None:
-            conn.close()
+    def _new(self, key: tuple[str, str]) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if key[0] == "https" else http.client.HTTPConnection
+        return cls(key[1], timeout=self.retry.timeout_s)
+
+    def _release(self, key: tuple[str, str], conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < MAX_IDLE:
+                idle.append(conn)
+                return
+        conn.close()
 
     def _once(self, method: str, url: str, headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage, bytes]:
         parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         send = {"User-Agent": "hexatlas", "Accept-Encoding": "identity", **headers}
         if self.token and parts.netloc == self._base_host:  # never to the CDN a file redirects to
             send["Authorization"] = f"Bearer {self.token}"
-        conn = self._connection(parts.scheme, parts.netloc)
-        try:
+        conn, reused = self._acquire(key)
+        while True:
             try:
                 conn.request(method, target, headers=send)
-            except (http.client.HTTPException, OSError):
-                # a kept-alive connection the server closed meanwhile: one fresh try, not counted
-                conn = self._connection(parts.scheme, parts.netloc, fresh=True)
-                conn.request(method, target, headers=send)
-            resp = conn.getresponse()
-            body = resp.read()  # a HEAD's empty body too: the connection is reusable only once it is read
-            if resp.will_close:
-                self._drop(parts.scheme, parts.netloc)
-        except (http.client.HTTPException, OSError) as exc:
-            self._drop(parts.scheme, parts.netloc)
-            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            raise _Transient(text) from None
+                resp = conn.getresponse()
+                body = resp.read()  # a HEAD's empty body too: the connection is reusable only once it is read
+                break
+            except (http.client.HTTPException, OSError) as exc:
+                conn.close()
+                if reused and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                                               http.client.CannotSendRequest)):
+                    # an idle connection the server closed meanwhile: once more on a new one, not a retry
+                    with self._lock:
+                        self.reconnects += 1
+                    conn, reused = self._new(key), False
+                    continue
+                text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                raise _Transient(text) from None
+        if resp.will_close:
+            conn.close()
+        else:
+            self._release(key, conn)
         with self._lock:
             self.requests += 1
             self.bytes += len(body)

@@ -44,6 +44,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.requests = 0
         self.bytes = 0
+        self.connections = 0  # accepted from readers
         self.faults: Counter[str] = Counter()
         self.log: list[tuple[str, str, str, int, int]] = []  # method, path, range, status, body bytes
         self._local = threading.local()
@@ -57,6 +58,8 @@ class FaultProxy:
 
             def setup(self) -> None:
                 super().setup()
+                with proxy._lock:
+                    proxy.connections += 1
                 # headers and body go out in separate writes: without this, Nagle's algorithm and the
                 # reader's delayed ACK add ~40 ms to each answer, which is the proxy's cost, not the server's
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -82,7 +85,7 @@ class FaultProxy:
 
     def reset_counts(self) -> None:
         with self._lock:
-            self.requests, self.bytes, self.log = 0, 0, []
+            self.requests, self.bytes, self.log, self.connections = 0, 0, [], 0
             self.faults.clear()
             self._seen.clear()
 

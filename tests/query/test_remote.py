@@ -84,7 +84,7 @@ def test_bytes_on_the_wire_stay_within_the_formats_bound(local, server) -> None:
     with FaultProxy(server) as proxy:
         atlas = query.open(f"{proxy.url}/atlas/toy")
         opened = proxy.requests
-        assert opened <= 2  # HEAD and GET of manifest.json: opening reads nothing else
+        assert opened == 1  # the GET of manifest.json: opening reads nothing else
         proxy.reset_counts()
         lat, lon = np.array([48.85]), np.array([2.35])
         np.testing.assert_array_equal(atlas.lookup(lat, lon, res=3), query.open(local).lookup(lat, lon, res=3, model="toy"))
@@ -105,6 +105,15 @@ def test_bytes_on_the_wire_stay_within_the_formats_bound(local, server) -> None:
             ranges = [e for e in proxy.log if e[2]]
             assert len(ranges) == 2 * len(hit) and sum(e[4] for e in ranges) == expected
             assert expected <= len(hit) * RUN_BOUND
+
+
+def test_reader_threads_share_kept_alive_connections(local, server) -> None:
+    with FaultProxy(server) as proxy:
+        atlas = query.open(f"{proxy.url}/atlas")
+        lat, lon = _points(2000, 9)
+        for model in ("toy", "toy-copy"):  # each reads all 11 blocks of res 3 with a pool of reader threads
+            atlas.lookup(lat, lon, res=3, model=model)
+        assert proxy.requests > 50 and proxy.connections <= 12, (proxy.requests, proxy.connections)
 
 
 def test_the_hub_layout_pins_the_commit_it_first_read(local, server, monkeypatch) -> None:
@@ -144,7 +153,8 @@ def test_transient_faults_are_retried_and_answers_stay_exact(local, server) -> N
                                           near.lookup(lat, lon, res=res, model="toy"))
         assert atlas.similar(lat=0.0, lon=0.0, k=3, model="toy").equals(near.similar(lat=0.0, lon=0.0, k=3, model="toy"))
         assert set(proxy.faults) == set(rates) and sum(proxy.faults.values()) >= 5, proxy.faults
-        assert atlas._datasets["toy"][0].session.retries >= sum(proxy.faults.values()) - proxy.faults["flip"]
+        session = atlas._datasets["toy"][0].session
+        assert session.retries + session.reconnects >= sum(proxy.faults.values()) - proxy.faults["flip"]
 
 
 def test_bytes_changed_where_they_are_stored_give_a_named_error(local, server, tmp_path, monkeypatch) -> None:
