@@ -226,6 +226,8 @@ class Session:
         if status in (401, 403):
             hint = " (set HF_TOKEN to a token that may read this dataset)" if self.kind == "hf" else ""
             raise StorageError(f"{self.url(path)} answered HTTP {status} {_reason(status)}: access denied{hint}")
+        if status == 416 and byte_range == (0, 1):  # a probe of an empty file
+            return status, head, b""
         if status == 416:
             raise AtlasCorruptError(f"{self.url(path)} is shorter than its manifest says (HTTP 416 for bytes "
                                     f"{headers.get('Range', '')[6:]}); the published copy is truncated: republish it")
@@ -237,6 +239,18 @@ class Session:
         if byte_range is not None and method == "GET":
             self._check_range(path, status, head, body, byte_range)
         return status, head, body
+
+    def probe(self, path: str) -> int:
+        """The size of ``path`` (FileNotFoundError when there is none), from a one-byte range
+        request: a HEAD is not always allowed where the Hub redirects (presigned GET links)."""
+        status, head, _ = self.request("GET", path, (0, 1))
+        if status == 416:
+            return 0
+        total = head.get("Content-Range", "").rpartition("/")[2]
+        if not total.isdigit():
+            raise StorageError(f"{self.url(path)} gives no file size in its Content-Range ({head.get('Content-Range')!r}); "
+                               "serve the atlas with a server that does (nginx, S3 and the Hub do)")
+        return int(total)
 
     def _note_commit(self, head: http.client.HTTPMessage) -> None:
         if self.kind != "hf" or self.commit is not None:

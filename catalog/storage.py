@@ -465,17 +465,13 @@ class HttpStore(Store):
 
     def exists(self, rel: str) -> bool:
         try:
-            self.session.request("HEAD", self._rel(rel))
+            self.session.probe(self._rel(rel))
         except FileNotFoundError:
             return False
         return True
 
     def size(self, rel: str) -> int:
-        _, head, _ = self.session.request("HEAD", self._rel(rel))
-        length = head.get("Content-Length")
-        if length is None:
-            raise StorageError(f"{self.url(rel)} gives no Content-Length; serve the atlas with a server that does")
-        return int(length)
+        return self.session.probe(self._rel(rel))
 
     def root_exists(self) -> bool:
         return self.exists("manifest.json") or self.exists(ATLAS_INDEX)

@@ -151,6 +151,12 @@ class FaultProxy:
             fault = fault or "corrupt"
         elif fault == "flip":
             fault = None
+        truncate = fault == "truncate" and method == "GET" and len(body) > 1
+        if fault == "truncate" and not truncate:
+            fault = None
+        sent = body[: len(body) // 2] if truncate else body if method == "GET" else b""
+        # counted before anything goes out: a reader that has its answer sees it counted
+        self._count(method, path, h.headers.get("Range", ""), status, len(sent), fault)
         h.send_response(status)
         for k, v in out_headers:
             if k.lower() not in _HOP:
@@ -158,18 +164,11 @@ class FaultProxy:
         h.send_header("Content-Length", str(len(body)) if method == "GET" else
                       next((v for k, v in out_headers if k.lower() == "content-length"), "0"))
         h.end_headers()
-        if fault == "truncate" and method == "GET" and len(body) > 1:
-            sent = body[: len(body) // 2]
+        if sent:
             h.wfile.write(sent)
             h.wfile.flush()
-            self._count(method, path, h.headers.get("Range", ""), status, len(sent), fault)
+        if truncate:
             h.close_connection = True
-            return
-        if fault == "truncate":
-            fault = None
-        if method == "GET":
-            h.wfile.write(body)
-        self._count(method, path, h.headers.get("Range", ""), status, len(body) if method == "GET" else 0, fault)
 
     def _count(self, method: str, path: str, byte_range: str, status: int, nbytes: int, fault: str | None) -> None:
         with self._lock:
