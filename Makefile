@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed
 # with an NVIDIA GPU, pip's default CUDA torch and faiss-gpu are installed instead.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
-EXTRAS_CPU := build,serve,ray,test
-EXTRAS_GPU := build,gpu,serve,ray,test
+EXTRAS_CPU := build,publish,serve,ray,test
+EXTRAS_GPU := build,gpu,publish,serve,ray,test
 EXTRAS := $(if $(HAS_GPU),$(EXTRAS_GPU),$(EXTRAS_CPU))
 DEMO_ATLAS ?= demo-atlas
 DEMO_MAP ?= demo-map.png
@@ -17,7 +17,7 @@ DEMO_REGIONAL ?= demo-atlas-paris
 WEB := query/web
 WEB_STAMP := $(WEB)/node_modules/.installed
 
-.PHONY: setup demo test test-all bench clean browser
+.PHONY: setup demo test test-all bench clean browser nginx
 
 setup: $(STAMP) $(WEB_STAMP)
 
@@ -40,13 +40,20 @@ browser:
 	  { apt-get update -q >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; } || \
 	  echo "no chromium: the map-page browser test will be skipped (Debian: apt-get install chromium)"
 
+# The remote-read tests serve an atlas with Debian's nginx (Range, ETag, keep-alive as a real
+# web server answers them); install it where this user may, as for chromium.
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -q >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null; }; } || \
+	  echo "no nginx: the HTTP(S) and Hub read tests will be skipped (Debian: apt-get install nginx-light)"
+
 demo: setup
 	$(PY) -m builder.demo --output $(DEMO_ATLAS) --map $(DEMO_MAP) --regional $(DEMO_REGIONAL)
 
-test: setup browser
+test: setup browser nginx
 	$(PY) -m pytest -q
 
-test-all: setup browser
+test-all: setup browser nginx
 	$(PY) -m pytest -q -m "" --hypothesis-profile=slow
 
 bench: setup

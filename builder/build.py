@@ -104,6 +104,7 @@ def build(
     formats: str | tuple[str, ...] = ("parquet",),
     region: Any = None,
     fidelity_points: int = 2000,
+    break_lock: bool = False,
 ) -> BuildSummary:
     """Build (or resume) one model's dataset in an atlas directory.
 
@@ -145,6 +146,9 @@ def build(
     fidelity_points : int
         Seeded random points per resolution (in the region / on land as the atlas is) at which
         the finished atlas is compared with the encoder; recorded in the manifest.
+    break_lock : bool
+        Remove the lock a dead build left on an ``s3://`` dataset first (only when no build
+        of it runs: two would interleave their uploads). Local locks need no breaking.
 
     Returns
     -------
@@ -153,7 +157,9 @@ def build(
     Raises
     ------
     AtlasBusyError
-        Another build is writing the same (local) dataset.
+        Another build is writing the same dataset (locally: a flock; on S3: a lock object
+        written with If-None-Match), or a dead build left its S3 lock (the message says how
+        to clear it).
     BuildFailedError
         Ray tasks failed after their retries; the finished shards are kept for a resume.
     InvalidArgumentError
@@ -177,11 +183,14 @@ def build(
             encoder = load_encoder(config.model, checkpoint=config.checkpoint, device=config.device,
                                    batch_size=config.batch_size, trust_checkpoint=config.trust_checkpoint)
     dataset = open_store(config.output).child(fmt.dataset_name(encoder.name))
-    with exclusive(dataset):
+    with exclusive(dataset, break_lock=break_lock):
         publish_rebuild(dataset)  # finishes a swap that a killed run left half done
         if config.overwrite and dataset.exists(fmt.MANIFEST):
-            return _rebuild(config, encoder, dataset, timer, progress, encoder_given)
-        return _build_locked(config, encoder, dataset, timer, progress, encoder_given)
+            summary = _rebuild(config, encoder, dataset, timer, progress, encoder_given)
+        else:
+            summary = _build_locked(config, encoder, dataset, timer, progress, encoder_given)
+    fmt.write_atlas_index(open_store(config.output))  # how HTTP readers find the root's datasets
+    return summary
 
 
 def _rebuild(config: BuildConfig, encoder: Encoder, dataset: Store, timer: Timer, progress: bool | None,

@@ -82,6 +82,8 @@ def configure_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join (ray://HOST:10001, HOST:6379 or auto; default: $RAY_ADDRESS, "
                              "else a new local Ray)")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="first remove the lock a dead build left on an s3:// dataset (only when none runs)")
     _add_encoder_options(parser)
 
 
@@ -136,7 +138,7 @@ def run_build(args: argparse.Namespace) -> int:
         land_only=args.land_only, device=args.device, precision=args.precision, batch_size=args.batch_size,
         overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
         progress=False if args.no_progress else None, executor=args.executor, ray_address=args.ray_address,
-        formats=args.formats, region=region, encoder=encoder,
+        formats=args.formats, region=region, encoder=encoder, break_lock=args.break_lock,
     )
     print(f"built {summary}", file=sys.stderr)
     return 0

@@ -31,18 +31,23 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def exclusive(dataset: Path | Store) -> Iterator[None]:
-    """Hold the dataset's build lock; the OS releases it when the process dies.
+def exclusive(dataset: Path | Store, *, break_lock: bool = False) -> Iterator[None]:
+    """Hold the dataset's build lock.
 
-    Object storage has no lock that the OS releases on a crash, and pyarrow's S3 client
-    cannot make conditional writes, so an ``s3://`` dataset is not locked: a warning says
-    so, and keeping to one build per dataset is up to the user (or their scheduler).
+    Locally a ``flock`` on ``_build.lock``, released by the OS when the process dies. On S3
+    an object ``_build.lock`` written with ``If-None-Match: *`` (:func:`catalog.lock.s3_lock`):
+    one build gets it, others are refused; one left by a dead build is reported with how to
+    clear it (``break_lock`` removes it first).
     """
     import fcntl
 
+    if isinstance(dataset, Store) and not dataset.writable:
+        dataset.staged("")  # raises: read-only (HTTP, the Hub), with what to do instead
     if isinstance(dataset, Store) and not dataset.is_local:
-        log.warning("%s is in object storage, which has no build lock: make sure no other build writes it now", dataset)
-        yield
+        from catalog.lock import s3_lock
+
+        with s3_lock(dataset.uri, break_lock=break_lock):
+            yield
         return
     dataset = dataset.root if isinstance(dataset, LocalStore) else Path(dataset)
     dataset.mkdir(parents=True, exist_ok=True)

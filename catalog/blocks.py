@@ -191,7 +191,7 @@ class _LocalBytes:
 
 
 class _RemoteBytes:
-    """A part file in object storage, read by range requests."""
+    """A part file in object storage or on an HTTP server, read by range requests."""
 
     def __init__(self, store: Store, rel: str) -> None:
         self.store, self.rel = store, rel
@@ -229,10 +229,13 @@ class Part:
         import hashlib
 
         self.info, self.dim, self.dtype, self.where = info, dim, np.dtype(dtype), where
-        try:
-            raw = store.read_bytes(info.blocks)
-        except FileNotFoundError:
-            raise AtlasCorruptError(f"{where}/{info.blocks} is missing; run 'hexatlas validate {where}'") from None
+        for attempt in range(1 if store.is_local else 2):  # remote: read again, in case it changed on the way
+            try:
+                raw = store.read_bytes(info.blocks)
+            except FileNotFoundError:
+                raise AtlasCorruptError(f"{where}/{info.blocks} is missing; run 'hexatlas validate {where}'") from None
+            if hashlib.sha256(raw).hexdigest() == info.blocks_sha256:
+                break
         if hashlib.sha256(raw).hexdigest() != info.blocks_sha256:
             raise AtlasCorruptError(
                 f"{where}/{info.blocks} does not match the sha256 in its manifest (altered or damaged); "
@@ -266,12 +269,20 @@ class Part:
         """Cells (uint64, sorted) and stored embeddings ((rows, dim)) of block ``b``, checked."""
         entry = self.blocks[b]
         rows = int(entry["rows"])
-        c_run = self.bytes.read(int(entry["cells_offset"]), rows * 8)
-        v_run = self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes)
-        if not self._cells_ok[b]:
-            self._check(b, "cells", c_run)
-        if not self._values_ok[b]:
-            self._check(b, "values", v_run)
+        # a remote block that fails its checksum is read once more: bytes damaged on the way
+        # differ the second time, bytes damaged where they are stored do not
+        for attempt in range(1 if isinstance(self.bytes, _LocalBytes) else 2):
+            c_run = self.bytes.read(int(entry["cells_offset"]), rows * 8)
+            v_run = self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes)
+            try:
+                if not self._cells_ok[b]:
+                    self._check(b, "cells", c_run)
+                if not self._values_ok[b]:
+                    self._check(b, "values", v_run)
+                break
+            except AtlasCorruptError:
+                if attempt or isinstance(self.bytes, _LocalBytes):
+                    raise
         cells = np.frombuffer(c_run, dtype="<u8")
         values = np.frombuffer(v_run, dtype=self.dtype).reshape(rows, self.dim)
         return cells, values
@@ -468,7 +479,8 @@ class ResolutionReader:
     def _prefetch(self, work: list[tuple[int, int, int, int]]) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        wanted = list(dict.fromkeys((p, b) for p, b, _, _ in work))
+        with self._lock:  # blocks already cached need no thread
+            wanted = [pb for pb in dict.fromkeys((p, b) for p, b, _, _ in work) if pb not in self._cache]
         if len(wanted) > 1:
             with ThreadPoolExecutor(min(16, len(wanted)), thread_name_prefix="range-read") as pool:
                 list(pool.map(lambda pb: self._block(*pb), wanted))

@@ -20,6 +20,7 @@ listing and validating work the same there. Only the standard library and pyarro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,10 +31,11 @@ from typing import Any
 from catalog.blocks import read_block_table
 from catalog.errors import AtlasCorruptError, AtlasNotFoundError
 from catalog.provenance import sha256_file
-from catalog.storage import Store, open_store
+from catalog.storage import ATLAS_INDEX, Store, open_store
 from catalog.tables import atomic_path
 
 __all__ = [
+    "ATLAS_INDEX",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST",
@@ -43,6 +45,7 @@ __all__ = [
     "read_manifest",
     "stac_collection",
     "validate_dataset",
+    "write_atlas_index",
     "write_json",
 ]
 
@@ -99,15 +102,30 @@ def file_record(root: Path, relpath: str, *, local: Path | None = None) -> dict[
 
 
 def list_datasets(atlas: str | Path | Store) -> list[str]:
-    """Names of the finished datasets (one per model) in an atlas directory or ``s3://`` prefix."""
+    """Names of the finished datasets (one per model) in an atlas directory or ``s3://`` prefix,
+    or those an HTTP(S)/Hub atlas root's ``atlas.json`` lists (HTTP cannot list folders)."""
     store = open_store(atlas)
     if not store.root_exists():
+        if not store.listable:
+            raise AtlasNotFoundError(
+                f"no atlas at {str(store)!r}: neither {MANIFEST} (a dataset) nor {ATLAS_INDEX} (an atlas root) is "
+                f"there. Give the URL of a dataset folder or of a root published by 'hexatlas publish'")
         raise AtlasNotFoundError(f"no atlas at {str(store)!r}: not a directory (or an empty prefix)")
     return [name for name in store.subdirs() if store.child(name).exists(MANIFEST)]
 
 
-def read_manifest(dataset_dir: str | Path | Store) -> dict[str, Any]:
-    """Read and check a dataset's manifest (a local directory or an ``s3://`` prefix).
+def write_atlas_index(atlas: str | Path | Store) -> list[str]:
+    """Write an atlas root's ``atlas.json``, the list of its finished datasets, which is how a
+    reader finds them over HTTP(S), where folders cannot be listed. Returns the names."""
+    store = open_store(atlas)
+    names = list_datasets(store)
+    store.write_json(ATLAS_INDEX, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "datasets": names})
+    return names
+
+
+def read_manifest(dataset_dir: str | Path | Store, *, data: bytes | None = None) -> dict[str, Any]:
+    """Read and check a dataset's manifest (a local directory, an ``s3://`` prefix, an HTTP(S)
+    or Hub folder); ``data``: its bytes, when the caller has read them already.
 
     Raises
     ------
@@ -117,7 +135,7 @@ def read_manifest(dataset_dir: str | Path | Store) -> dict[str, Any]:
         No manifest (an unfinished build), unreadable JSON, or another format or version.
     """
     store = open_store(dataset_dir)
-    if not store.exists(MANIFEST):
+    if data is None and not store.exists(MANIFEST):
         if not store.root_exists():
             raise AtlasNotFoundError(f"no atlas dataset at {str(store)!r}")
         unfinished = store.exists(f"{BUILD_DIR}/build.json")
@@ -125,7 +143,7 @@ def read_manifest(dataset_dir: str | Path | Store) -> dict[str, Any]:
         raise AtlasCorruptError(f"{str(store)!r} has no {MANIFEST}{hint}")
     where = f"{store}/{MANIFEST}"
     try:
-        manifest = json.loads(store.read_bytes(MANIFEST))
+        manifest = json.loads(store.read_bytes(MANIFEST) if data is None else data)
     except (OSError, ValueError) as exc:
         raise AtlasCorruptError(f"cannot read {where!r}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -161,10 +179,16 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
     manifest = read_manifest(store)
     problems = []
     listed = {rec["path"]: rec for rec in manifest["files"]}
-    present = {
-        rel: size for rel, size in store.files().items()
-        if rel not in (MANIFEST, STAC) and not rel.split("/")[0].startswith(BUILD_DIR)  # _build/, _build.lock
-    }
+    if store.listable:
+        present = {
+            rel: size for rel, size in store.files().items()
+            if rel not in (MANIFEST, STAC) and not rel.split("/")[0].startswith(BUILD_DIR)  # _build/, _build.lock
+        }
+    else:  # over HTTP: the files the manifest lists, as the server sizes them (extra files cannot be seen)
+        present = {}
+        for rel in listed:
+            with contextlib.suppress(FileNotFoundError):
+                present[rel] = store.size(rel)
     for rel in sorted(set(listed) - set(present)):
         problems.append(f"missing file: {rel}")
     for rel in sorted(set(present) - set(listed)):

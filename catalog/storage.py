@@ -1,4 +1,5 @@
-"""Where an atlas lives: a local directory or an object-store prefix (``s3://bucket/prefix``).
+"""Where an atlas lives: a local directory, an object-store prefix (``s3://bucket/prefix``), or
+(read-only) an HTTP(S) folder or a Hugging Face Hub dataset (:mod:`catalog.http_store`).
 
 A :class:`Store` addresses files by paths relative to its root, so the builder, the
 validator and the query layer do not care which kind they hold. Local stores use the
@@ -30,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from catalog.errors import InvalidArgumentError, StorageError
+from catalog.http_store import ATLAS_INDEX, DOWNLOAD_CHUNK, HttpFile, RetryPolicy, Session, parse_location
 from catalog.tables import atomic_path
 
-__all__ = ["LocalStore", "ObjectStore", "Store", "is_remote", "open_store", "s3_filesystem", "settle"]
+__all__ = ["HttpStore", "LocalStore", "ObjectStore", "Store", "is_remote", "open_store", "s3_filesystem", "settle"]
 
-REMOTE_SCHEMES = ("s3://",)
+REMOTE_SCHEMES = ("s3://", "http://", "https://", "hf://")
+HTTP_SCHEMES = ("http://", "https://", "hf://")
 _CHUNK = 1 << 20
 UPLOAD_THREADS = 16
 
@@ -58,25 +61,29 @@ def settle(path: str | os.PathLike[str]) -> None:
 
 
 def is_remote(location: str | os.PathLike[str] | Store) -> bool:
-    """True for ``s3://`` locations (and object stores), False for local paths."""
+    """True for ``s3://``, ``http(s)://`` and ``hf://`` locations (and their stores), False for local paths."""
     if isinstance(location, Store):
         return not location.is_local
     return isinstance(location, str) and location.lower().startswith(REMOTE_SCHEMES)
 
 
-def open_store(location: str | os.PathLike[str] | Store) -> Store:
-    """The :class:`Store` for a local path or an ``s3://bucket/prefix`` URI.
+def open_store(location: str | os.PathLike[str] | Store, *, retry: RetryPolicy | None = None) -> Store:
+    """The :class:`Store` for a local path, an ``s3://bucket/prefix`` URI, an ``http(s)://`` URL or
+    ``hf://datasets/ORG/NAME[@REVISION][/PATH]`` (the last two read-only; ``retry`` says how
+    their transient failures are retried).
 
     Raises
     ------
     InvalidArgumentError
-        An unsupported scheme (``gs://``, ``http://``...) or an ``s3://`` URI without a bucket.
+        An unsupported scheme (``gs://``...), an ``s3://`` URI without a bucket, a malformed URL.
     MissingDependencyError
         pyarrow was built without S3 support.
     """
     if isinstance(location, Store):
         return location
     text = os.fspath(location)
+    if text.lower().startswith(HTTP_SCHEMES):
+        return HttpStore(*parse_location(text, retry=retry))
     if is_remote(text):
         bucket_path = text[len("s3://"):].strip("/")
         if not bucket_path or bucket_path.startswith("/"):
@@ -85,7 +92,7 @@ def open_store(location: str | os.PathLike[str] | Store) -> Store:
     if "://" in text:
         scheme = text.split("://", 1)[0]
         raise InvalidArgumentError(
-            f"cannot store an atlas at {text!r}: scheme {scheme!r} is not supported; use a local path or s3://BUCKET/PREFIX"
+            f"cannot store an atlas at {text!r}: scheme {scheme!r} is not supported; use a local path, s3://BUCKET/PREFIX, https://HOST/PATH or hf://datasets/ORG/NAME"
         )
     return LocalStore(Path(text))
 
@@ -118,6 +125,8 @@ class Store:
 
     uri: str
     is_local: bool
+    listable = True  # files() and subdirs() list what is there (HTTP cannot)
+    writable = True
 
     def child(self, name: str) -> Store:
         """The store rooted at ``name`` under this one."""
@@ -135,6 +144,15 @@ class Store:
     def root_exists(self) -> bool:
         """Whether anything is stored at the root (a directory, or at least one object under the prefix)."""
         raise NotImplementedError
+
+    def size(self, rel: str) -> int:
+        """Size in bytes of the file ``rel`` (FileNotFoundError when there is none)."""
+        with self.open_input(rel) as fh:
+            return int(fh.size()) if hasattr(fh, "size") else os.fstat(fh.fileno()).st_size
+
+    def describe(self) -> dict[str, Any]:
+        """Where the bytes are read from, for ``info``: URL, revision, ETag where the store knows them."""
+        return {}
 
     def read_bytes(self, rel: str) -> bytes:
         raise NotImplementedError
@@ -415,3 +433,110 @@ class ObjectStore(Store):
 
     def filesystem(self) -> tuple[Any, str]:
         return self.fs, self.root
+
+
+class HttpStore(Store):
+    """A folder on an HTTP(S) server or in a Hub dataset repository: read-only, and not listable
+    (an atlas root lists its datasets in ``atlas.json``). Stores made by :meth:`child` share one
+    :class:`~catalog.http_store.Session`: connections, the pinned Hub commit, the ETags seen."""
+
+    is_local = False
+    listable = False
+    writable = False
+
+    def __init__(self, session: Session, root: str, uri: str) -> None:
+        self.session, self.root = session, root.strip("/")
+        self.uri = f"{uri.rstrip('/')}/{self.root}" if self.root else uri.rstrip("/")
+
+    def __reduce__(self) -> Any:
+        return (_reopen_http, (self.uri, self.session.commit))
+
+    def _rel(self, rel: str) -> str:
+        return f"{self.root}/{rel}".strip("/") if self.root else rel
+
+    def child(self, name: str) -> HttpStore:
+        store = HttpStore.__new__(HttpStore)
+        store.session, store.root, store.uri = self.session, self._rel(name), f"{self.uri}/{name}"
+        return store
+
+    def url(self, rel: str) -> str:
+        """The URL ``rel`` is read from now (under the pinned commit, on the Hub)."""
+        return self.session.url(self._rel(rel))
+
+    def exists(self, rel: str) -> bool:
+        try:
+            self.session.probe(self._rel(rel))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def size(self, rel: str) -> int:
+        return self.session.probe(self._rel(rel))
+
+    def root_exists(self) -> bool:
+        return self.exists("manifest.json") or self.exists(ATLAS_INDEX)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.session.request("GET", self._rel(rel))[2]
+
+    def read_range(self, rel: str, offset: int, size: int) -> bytes:
+        """``size`` bytes of ``rel`` from ``offset``: one range request, retried when transient."""
+        if size <= 0:
+            return b""
+        return self.session.request("GET", self._rel(rel), (offset, size))[2]
+
+    def subdirs(self) -> list[str]:
+        """The datasets an atlas root's ``atlas.json`` lists (HTTP cannot list folders)."""
+        from catalog.errors import AtlasCorruptError
+
+        try:
+            index = json.loads(self.read_bytes(ATLAS_INDEX))
+        except FileNotFoundError:
+            return []
+        except ValueError as exc:
+            raise AtlasCorruptError(f"{self.url(ATLAS_INDEX)} is not JSON ({exc}); republish the atlas") from None
+        names = index.get("datasets") if isinstance(index, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n for n in names):
+            raise AtlasCorruptError(f"{self.url(ATLAS_INDEX)} does not list datasets; republish the atlas")
+        return sorted(names)
+
+    def files(self, prefix: str = "") -> dict[str, int]:
+        raise InvalidArgumentError(f"{self.uri} cannot be listed over HTTP; its manifest says what it holds")
+
+    def open_input(self, rel: str) -> HttpFile:
+        return HttpFile(self, rel, self.size(rel))
+
+    def sha256(self, rel: str) -> str:
+        digest = hashlib.sha256()
+        size = self.size(rel)
+        for offset in range(0, size, DOWNLOAD_CHUNK):
+            digest.update(self.read_range(rel, offset, min(DOWNLOAD_CHUNK, size - offset)))
+        return digest.hexdigest()
+
+    def download(self, rel: str, dest: Path) -> None:
+        size = self.size(rel)
+        with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+            for offset in range(0, size, DOWNLOAD_CHUNK):  # each range retried on its own
+                out.write(self.read_range(rel, offset, min(DOWNLOAD_CHUNK, size - offset)))
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"url": self.url("manifest.json").rsplit("/", 1)[0]}
+        if self.session.kind == "hf":
+            out["revision"] = self.session.revision or "main"
+            out["commit"] = self.session.commit
+        out["etag"] = self.session.etags.get(self._rel("manifest.json"))
+        return out
+
+    def _read_only(self, *_: Any, **__: Any) -> Any:
+        raise InvalidArgumentError(
+            f"{self.uri} is read-only here: build to a local directory or s3:// and publish it with "
+            "'hexatlas publish ATLAS DEST'")
+
+    staged = staged_dir = delete = move = delete_tree = filesystem = _read_only  # type: ignore[assignment]
+
+
+def _reopen_http(uri: str, commit: str | None) -> HttpStore:
+    store = open_store(uri)
+    assert isinstance(store, HttpStore)
+    store.session.commit = commit
+    return store

@@ -5,11 +5,12 @@ query reads the block table of each part it touches (a few KB) and then only the
 (at most ~256 KB each) that hold its cells, each checked against its CRC-32 the first time
 this process reads it. Local parts are read with ``pread`` (through the page cache, nothing
 mapped or copied into the process but what a query returns); parts in object storage
-(``query.open("s3://bucket/prefix")``) are read with range requests, and checked blocks
-are kept in a bounded cache. Nothing is decoded or copied up front, so memory follows the
+(``query.open("s3://bucket/prefix")``), on an HTTP(S) server (``https://...``) or on the
+Hugging Face Hub (``hf://datasets/ORG/NAME``) are read with range requests, and checked
+blocks are kept in a bounded cache. Nothing is decoded or copied up front, so memory follows the
 query, not the atlas. The atlas itself is only ever read.
 
-Two things are still fetched whole from object storage, into a mirror in the user's cache
+Two things are still fetched whole from a remote atlas, into a mirror in the user's cache
 (``$HEXATLAS_CACHE``, else ``~/.cache/hexatlas``, under ``remote/<manifest digest>/``) and
 checked against the manifest's sha256: a resolution's FAISS index for ``similar``, and the
 part files for the SQL view (DuckDB reads local files; its httpfs extension cannot be
@@ -18,6 +19,7 @@ installed offline).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -55,7 +57,10 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
     """Open an atlas directory (one dataset per model) or a single dataset directory.
 
     ``path`` may also be an ``s3://bucket/prefix`` (credentials and endpoint from the
-    standard AWS environment variables), read in place with range requests.
+    standard AWS environment variables), an ``https://`` (or ``http://``) URL, or
+    ``hf://datasets/ORG/NAME[@REVISION][/PATH]`` (a Hugging Face Hub dataset; ``HF_ENDPOINT``,
+    ``HF_TOKEN`` honoured), all read in place with range requests. Over HTTP a URL names a
+    dataset (the folder of its ``manifest.json``) or an atlas root with an ``atlas.json``.
 
     Raises
     ------
@@ -64,7 +69,8 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
     AtlasCorruptError
         No finished dataset (an unfinished build, or not an atlas), or an incompatible format.
     StorageError
-        The object store refused a request (credentials, endpoint, bucket).
+        The object store or HTTP server refused a request (credentials, endpoint, bucket), or
+        failed it after the retries.
     """
     if is_remote(os.fspath(path)):
         return _open_remote(open_store(os.fspath(path)))
@@ -86,7 +92,11 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
 
 
 def _open_remote(store: Store) -> Atlas:
-    if store.exists(MANIFEST):
+    first: bytes | None = None
+    if not store.listable:  # HTTP: one GET answers both whether it is a dataset and what it holds
+        with contextlib.suppress(FileNotFoundError):
+            first = store.read_bytes(MANIFEST)
+    if first is not None or (store.listable and store.exists(MANIFEST)):
         stores = [store]
     else:
         stores = [store.child(name) for name in list_datasets(store)]
@@ -95,13 +105,14 @@ def _open_remote(store: Store) -> Atlas:
             hint = (f"; unfinished builds: {', '.join(unfinished)} (run the same 'hexatlas build' again to resume)"
                     if unfinished else "")
             raise AtlasCorruptError(f"{str(store)!r} holds no finished hexatlas dataset{hint}")
-    datasets, mirrors = {}, {}
+    datasets, mirrors, digests = {}, {}, {}
     for dataset in stores:
-        raw = dataset.read_bytes(MANIFEST)
-        manifest = read_manifest(dataset)
+        raw = first if first is not None else dataset.read_bytes(MANIFEST)
+        manifest = read_manifest(dataset, data=raw)
         datasets[dataset.name] = (dataset, manifest)
-        mirrors[dataset.name] = _cache_dir() / "remote" / hashlib.sha256(raw).hexdigest()[:24] / dataset.name
-    return Atlas(datasets, mirrors=mirrors)
+        digests[dataset.name] = hashlib.sha256(raw).hexdigest()
+        mirrors[dataset.name] = _cache_dir() / "remote" / digests[dataset.name][:24] / dataset.name
+    return Atlas(datasets, mirrors=mirrors, digests=digests)
 
 
 class _Resolution:
@@ -139,9 +150,10 @@ class Atlas:
     """An opened atlas: use :func:`query.open`. Every method is read-only and thread-safe."""
 
     def __init__(self, datasets: dict[str, tuple[Store, dict[str, Any]]],
-                 mirrors: dict[str, Path] | None = None) -> None:
+                 mirrors: dict[str, Path] | None = None, digests: dict[str, str] | None = None) -> None:
         self._datasets = datasets
         self._mirrors = mirrors or {}  # remote dataset name -> local folder of the files fetched whole
+        self._digests = digests or {}  # remote dataset name -> sha256 of the manifest read
         self._loaded: dict[tuple[str, int], _Resolution] = {}
         self._indexes: dict[tuple[str, int], Any] = {}  # FAISS indexes, opened
         self._land_cells: dict[tuple[str, int], NDArray[np.uint64]] = {}  # memory-mapped
@@ -165,8 +177,11 @@ class Atlas:
                 if dest.is_file():
                     continue
                 tmp = dest.with_name(f".{dest.name}.{os.getpid()}.download")
-                store.download(rel, tmp)
-                if sha256_file(tmp) != digests.get(rel):
+                for _ in range(2):  # once more if it fails its sha256: bytes changed on the way differ next time
+                    store.download(rel, tmp)
+                    if ok := sha256_file(tmp) == digests.get(rel):
+                        break
+                if not ok:
                     tmp.unlink()
                     raise AtlasCorruptError(
                         f"{store}/{rel} does not match the sha256 in its manifest; run 'hexatlas validate {store}'"
@@ -206,6 +221,8 @@ class Atlas:
                 "provenance": manifest["provenance"],
                 "exact": _exact_summary(name, manifest),
             }
+            if not store.is_local:  # what was read: the manifest's digest; URL, Hub commit, ETag where known
+                out[name]["source"] = {**store.describe(), "manifest_sha256": self._digests.get(name)}
         return out
 
     def __repr__(self) -> str:

@@ -19,7 +19,8 @@ FORMATS = ("table", "json", "csv")
 
 
 def _atlas_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("atlas", help="atlas directory or s3://BUCKET/PREFIX (or one dataset in either)")
+    parser.add_argument("atlas", help="atlas directory, s3://BUCKET/PREFIX, https://HOST/PATH or "
+                        "hf://datasets/ORG/NAME[@REVISION] (or one dataset in any of them)")
 
 
 def _format_arg(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +94,12 @@ def run_info(args: argparse.Namespace) -> int:
         region = f", region {tuple(d['region']['bbox'])}" if d.get("region") else ""
         print(f"{name}: {d['model']} {d['dim']}-d, {d['precision']}{', land only' if d['land_only'] else ''}{region}, "
               f"built {d['created']}, format {d['format_version']}")
+        if "source" in d:
+            src = d["source"]
+            pin = f", commit {src['commit']} (asked for {src['revision']})" if src.get("commit") else (
+                f", revision {src['revision']}" if src.get("revision") else "")
+            etag = f", ETag {src['etag']}" if src.get("etag") else ""
+            print(f"  read from {src.get('url', d['path'])}{pin}{etag}, manifest sha256 {src['manifest_sha256'][:12]}...")
         print(f"  weights: {prov['source']} (sha256 {prov['sha256'][:12]}...), {prov['licence']}")
         ex = d["exact"]
         print(f"  exact (--exact): {ex['path']}, {ex['bytes'] / 1e6:.1f} MB, ONNX opset {ex['opset']}, max diff to torch "
@@ -217,7 +224,8 @@ def run_sql(args: argparse.Namespace) -> int:
 
 
 def configure_validate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("atlas", help="atlas directory or s3://BUCKET/PREFIX (all its datasets), or one dataset")
+    parser.add_argument("atlas", help="atlas directory, s3://BUCKET/PREFIX, https://HOST/PATH or hf://datasets/ORG/NAME "
+                        "(all its datasets), or one dataset (over HTTP, extra files cannot be seen)")
 
 
 def run_validate(args: argparse.Namespace) -> int:

@@ -164,7 +164,7 @@ def test_endpoint_variable_for_s3_takes_precedence(s3, monkeypatch) -> None:
 def test_storage_errors_say_what_to_fix(s3, monkeypatch) -> None:
     import query
 
-    with pytest.raises(InvalidArgumentError, match="scheme 'gs' is not supported; use a local path or s3://"):
+    with pytest.raises(InvalidArgumentError, match="scheme 'gs' is not supported; use a local path, s3://BUCKET/PREFIX, https://HOST/PATH or hf://"):
         open_store("gs://bucket/atlas")
     with pytest.raises(InvalidArgumentError, match="names no bucket"):
         open_store("s3://")

@@ -175,7 +175,7 @@ def test_cli_serves_on_loopback_until_interrupted(atlas_dir, workers) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         health = wait_for_health(f"http://127.0.0.1:{port}", proc, timeout=60)
-        assert health["models"] == sorted(os.listdir(atlas_dir[0]))
+        assert health["models"] == sorted(p.name for p in atlas_dir[0].iterdir() if p.is_dir())  # not atlas.json
         with ThreadPoolExecutor(8) as pool:  # every worker answers the same
             answers = list(pool.map(lambda _: httpx.get(f"http://127.0.0.1:{port}/v1/lookup", timeout=30, params={
                 "lat": 10, "lon": 10, "model": MODEL}).json()["embedding"], range(32)))
