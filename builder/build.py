@@ -13,7 +13,9 @@ steps run, not what they do.
 Shards are independent; each is written to a temporary name, renamed, and only then
 recorded as done under ``_build/``, so a build killed at any moment and started again with
 the same arguments redoes at most the shards in flight. The manifest is written last: until
-it exists the dataset is unfinished and the query layer refuses it. One build per dataset at
+it exists the dataset is unfinished and the query layer refuses it. An ``--overwrite``
+rebuild writes the next generation's files beside the published ones (never over them) and
+swaps by replacing the manifest. One build per dataset at
 a time on a local disk (an OS file lock, released even on SIGKILL); object storage has no
 such lock (see :func:`builder.publish.exclusive`). The output is a local directory or an
 ``s3://bucket/prefix`` (:mod:`catalog.storage`).
@@ -47,10 +49,11 @@ from builder.plan import (
     step_name,
     total_cells,
 )
-from builder.publish import exclusive, publish_rebuild, write_manifest
+from builder.publish import exclusive, finish_publish, remove_unpublished, write_manifest
 from builder.write import ShardJob, parquet_metadata, process_shard, shard_table
 from catalog import manifest as fmt
 from catalog.errors import InvalidArgumentError
+from catalog.manifest import read_manifest
 from catalog.storage import LocalStore, Store, open_store
 
 if TYPE_CHECKING:
@@ -165,7 +168,7 @@ def build(
                                    batch_size=config.batch_size, trust_checkpoint=config.trust_checkpoint)
     dataset = open_store(config.output).child(fmt.dataset_name(encoder.name))
     with exclusive(dataset):
-        publish_rebuild(dataset)  # finishes a swap that a killed run left half done
+        finish_publish(dataset)  # finishes a publish that a killed run left half done
         if config.overwrite and dataset.exists(fmt.MANIFEST):
             return _rebuild(config, encoder, dataset, timer, progress, encoder_given)
         return _build_locked(config, encoder, dataset, timer, progress, encoder_given)
@@ -173,27 +176,26 @@ def build(
 
 def _rebuild(config: BuildConfig, encoder: Encoder, dataset: Store, timer: Timer, progress: bool | None,
              encoder_given: bool) -> BuildSummary:
-    """``overwrite`` of a finished dataset: build the new one beside it, then swap it in.
+    """``overwrite`` of a finished dataset: build the next generation beside it, then swap it in.
 
-    The old dataset stays published (and queryable) until the new one is complete; a killed
-    rebuild resumes when run again with the same arguments, like any build.
+    The new files carry the generation in their names, so none of the published dataset's
+    is touched: it stays readable until the new manifest replaces it. A killed rebuild
+    resumes when run again with the same arguments, like any build; one with other
+    arguments starts the generation over.
     """
-    staging = dataset.child(fmt.REBUILD_DIR)
+    generation = fmt.generation_of(read_manifest(dataset)) + 1
     config = replace(config, overwrite=False)
     try:
-        BuildState(staging).start(config.identity(encoder.provenance.sha256))
+        BuildState(dataset).start(config.identity(encoder.provenance.sha256))
     except InvalidArgumentError:  # an interrupted rebuild with other arguments: start over
-        staging.delete_tree()
-    summary = _build_locked(config, encoder, staging, timer, progress, encoder_given, name=dataset.name)
-    publish_rebuild(dataset)
-    summary.dataset = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
-    return summary
+        remove_unpublished(dataset)
+    return _build_locked(config, encoder, dataset, timer, progress, encoder_given, generation=generation)
 
 
 def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: Timer,
-                  progress: bool | None, encoder_given: bool = False, name: str | None = None) -> BuildSummary:
+                  progress: bool | None, encoder_given: bool = False, generation: int = 0) -> BuildSummary:
     identity = config.identity(encoder.provenance.sha256)
-    if dataset.exists(fmt.MANIFEST) and not config.overwrite:
+    if not generation and dataset.exists(fmt.MANIFEST) and not config.overwrite:
         raise InvalidArgumentError(
             f"{str(dataset)!r} already holds a finished {encoder.name} dataset; pass --overwrite (Python: "
             "overwrite=True) to rebuild it, or choose another --output"
@@ -209,7 +211,7 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         else:
             with timer("calibrate"):
                 quantizer = Quantizer.calibrate(encoder)
-    state.save(identity, {"quantization": quantizer.to_dict()} if quantizer else {})
+    state.save(identity, {"generation": generation, **({"quantization": quantizer.to_dict()} if quantizer else {})})
     if isinstance(dataset, LocalStore):
         remove_stale_temporaries(dataset.root)
 
@@ -221,7 +223,8 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     resumed = len(shards) - len(todo)
     land = land_cells_of(config) if config.land_only else {}
     job = ShardJob(dataset, config.precision, quantizer.to_dict() if quantizer else None,
-                   parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats)
+                   parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats,
+                   generation=generation)
     # trained before any shard, so that each shard's codes are added where it is encoded
     trained = {res: t for res in config.resolutions
                if (t := train_index(res, len(land[res]) if res in land else cell_count(res), encoder, job,
@@ -245,7 +248,7 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
                                                           land_flags=not config.land_only)
         cells[res] = res_info[str(res)]["cells"]
         files += res_files
-    write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, name)
+    write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, generation)
     where = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
     return BuildSummary(where, cells, sum(f["bytes"] for f in files), dict(timer.seconds), resumed)
 

@@ -48,6 +48,7 @@ class ShardJob:
     metadata: dict[str, str]
     zarr: bool = False  # also write the Zarr face
     indexes: dict[int, TrainedIndex] = field(default_factory=dict)  # by resolution: trained IVF indexes
+    generation: int = 0  # in the names of the files written (see catalog.manifest)
 
     def quantizer(self) -> Quantizer | None:
         return Quantizer(**self.quantization) if self.quantization else None
@@ -89,7 +90,7 @@ def write_and_index(job: ShardJob, shard: Shard, cells: NDArray[np.uint64], stor
     """Write one encoded shard's part file, then add its rows to its resolution's index; returns
     its done record (the caller marks it done)."""
     with timer("write"):
-        record = write_shard(job.dataset, shard, cells, stored, job.metadata)
+        record = write_shard(job.dataset, shard, cells, stored, job.metadata, job.generation)
     with timer("index"):
         return add_to_index(job, shard, cells, stored, record)
 
@@ -110,10 +111,12 @@ def shard_table(cells: NDArray[np.uint64], stored: NDArray[Any]) -> pa.Table:
 
 
 def write_shard(dataset: Store, shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any],
-                 metadata: dict[str, str]) -> dict[str, Any]:
-    """Write one shard's part file and block table (atomically, under fixed names); returns
-    its done record. A shard without cells (open ocean in a land-only build) writes nothing."""
-    part, blocks = fmt.part_relpath(shard.res, shard.key), fmt.blocks_relpath(shard.res, shard.key)
+                metadata: dict[str, str], generation: int = 0) -> dict[str, Any]:
+    """Write one shard's part file and block table (atomically, under names fixed by the shard
+    and the generation); returns its done record. A shard without cells (open ocean in a
+    land-only build) writes nothing."""
+    part = fmt.part_relpath(shard.res, shard.key, generation)
+    blocks = fmt.blocks_relpath(shard.res, shard.key, generation)
     record: dict[str, Any] = {"res": shard.res, "rows": len(cells), "path": part, "blocks": blocks, "files": []}
     if not len(cells):
         return record

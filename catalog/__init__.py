@@ -8,6 +8,7 @@ from __future__ import annotations
 from catalog.coords import as_coordinates, invalid_mask
 from catalog.errors import (
     AtlasBusyError,
+    AtlasChangedError,
     AtlasCorruptError,
     AtlasNotFoundError,
     BuildFailedError,
@@ -31,6 +32,7 @@ from catalog.tables import read_points, write_parquet
 
 __all__ = [
     "AtlasBusyError",
+    "AtlasChangedError",
     "AtlasCorruptError",
     "AtlasNotFoundError",
     "BuildFailedError",

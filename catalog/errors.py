@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "AtlasBusyError",
+    "AtlasChangedError",
     "AtlasCorruptError",
     "AtlasNotFoundError",
     "BuildFailedError",
@@ -85,6 +86,10 @@ class AtlasNotFoundError(HexatlasError, FileNotFoundError):
 
 class AtlasCorruptError(HexatlasError, ValueError):
     """An atlas is partial, altered or of an incompatible format version."""
+
+
+class AtlasChangedError(HexatlasError, RuntimeError):
+    """An opened atlas was rebuilt (``--overwrite``) since it was opened: open it again."""
 
 
 class AtlasBusyError(HexatlasError, RuntimeError):

@@ -29,7 +29,7 @@ class View:
 
     name: str
     dim: int
-    glob: str  # the dataset's local part files
+    glob: str | list[str]  # the dataset's local part files: a glob, or the files
     quantization: dict[str, list[float]] | None = None
 
 
@@ -161,7 +161,8 @@ def connect(views: list[View], lookup: Lookup) -> Any:
                 "(lat, lon, res, model) AS _hexatlas_embedding(lat, lon, res, model)")
     for i, dataset in enumerate(views):
         view = "embeddings_" + re.sub(r"\W", "_", dataset.name)
-        glob = dataset.glob.replace("'", "''")
+        files = [dataset.glob] if isinstance(dataset.glob, str) else dataset.glob
+        glob = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
         embedding = "CAST(embedding AS FLOAT[])"
         quant = dataset.quantization
         if quant:  # int8 codes (a fixed-size binary per row) back to values, as the Python API does
@@ -172,7 +173,7 @@ def connect(views: list[View], lookup: Lookup) -> Any:
         con.execute(
             f"CREATE VIEW {view} AS SELECT cell, CAST(res AS INTEGER) AS res, h3_cell_to_lat(cell) AS lat, "
             f"h3_cell_to_lng(cell) AS lon, {embedding} AS embedding "
-            f"FROM read_parquet('{glob}', hive_partitioning = true)"
+            f"FROM read_parquet({glob}, hive_partitioning = true)"
         )
         if i == 0:
             con.execute(f"CREATE VIEW embeddings AS SELECT * FROM {view}")
