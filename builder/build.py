@@ -168,10 +168,21 @@ def build(
                                    batch_size=config.batch_size, trust_checkpoint=config.trust_checkpoint)
     dataset = open_store(config.output).child(fmt.dataset_name(encoder.name))
     with exclusive(dataset):
-        finish_publish(dataset)  # finishes a publish that a killed run left half done
+        if finish_publish(dataset) == config.identity(encoder.provenance.sha256):
+            # this very build was killed after publishing: now finished, like any resumed build
+            return _published(dataset)
         if config.overwrite and dataset.exists(fmt.MANIFEST):
             return _rebuild(config, encoder, dataset, timer, progress, encoder_given)
         return _build_locked(config, encoder, dataset, timer, progress, encoder_given)
+
+
+def _published(dataset: Store) -> BuildSummary:
+    """The summary of a dataset a killed run had already published."""
+    manifest = read_manifest(dataset)
+    where = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
+    return BuildSummary(where, {int(r): info["cells"] for r, info in manifest["resolutions"].items()},
+                        sum(f["bytes"] for f in manifest["files"]), {},
+                        sum(len(info["parts"]) for info in manifest["resolutions"].values()))
 
 
 def _rebuild(config: BuildConfig, encoder: Encoder, dataset: Store, timer: Timer, progress: bool | None,

@@ -58,22 +58,31 @@ def exclusive(dataset: Path | Store) -> Iterator[None]:
         yield
 
 
-def finish_publish(dataset: Store) -> None:
+def finish_publish(dataset: Store) -> dict[str, Any] | None:
     """Finish what a killed run left after its manifest was written; nothing otherwise.
 
     A build is published by its manifest; the STAC collection is then rewritten from it, the
     files of the generation it replaced are deleted, and ``_build/`` last. A run killed in
     between leaves ``_build/`` naming a generation that is no longer above the published
     one: this does the rest, as the next build (or a resumed one) starts.
+
+    Returns
+    -------
+    dict or None
+        The identity of the build whose publishing this finished (see
+        :meth:`BuildConfig.identity`); None when there was none to finish.
     """
     with contextlib.suppress(FileNotFoundError):
         dataset.delete_tree(fmt.REBUILD_DIR)  # where hexatlas before generations built a rebuild
     building = fmt.building_generation(dataset)
     if building is None or not dataset.exists(fmt.MANIFEST):
-        return
+        return None
     manifest = dataset.read_json(fmt.MANIFEST)
-    if building <= fmt.generation_of(manifest):
-        _sweep(dataset, manifest)
+    if building > fmt.generation_of(manifest):
+        return None  # a rebuild in progress
+    identity = dataset.read_json(f"{fmt.BUILD_DIR}/build.json").get("identity")
+    _sweep(dataset, manifest)
+    return identity
 
 
 def _sweep(dataset: Store, manifest: dict[str, Any]) -> None:

@@ -65,6 +65,9 @@ BUILD_DIR = "_build"
 # where hexatlas before generations built an --overwrite rebuild; a leftover one is removed
 REBUILD_DIR = "_build.rebuild"
 # a generation's mark in a file name: part-<key>.g<g>.parquet, res=<r>.g<g>.faiss, res=<r>.g<g>.zarr/...
+# a file being written, never renamed into place by a killed build (catalog.tables.atomic_path,
+# LocalStore.staged_dir): not the dataset's, and swept by the next build
+_STAGING = re.compile(r"(^|/)\.[^/]+\.tmp$|\.tmpdir/")
 _GENERATION = re.compile(r"\.g(\d+)\.(?:parquet|blocks|faiss|npy|zarr)(?:/|$)")
 
 
@@ -195,7 +198,8 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
 
     Works on local directories and ``s3://`` prefixes alike (objects are streamed, not
     downloaded to disk). Files of a rebuild in progress (the generation ``_build/`` is
-    writing, above the published one) are not the dataset's yet and are not reported.
+    writing, above the published one) are not the dataset's yet and are not reported, nor
+    are the temporary files of a killed write (swept by the next build).
 
     Returns
     -------
@@ -214,7 +218,7 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
     present = {
         rel: size for rel, size in store.files().items()
         if rel not in (MANIFEST, STAC) and not rel.split("/")[0].startswith(BUILD_DIR)  # _build/, _build.lock
-        and (building is None or file_generation(rel) != building)
+        and (building is None or file_generation(rel) != building) and not _STAGING.search(rel)
     }
     for rel in sorted(set(listed) - set(present)):
         problems.append(f"missing file: {rel}")
