@@ -90,20 +90,26 @@ def _sweep(dataset: Store, manifest: dict[str, Any]) -> None:
     (the old generation's), then ``_build/``."""
     dataset.write_json(fmt.STAC, fmt.stac_collection(manifest))
     listed = {record["path"] for record in manifest["files"]} | {fmt.MANIFEST, fmt.STAC}
-    stale = [rel for rel in dataset.files() if rel not in listed and not rel.split("/")[0].startswith(fmt.BUILD_DIR)]
-    if dataset.is_local:
-        for rel in stale:
-            dataset.delete(rel)
-    else:  # one request each: many at once
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(16, thread_name_prefix="delete") as pool:
-            list(pool.map(dataset.delete, stale))
+    _delete(dataset, [rel for rel in dataset.files()
+                      if rel not in listed and not rel.split("/")[0].startswith(fmt.BUILD_DIR)])
     if isinstance(dataset, LocalStore):  # directories of files the new dataset does not have
         for path in sorted(dataset.root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             if path.is_dir() and not any(path.iterdir()) and not path.name.startswith(fmt.BUILD_DIR):
                 path.rmdir()
+    # build.json last: until it goes, the next run knows which build this was, and finishes it
+    _delete(dataset, [rel for rel in dataset.files(fmt.BUILD_DIR) if rel != f"{fmt.BUILD_DIR}/build.json"])
     dataset.delete_tree(fmt.BUILD_DIR)
+
+
+def _delete(dataset: Store, rels: list[str]) -> None:
+    if dataset.is_local:
+        for rel in rels:
+            dataset.delete(rel)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16, thread_name_prefix="delete") as pool:  # one request each: many at once
+        list(pool.map(dataset.delete, rels))
 
 
 def remove_unpublished(dataset: Store) -> None:

@@ -81,7 +81,7 @@ class Killer:
                     proc.stdin.flush()
             proc.stdin.close()
             code = proc.wait()
-        assert code == 0, f"build failed ({code}): see {self.log}"
+        assert code == 0, f"{argv[3:]} failed ({code}): {self.log.read_text()[-1500:]}"
         return steps
 
 
@@ -190,9 +190,10 @@ def test_killed_four_times_then_resumed_ends_as_if_never_interrupted(references,
 def test_killed_at_random_steps_and_moments(references, tmp_path) -> None:
     """24 kills or more: each scenario (a fresh build, or an --overwrite rebuild of the other
     precision) is killed one to three times, at a random step of a random phase or at a
-    random moment, then run to completion and compared with the uninterrupted build."""
+    random moment, then run to completion and compared with the uninterrupted build.
+    ``HEXATLAS_KILL_SEED`` picks other kills (default 1717)."""
     folder, refs = references
-    rng = random.Random(1717)
+    rng = random.Random(int(os.environ.get("HEXATLAS_KILL_SEED", "1717")))
     killer = Killer(folder)
     refs = {**refs}
     refs["rebuild_steps"], refs["rebuild_seconds"] = rebuild_steps(folder, refs)
@@ -211,15 +212,21 @@ def test_killed_at_random_steps_and_moments(references, tmp_path) -> None:
         else:
             other, full, seconds = None, refs[precision]["steps"], refs[precision]["seconds"]
         counts = Counter(kind for kind, _ in full)
+        finished = False
         for _ in range(rng.randint(1, 3)):
+            kills = sum(killer.kills.values())
             if rng.random() < 0.3:
-                steps = killer.run(out, precision, overwrite=rebuild, after_s=rng.uniform(0.5, seconds))
+                killer.run(out, precision, overwrite=rebuild, after_s=rng.uniform(0.5, seconds))
             else:
                 phase = rng.choice([p for p in PHASES if counts[p]])
-                steps = killer.run(out, precision, overwrite=rebuild, at=(phase, rng.randrange(counts[phase])))
+                killer.run(out, precision, overwrite=rebuild, at=(phase, rng.randrange(counts[phase])))
+            if sum(killer.kills.values()) == kills:  # it got to the end first
+                finished = True
+                break
             if rebuild:  # the published dataset, between kills: the old one or the new one
                 _check_published(out / "toy", refs, (other, precision))
-        killer.run(out, precision, overwrite=rebuild)  # the same command: it resumes
+        if not finished:
+            killer.run(out, precision, overwrite=rebuild)  # the same command: it resumes
         assert_same(out / "toy", refs[precision]["dataset"])
     print(f"\n{sum(killer.kills.values())} kills in {scenarios} scenarios, all resumed to identical "
           f"atlases: {dict(sorted(killer.kills.items()))}")
@@ -333,3 +340,40 @@ def test_a_full_disk_is_one_line_from_the_cli(small_disk, references, tmp_path) 
                           cwd=ROOT, env=Killer(folder).env, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no space left on device at" in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------------ an atlas opened before
+
+def test_an_atlas_opened_before_a_rebuild_says_so_and_reopens(tmp_path) -> None:
+    """What it has open answers as before; a file it must open now is gone: AtlasChangedError,
+    then reopen() reads the new dataset. The server answers 503 once and serves the new one."""
+    from fastapi.testclient import TestClient
+
+    import query
+    from builder.build import build
+    from catalog.errors import AtlasChangedError
+    from query.server import create_app
+
+    build(TOY, resolutions="0-1", output=tmp_path, device="cpu", precision="float16", progress=False)
+    before = query.open(tmp_path)
+    old0 = before.lookup(lat=[10.0], lon=[20.0], res=0)
+    client = TestClient(create_app(query.open(tmp_path)))
+    assert client.get("/v1/lookup", params={"lat": 10, "lon": 20, "res": 0}).status_code == 200
+    build(TOY, resolutions="0-1", output=tmp_path, device="cpu", precision="float32", progress=False, overwrite=True)
+    np.testing.assert_array_equal(before.lookup(lat=[10.0], lon=[20.0], res=0), old0)  # its part is open
+    with pytest.raises(AtlasChangedError, match=r"rebuilt while it was open \(generation 0, now 1\): "
+                                                r"blocks/res=1/part-all.blocks is gone\. Open it again"):
+        before.lookup(lat=[10.0], lon=[20.0], res=1)
+    with pytest.raises(AtlasChangedError):
+        before.similar(lat=10.0, lon=20.0, res=1, k=3)
+    after = before.reopen()
+    new1 = after.lookup(lat=[10.0], lon=[20.0], res=1)
+    assert after.info()["toy"]["precision"] == "float32"
+    assert after.sql("SELECT count(*) AS n FROM embeddings").column("n")[0].as_py() == 122 + 842
+    # the server: the request that found the files gone is answered 503 (send it again), then the new atlas
+    params = {"lat": 10, "lon": 20, "res": 1}
+    first = client.get("/v1/lookup", params=params)
+    assert first.status_code == 503 and first.json()["error"] == "AtlasChangedError"
+    again = client.get("/v1/lookup", params=params)
+    assert again.status_code == 200
+    np.testing.assert_allclose(again.json()["embedding"], new1[0], rtol=1e-6)
