@@ -13,7 +13,9 @@ steps run, not what they do.
 Shards are independent; each is written to a temporary name, renamed, and only then
 recorded as done under ``_build/``, so a build killed at any moment and started again with
 the same arguments redoes at most the shards in flight. The manifest is written last: until
-it exists the dataset is unfinished and the query layer refuses it. One build per dataset at
+it exists the dataset is unfinished and the query layer refuses it. An ``--overwrite``
+rebuild writes the next generation's files beside the published ones (never over them) and
+swaps by replacing the manifest. One build per dataset at
 a time on a local disk (an OS file lock, released even on SIGKILL); object storage has no
 such lock (see :func:`builder.publish.exclusive`). The output is a local directory or an
 ``s3://bucket/prefix`` (:mod:`catalog.storage`).
@@ -49,10 +51,11 @@ from builder.plan import (
     step_name,
     total_cells,
 )
-from builder.publish import exclusive, publish_rebuild, write_manifest
+from builder.publish import exclusive, finish_publish, remove_unpublished, write_manifest
 from builder.write import ShardJob, parquet_metadata, process_shard, shard_table
 from catalog import manifest as fmt
 from catalog.errors import InvalidArgumentError
+from catalog.manifest import read_manifest
 from catalog.storage import LocalStore, Store, open_store
 
 if TYPE_CHECKING:
@@ -184,7 +187,9 @@ def build(
                                    batch_size=config.batch_size, trust_checkpoint=config.trust_checkpoint)
     dataset = open_store(config.output).child(fmt.dataset_name(encoder.name))
     with exclusive(dataset, break_lock=break_lock):
-        publish_rebuild(dataset)  # finishes a swap that a killed run left half done
+        if finish_publish(dataset) == config.identity(encoder.provenance.sha256):
+            # this very build was killed after publishing: now finished, like any resumed build
+            return _published(dataset)
         if config.overwrite and dataset.exists(fmt.MANIFEST):
             summary = _rebuild(config, encoder, dataset, timer, progress, encoder_given)
         else:
@@ -193,29 +198,37 @@ def build(
     return summary
 
 
+def _published(dataset: Store) -> BuildSummary:
+    """The summary of a dataset a killed run had already published."""
+    manifest = read_manifest(dataset)
+    where = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
+    return BuildSummary(where, {int(r): info["cells"] for r, info in manifest["resolutions"].items()},
+                        sum(f["bytes"] for f in manifest["files"]), {},
+                        sum(len(info["parts"]) for info in manifest["resolutions"].values()))
+
+
 def _rebuild(config: BuildConfig, encoder: Encoder, dataset: Store, timer: Timer, progress: bool | None,
              encoder_given: bool) -> BuildSummary:
-    """``overwrite`` of a finished dataset: build the new one beside it, then swap it in.
+    """``overwrite`` of a finished dataset: build the next generation beside it, then swap it in.
 
-    The old dataset stays published (and queryable) until the new one is complete; a killed
-    rebuild resumes when run again with the same arguments, like any build.
+    The new files carry the generation in their names, so none of the published dataset's
+    is touched: it stays readable until the new manifest replaces it. A killed rebuild
+    resumes when run again with the same arguments, like any build; one with other
+    arguments starts the generation over.
     """
-    staging = dataset.child(fmt.REBUILD_DIR)
+    generation = fmt.generation_of(read_manifest(dataset)) + 1
     config = replace(config, overwrite=False)
     try:
-        BuildState(staging).start(config.identity(encoder.provenance.sha256))
+        BuildState(dataset).start(config.identity(encoder.provenance.sha256))
     except InvalidArgumentError:  # an interrupted rebuild with other arguments: start over
-        staging.delete_tree()
-    summary = _build_locked(config, encoder, staging, timer, progress, encoder_given, name=dataset.name)
-    publish_rebuild(dataset)
-    summary.dataset = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
-    return summary
+        remove_unpublished(dataset)
+    return _build_locked(config, encoder, dataset, timer, progress, encoder_given, generation=generation)
 
 
 def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: Timer,
-                  progress: bool | None, encoder_given: bool = False, name: str | None = None) -> BuildSummary:
+                  progress: bool | None, encoder_given: bool = False, generation: int = 0) -> BuildSummary:
     identity = config.identity(encoder.provenance.sha256)
-    if dataset.exists(fmt.MANIFEST) and not config.overwrite:
+    if not generation and dataset.exists(fmt.MANIFEST) and not config.overwrite:
         raise InvalidArgumentError(
             f"{str(dataset)!r} already holds a finished {encoder.name} dataset; pass --overwrite (Python: "
             "overwrite=True) to rebuild it, or choose another --output"
@@ -237,7 +250,7 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
         else:
             with timer("calibrate"):
                 quantizer = Quantizer.calibrate(encoder)
-    state.save(identity, {"quantization": quantizer.to_dict()} if quantizer else {})
+    state.save(identity, {"generation": generation, **({"quantization": quantizer.to_dict()} if quantizer else {})})
     if isinstance(dataset, LocalStore):
         remove_stale_temporaries(dataset.root)
 
@@ -251,7 +264,7 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     resumed = len(shards) - len(todo)
     job = ShardJob(dataset, config.precision, quantizer.to_dict() if quantizer else None,
                    parquet_metadata(encoder, config.precision, quantizer), "zarr" in config.formats,
-                   land_only=config.land_only)
+                   land_only=config.land_only, generation=generation)
     # trained before any shard, so that each shard's codes are added where it is encoded
     trained = {res: t for res in config.resolutions
                if (t := train_index(res, len(land[res]) if res in land else cell_count(res), encoder, job,
@@ -281,14 +294,14 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
                                    config.region, config.fidelity_points)
     for res, fidelity in measured.items():
         res_info[res]["fidelity"] = fidelity
-    files, onnx = _export_encoder(dataset, encoder, files, timer)
-    write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, name, encoder_onnx=onnx)
+    files, onnx = _export_encoder(dataset, encoder, files, timer, generation)
+    write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, generation, encoder_onnx=onnx)
     where = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
     return BuildSummary(where, cells, sum(f["bytes"] for f in files), dict(timer.seconds), resumed)
 
 
 def _export_encoder(dataset: Store, encoder: Encoder, files: list[dict[str, Any]],
-                    timer: Timer) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                    timer: Timer, generation: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Store the encoder as ONNX (:mod:`builder.export`) for exact lookups; returns the file
     records with its own added and its manifest entry (or why there is none)."""
     from builder.export import export_onnx
@@ -297,10 +310,11 @@ def _export_encoder(dataset: Store, encoder: Encoder, files: list[dict[str, Any]
         model, info = export_onnx(encoder)
         if model is None:
             return files, info
-        with dataset.staged(fmt.ENCODER_ONNX) as tmp:
+        rel = fmt.encoder_relpath(generation)
+        with dataset.staged(rel) as tmp:
             tmp.write_bytes(model)
-            record = fmt.file_record(Path(), fmt.ENCODER_ONNX, local=tmp)
-    return files + [record], {"path": fmt.ENCODER_ONNX, "sha256": record["sha256"], "bytes": record["bytes"], **info}
+            record = fmt.file_record(Path(), rel, local=tmp)
+    return files + [record], {"path": rel, "sha256": record["sha256"], "bytes": record["bytes"], **info}
 
 
 def _run_shards(todo: list[Shard], encoder: Encoder, job: ShardJob, land: dict[int, NDArray[np.uint64]],

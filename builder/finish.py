@@ -130,11 +130,12 @@ class ZarrRows:
 
     @classmethod
     @contextlib.contextmanager
-    def staged(cls, dataset: Store, res: int, n: int, quantizer: Quantizer | None) -> Iterator[ZarrRows]:
+    def staged(cls, dataset: Store, res: int, n: int, quantizer: Quantizer | None,
+               generation: int = 0) -> Iterator[ZarrRows]:
         """Yield a writer; on leaving, check the count, consolidate, and publish (``.files`` is then set)."""
         import zarr
 
-        rel = fmt.zarr_relpath(res)
+        rel = fmt.zarr_relpath(res, generation)
         with dataset.staged_dir(rel) as tmp:
             rows = cls(tmp, res, n, quantizer, settle_chunks=dataset.is_local)
             yield rows
@@ -231,18 +232,18 @@ def finishing(res: int, n: int, job: ShardJob, state: BuildState, timer: Timer) 
     if not _zarr_todo(res, job, state):
         yield None
         return
-    with ZarrRows.staged(job.dataset, res, n, job.quantizer()) as zarr_rows:
+    with ZarrRows.staged(job.dataset, res, n, job.quantizer(), job.generation) as zarr_rows:
         yield Finisher(zarr_rows, timer)
     state.mark(f"zarr-res={res}", {"files": zarr_rows.files})
 
 
 def _zarr_todo(res: int, job: ShardJob, state: BuildState) -> bool:
     return job.zarr and (state.done(f"zarr-res={res}") is None
-                         or not job.dataset.exists(f"{fmt.zarr_relpath(res)}/.zmetadata"))
+                         or not job.dataset.exists(f"{fmt.zarr_relpath(res, job.generation)}/.zmetadata"))
 
 
 def _index_done(res: int, job: ShardJob, state: BuildState) -> bool:
-    return state.done(f"index-res={res}") is not None and job.dataset.exists(fmt.index_relpath(res))
+    return state.done(f"index-res={res}") is not None and job.dataset.exists(fmt.index_relpath(res, job.generation))
 
 
 def stored_bytes(dim: int, precision: str) -> int:
@@ -275,7 +276,7 @@ def train_index(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray
 
 
 def shard_key(record: dict[str, Any]) -> str:
-    return Path(record["path"]).stem[len("part-"):]
+    return fmt.shard_key_of(record["path"])
 
 
 def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, source: ShardSource) -> None:
@@ -290,7 +291,7 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
     start = time.perf_counter()
     dataset, n, dim = job.dataset, sum(r["rows"] for r in source.records), source.dim
     faiss = vector_index.require_faiss()
-    rel = fmt.index_relpath(res)
+    rel = fmt.index_relpath(res, job.generation)
     trained = state.done(f"index-train-res={res}")
     with timer("index"), dataset.staged(rel) as tmp, tempfile.TemporaryDirectory() as fetched:
         if n <= vector_index.EXACT_MAX_CELLS:
@@ -360,10 +361,6 @@ def _shard_lists(res: int, source: ShardSource, job: ShardJob, state: BuildState
             yield local
 
 
-def land_relpath(res: int) -> str:
-    return f"land/res={res}.npy"
-
-
 def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer,
                 cells: NDArray[np.uint64] | None = None) -> dict[str, Any]:
     """A resolution's land flags: ``land/res=<r>.npy``, the sorted cells (uint64) of the atlas
@@ -377,10 +374,11 @@ def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer,
     if done is None or not job.dataset.exists(done["file"]["path"]):
         with timer("land"):
             cells = land_cells(res) if cells is None else cells
-            with job.dataset.staged(land_relpath(res)) as tmp:
+            rel = fmt.land_relpath(res, job.generation)
+            with job.dataset.staged(rel) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, cells.astype(np.uint64))
-                done = {"cells": len(cells), "file": fmt.file_record(Path(), land_relpath(res), local=tmp)}
+                done = {"cells": len(cells), "file": fmt.file_record(Path(), rel, local=tmp)}
         state.mark(step, done)
     return done
 
@@ -412,7 +410,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
                     bar.update(table.num_rows)
     finish_index(res, job, state, timer, source)
     zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")
-    info["zarr"], info["index"] = (fmt.zarr_relpath(res) if job.zarr else None), index_done["index"]
+    info["zarr"], info["index"] = (fmt.zarr_relpath(res, job.generation) if job.zarr else None), index_done["index"]
     files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]
     if land_flags:
         land = finish_land(res, job, state, timer, land_cells)

@@ -1,8 +1,10 @@
 """Publish: the build lock, the manifest (written last) and the swap of an ``--overwrite`` rebuild.
 
 A dataset is published when its manifest is written: until then readers refuse it as
-unfinished. A rebuild is made beside the published dataset and swapped in file by file,
-the manifest last, so readers see the old dataset, then an unfinished one, then the new one.
+unfinished. A rebuild writes a new generation beside the published dataset, under names of
+its own (see :mod:`catalog.manifest`), so the swap is the manifest alone, replaced
+atomically; the old generation's files are deleted after it. Readers see the old dataset,
+then the new one, and never a file of one with the manifest of the other.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from builder.encode import Quantizer
     from builder.encoders._base import Encoder
 
-__all__ = ["exclusive", "publish_rebuild", "versions", "write_manifest"]
+__all__ = ["exclusive", "finish_publish", "remove_unpublished", "versions", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +63,64 @@ def exclusive(dataset: Path | Store, *, break_lock: bool = False) -> Iterator[No
         yield
 
 
-def publish_rebuild(dataset: Store) -> None:
-    """Swap a finished rebuild (``_build.rebuild/``) in; nothing when there is none.
+def finish_publish(dataset: Store) -> dict[str, Any] | None:
+    """Finish what a killed run left after its manifest was written; nothing otherwise.
 
-    The old manifest goes first, then the old files the new dataset does not have; the new
-    files move in, the manifest last. Readers see the old dataset, then an unfinished one,
-    then the new one, never a mix. Killed halfway, it carries on when called again.
+    A build is published by its manifest; the STAC collection is then rewritten from it, the
+    files of the generation it replaced are deleted, and ``_build/`` last. A run killed in
+    between leaves ``_build/`` naming a generation that is no longer above the published
+    one: this does the rest, as the next build (or a resumed one) starts.
+
+    Returns
+    -------
+    dict or None
+        The identity of the build whose publishing this finished (see
+        :meth:`BuildConfig.identity`); None when there was none to finish.
     """
-    staging = dataset.child(fmt.REBUILD_DIR)
-    if not staging.exists(fmt.MANIFEST):
-        return
-    new = {record["path"] for record in staging.read_json(fmt.MANIFEST)["files"]} | {fmt.STAC}
-    dataset.delete(fmt.MANIFEST)
-    for rel in dataset.files():
-        if not rel.startswith(fmt.BUILD_DIR) and rel not in new:  # keeps _build.lock, _build.rebuild/
-            dataset.delete(rel)
-    for rel in sorted(staging.files()):
-        if rel != fmt.MANIFEST:
-            dataset.move(f"{fmt.REBUILD_DIR}/{rel}", rel)
-    dataset.move(f"{fmt.REBUILD_DIR}/{fmt.MANIFEST}", fmt.MANIFEST)
-    dataset.delete_tree(fmt.REBUILD_DIR)
+    with contextlib.suppress(FileNotFoundError):
+        dataset.delete_tree(fmt.REBUILD_DIR)  # where hexatlas before generations built a rebuild
+    building = fmt.building_generation(dataset)
+    if building is None or not dataset.exists(fmt.MANIFEST):
+        return None
+    manifest = dataset.read_json(fmt.MANIFEST)
+    if building > fmt.generation_of(manifest):
+        return None  # a rebuild in progress
+    identity = dataset.read_json(f"{fmt.BUILD_DIR}/build.json").get("identity")
+    _sweep(dataset, manifest)
+    return identity
+
+
+def _sweep(dataset: Store, manifest: dict[str, Any]) -> None:
+    """After the manifest: the STAC collection, then every file the manifest does not list
+    (the old generation's), then ``_build/``."""
+    dataset.write_json(fmt.STAC, fmt.stac_collection(manifest))
+    listed = {record["path"] for record in manifest["files"]} | {fmt.MANIFEST, fmt.STAC}
+    _delete(dataset, [rel for rel in dataset.files()
+                      if rel not in listed and not rel.split("/")[0].startswith(fmt.BUILD_DIR)])
     if isinstance(dataset, LocalStore):  # directories of files the new dataset does not have
         for path in sorted(dataset.root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if path.is_dir() and not any(path.iterdir()):
+            if path.is_dir() and not any(path.iterdir()) and not path.name.startswith(fmt.BUILD_DIR):
                 path.rmdir()
+    # build.json last: until it goes, the next run knows which build this was, and finishes it
+    _delete(dataset, [rel for rel in dataset.files(fmt.BUILD_DIR) if rel != f"{fmt.BUILD_DIR}/build.json"])
+    dataset.delete_tree(fmt.BUILD_DIR)
+
+
+def _delete(dataset: Store, rels: list[str]) -> None:
+    if dataset.is_local:
+        for rel in rels:
+            dataset.delete(rel)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16, thread_name_prefix="delete") as pool:  # one request each: many at once
+        list(pool.map(dataset.delete, rels))
+
+
+def remove_unpublished(dataset: Store) -> None:
+    """Remove an unfinished rebuild (its generation's files and ``_build/``), keeping the
+    published dataset as it is."""
+    _sweep(dataset, dataset.read_json(fmt.MANIFEST))
 
 
 def versions() -> dict[str, str]:
@@ -100,11 +136,13 @@ def versions() -> dict[str, str]:
 
 def write_manifest(dataset: Store, config: BuildConfig, encoder: Encoder, quantizer: Quantizer | None,
                    resolutions: dict[str, Any], files: list[dict[str, Any]], timer: Timer,
-                   name: str | None = None, encoder_onnx: dict[str, Any] | None = None) -> None:
-    """Publish a finished dataset: its STAC collection, then the manifest (last, atomic), then
-    drop the resume state. ``encoder_onnx``: the exported encoder's entry (:mod:`builder.export`)."""
+                   generation: int = 0, encoder_onnx: dict[str, Any] | None = None) -> None:
+    """Publish a finished dataset: the manifest (atomic: the publish step), then its STAC
+    collection, the files of the generation it replaces deleted, and the resume state.
+    ``encoder_onnx``: the exported encoder's entry (:mod:`builder.export`)."""
     manifest = {
-        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "dataset": name or dataset.name,
+        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "dataset": dataset.name,
+        "generation": generation,
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "provenance": encoder.provenance.to_dict(), "precision": config.precision,
         "quantization": quantizer.to_dict() if quantizer else None,
@@ -118,6 +156,5 @@ def write_manifest(dataset: Store, config: BuildConfig, encoder: Encoder, quanti
         "encoder_onnx": encoder_onnx,
         "software": versions(), "timings_s": {k: round(v, 3) for k, v in timer.seconds.items()},
     }
-    dataset.write_json(fmt.STAC, fmt.stac_collection(manifest))
-    dataset.write_json(fmt.MANIFEST, manifest)  # the publish step: last, atomic
-    dataset.delete_tree(fmt.BUILD_DIR)
+    dataset.write_json(fmt.MANIFEST, manifest)  # the publish step: atomic (a rename; one PUT)
+    _sweep(dataset, manifest)

@@ -50,6 +50,7 @@ class ShardJob:
     zarr: bool = False  # also write the Zarr face
     land_only: bool = False  # every cell touches land: the part files' land column is all True
     indexes: dict[int, TrainedIndex] = field(default_factory=dict)  # by resolution: trained IVF indexes
+    generation: int = 0  # in the names of the files written (see catalog.manifest)
 
     def quantizer(self) -> Quantizer | None:
         return Quantizer(**self.quantization) if self.quantization else None
@@ -95,7 +96,7 @@ def write_and_index(job: ShardJob, shard: Shard, cells: NDArray[np.uint64], stor
     with timer("land"):
         land = land_flags(shard.res, cells, job.land_only, land_cells)
     with timer("write"):
-        record = write_shard(job.dataset, shard, cells, stored, job.metadata, land)
+        record = write_shard(job.dataset, shard, cells, stored, job.metadata, land, job.generation)
     with timer("index"):
         return add_to_index(job, shard, cells, stored, record)
 
@@ -138,11 +139,13 @@ _LAND_LOCK = threading.Lock()
 
 
 def write_shard(dataset: Store, shard: Shard, cells: NDArray[np.uint64], stored: NDArray[Any],
-                metadata: dict[str, str], land: NDArray[np.bool_] | None = None) -> dict[str, Any]:
-    """Write one shard's part file and block table (atomically, under fixed names); returns
-    its done record. A shard without cells (open ocean in a land-only build) writes nothing.
-    ``land``: the cells' land flags, the part's ``land`` column."""
-    part, blocks = fmt.part_relpath(shard.res, shard.key), fmt.blocks_relpath(shard.res, shard.key)
+                metadata: dict[str, str], land: NDArray[np.bool_] | None = None,
+                generation: int = 0) -> dict[str, Any]:
+    """Write one shard's part file and block table (atomically, under names fixed by the shard
+    and the generation); returns its done record. A shard without cells (open ocean in a
+    land-only build) writes nothing. ``land``: the cells' land flags, the part's ``land`` column."""
+    part = fmt.part_relpath(shard.res, shard.key, generation)
+    blocks = fmt.blocks_relpath(shard.res, shard.key, generation)
     record: dict[str, Any] = {"res": shard.res, "rows": len(cells), "path": part, "blocks": blocks, "files": []}
     if not len(cells):
         return record

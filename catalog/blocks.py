@@ -203,6 +203,14 @@ class _RemoteBytes:
         return data.to_pybytes() if hasattr(data, "to_pybytes") else bytes(data)
 
 
+Missing = Callable[[str], Exception]  # a file's path in the dataset -> the error to raise for its absence
+
+
+def _corrupt_missing(where: str) -> Missing:
+    return lambda rel: AtlasCorruptError(f"{where}/{rel} is missing; run 'hexatlas validate {where}' "
+                                         "and rebuild or re-download the dataset")
+
+
 @dataclass(frozen=True)
 class PartInfo:
     """A part as the manifest lists it."""
@@ -225,15 +233,17 @@ class Part:
     :class:`AtlasCorruptError` naming the file and what to do.
     """
 
-    def __init__(self, store: Store, info: PartInfo, dim: int, dtype: np.dtype, where: str) -> None:
+    def __init__(self, store: Store, info: PartInfo, dim: int, dtype: np.dtype, where: str,
+                 missing: Missing | None = None) -> None:
         import hashlib
 
         self.info, self.dim, self.dtype, self.where = info, dim, np.dtype(dtype), where
+        self._missing = missing or _corrupt_missing(where)
         for attempt in range(1 if store.is_local else 2):  # remote: read again, in case it changed on the way
             try:
                 raw = store.read_bytes(info.blocks)
             except FileNotFoundError:
-                raise AtlasCorruptError(f"{where}/{info.blocks} is missing; run 'hexatlas validate {where}'") from None
+                raise self._missing(info.blocks) from None
             if hashlib.sha256(raw).hexdigest() == info.blocks_sha256:
                 break
         if hashlib.sha256(raw).hexdigest() != info.blocks_sha256:
@@ -249,8 +259,7 @@ class Part:
         try:
             self.bytes = _LocalBytes(store.path(info.path)) if store.is_local else _RemoteBytes(store, info.path)
         except FileNotFoundError:
-            raise AtlasCorruptError(f"{where}/{info.path} is missing; run 'hexatlas validate {where}' "
-                                    "and rebuild or re-download the dataset") from None
+            raise self._missing(info.path) from None
         if self.bytes.size != info.bytes:
             raise AtlasCorruptError(
                 f"{where}/{info.path} has {self.bytes.size:,} bytes, its manifest says {info.bytes:,} "
@@ -272,8 +281,14 @@ class Part:
         # a remote block that fails its checksum is read once more: bytes damaged on the way
         # differ the second time, bytes damaged where they are stored do not
         for attempt in range(1 if isinstance(self.bytes, _LocalBytes) else 2):
-            c_run = self.bytes.read(int(entry["cells_offset"]), rows * 8)
-            v_run = self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes)
+            try:
+                c_run = self.bytes.read(int(entry["cells_offset"]), rows * 8)
+                v_run = self.bytes.read(int(entry["values_offset"]), rows * self.value_bytes)
+            except OSError:  # an object deleted since it was opened (a rebuild): say so if that is why
+                changed = self._missing(self.info.path)
+                if isinstance(changed, AtlasCorruptError):
+                    raise
+                raise changed from None
             try:
                 if not self._cells_ok[b]:
                     self._check(b, "cells", c_run)
@@ -352,12 +367,15 @@ class Part:
 class ResolutionReader:
     """One resolution of a dataset, read in place: parts opened lazily, blocks read as needed.
 
-    Thread-safe. Remote blocks are kept in a bounded cache of checked blocks.
+    Thread-safe. Remote blocks are kept in a bounded cache of checked blocks. ``missing(rel)``
+    gives the error to raise when a file the manifest names is not there (default: an
+    :class:`AtlasCorruptError`; the query layer first checks whether the atlas was rebuilt).
     """
 
     def __init__(self, store: Store, parts: list[PartInfo], dim: int, precision: str, where: str,
-                 cache_bytes: int = 256 << 20) -> None:
+                 cache_bytes: int = 256 << 20, missing: Missing | None = None) -> None:
         self.store, self.infos, self.dim, self.where = store, parts, dim, where
+        self.missing = missing
         self.dtype = STORED_DTYPES[precision]
         self.first = np.array([p.first_cell for p in parts], dtype=np.uint64)
         self.last = np.array([p.last_cell for p in parts], dtype=np.uint64)
@@ -371,7 +389,7 @@ class ResolutionReader:
     def part(self, p: int) -> Part:
         with self._lock:
             if p not in self._parts:
-                self._parts[p] = Part(self.store, self.infos[p], self.dim, self.dtype, self.where)
+                self._parts[p] = Part(self.store, self.infos[p], self.dim, self.dtype, self.where, self.missing)
             return self._parts[p]
 
     def _block(self, p: int, b: int) -> tuple[NDArray[np.uint64], NDArray[Any]]:

@@ -88,8 +88,9 @@ class AtlasCorruptError(HexatlasError, ValueError):
     """An atlas is partial, altered or of an incompatible format version."""
 
 
-class AtlasChangedError(AtlasCorruptError):
-    """A remote atlas's file changed (another ETag) while it was being read: open it again."""
+class AtlasChangedError(HexatlasError, RuntimeError):
+    """An opened atlas changed since it was opened (rebuilt with ``--overwrite``, or a remote
+    file replaced: another ETag): open it again."""
 
 
 class AtlasBusyError(HexatlasError, RuntimeError):

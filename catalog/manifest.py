@@ -16,6 +16,17 @@ An atlas is a directory holding one dataset per model::
 
 The dataset may also live under an ``s3://`` prefix (see :mod:`catalog.storage`); reading,
 listing and validating work the same there. Only the standard library and pyarrow are needed here, so both the builder and the query layer use it.
+
+Generations: a published file is never overwritten. A first build writes the names above
+(generation 0); an ``--overwrite`` rebuild writes generation ``g`` (the published one + 1)
+beside them, under names that carry it (``part-<key>.g<g>.parquet``, ``res=<r>.g<g>.faiss``,
+``res=<r>.g<g>.zarr/``...), and the manifest's ``"generation"`` says which (absent: 0). The
+swap is the manifest alone, replaced atomically (a rename; one PUT in object storage); only
+then are the files of the old generation deleted. A reader holding the old manifest thus
+reads old files or finds them gone, never a new file under an old name: it sees the old
+dataset or an error saying it was rebuilt (:class:`catalog.errors.AtlasChangedError`),
+never a mix. Readers of format 2 take every path from the manifest, so atlases with and
+without generations read the same: the format version stays 2.
 """
 
 from __future__ import annotations
@@ -55,10 +66,13 @@ FORMATS = ("parquet", "zarr")  # the faces a build can write; parquet (the store
 MANIFEST = "manifest.json"
 STAC = "collection.json"
 BUILD_DIR = "_build"
-# --overwrite of a finished dataset builds the new one here, then swaps it in (manifest last);
-# like everything named _build*, not part of the dataset
+# where hexatlas before generations built an --overwrite rebuild; a leftover one is removed
 REBUILD_DIR = "_build.rebuild"
-ENCODER_ONNX = "encoder/model.onnx"  # manifest["encoder_onnx"] describes it (or why a dataset has none)
+# a generation's mark in a file name: part-<key>.g<g>.parquet, res=<r>.g<g>.faiss, res=<r>.g<g>.zarr/...
+# a file being written, never renamed into place by a killed build (catalog.tables.atomic_path,
+# LocalStore.staged_dir): not the dataset's, and swept by the next build
+_STAGING = re.compile(r"(^|/)\.[^/]+\.tmp$|\.tmpdir/")
+_GENERATION = re.compile(r"\.g(\d+)\.(?:parquet|blocks|faiss|npy|zarr|onnx)(?:/|$)")
 
 
 def dataset_name(model: str) -> str:
@@ -66,20 +80,61 @@ def dataset_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("._") or "model"
 
 
-def part_relpath(res: int, shard_key: str) -> str:
-    return f"data/res={res}/part-{shard_key}.parquet"
+def _g(generation: int) -> str:
+    return f".g{generation}" if generation else ""
 
 
-def blocks_relpath(res: int, shard_key: str) -> str:
-    return f"blocks/res={res}/part-{shard_key}.blocks"
+def part_relpath(res: int, shard_key: str, generation: int = 0) -> str:
+    return f"data/res={res}/part-{shard_key}{_g(generation)}.parquet"
 
 
-def zarr_relpath(res: int) -> str:
-    return f"zarr/res={res}.zarr"
+def blocks_relpath(res: int, shard_key: str, generation: int = 0) -> str:
+    return f"blocks/res={res}/part-{shard_key}{_g(generation)}.blocks"
 
 
-def index_relpath(res: int) -> str:
-    return f"index/res={res}.faiss"
+def zarr_relpath(res: int, generation: int = 0) -> str:
+    return f"zarr/res={res}{_g(generation)}.zarr"
+
+
+def index_relpath(res: int, generation: int = 0) -> str:
+    return f"index/res={res}{_g(generation)}.faiss"
+
+
+def land_relpath(res: int, generation: int = 0) -> str:
+    return f"land/res={res}{_g(generation)}.npy"
+
+
+def encoder_relpath(generation: int = 0) -> str:
+    """The exported encoder (ONNX); ``manifest["encoder_onnx"]`` describes it (or why a dataset has none)."""
+    return f"encoder/model{_g(generation)}.onnx"
+
+
+def generation_of(manifest: dict[str, Any]) -> int:
+    """The generation a manifest publishes: 0 for a first build (and atlases from before generations)."""
+    return int(manifest.get("generation", 0))
+
+
+def file_generation(rel: str) -> int:
+    """The generation whose name a dataset file carries (0: none)."""
+    match = _GENERATION.search(rel)
+    return int(match[1]) if match else 0
+
+
+def shard_key_of(part_path: str) -> str:
+    """The shard key in a part file's path (``data/res=5/part-<key>[.g<g>].parquet``)."""
+    stem = Path(part_path).name[len("part-"):].removesuffix(".parquet")
+    return re.sub(r"\.g\d+$", "", stem)
+
+
+def building_generation(store: Store) -> int | None:
+    """The generation an unfinished build (a rebuild in progress) is writing, if any."""
+    path = f"{BUILD_DIR}/build.json"
+    if not store.exists(path):
+        return None
+    try:
+        return int(store.read_json(path).get("generation", 0))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -166,7 +221,9 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
     """Recompute every file's size and checksum and every resolution's row count.
 
     Works on local directories and ``s3://`` prefixes alike (objects are streamed, not
-    downloaded to disk).
+    downloaded to disk). Files of a rebuild in progress (the generation ``_build/`` is
+    writing, above the published one) are not the dataset's yet and are not reported, nor
+    are the temporary files of a killed write (swept by the next build).
 
     Returns
     -------
@@ -179,10 +236,14 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
     manifest = read_manifest(store)
     problems = []
     listed = {rec["path"]: rec for rec in manifest["files"]}
+    building = building_generation(store)
+    if building is not None and building <= generation_of(manifest):
+        building = None  # published: what is left is the old generation's files, to be deleted
     if store.listable:
         present = {
             rel: size for rel, size in store.files().items()
             if rel not in (MANIFEST, STAC) and not rel.split("/")[0].startswith(BUILD_DIR)  # _build/, _build.lock
+            and (building is None or file_generation(rel) != building) and not _STAGING.search(rel)
         }
     else:  # over HTTP: the files the manifest lists, as the server sizes them (extra files cannot be seen)
         present = {}
@@ -192,7 +253,9 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
     for rel in sorted(set(listed) - set(present)):
         problems.append(f"missing file: {rel}")
     for rel in sorted(set(present) - set(listed)):
-        problems.append(f"extra file: {rel}")
+        problems.append(f"extra file: {rel}" + (" (left by a rebuild killed after it was published: run the same "
+                                                 "'hexatlas build' again to finish)" if file_generation(rel)
+                                                < generation_of(manifest) else ""))
     for rel in sorted(set(listed) & set(present)):
         rec = listed[rel]
         if present[rel] != rec["bytes"]:

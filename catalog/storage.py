@@ -60,6 +60,32 @@ def settle(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """Whether an error is a full disk (or quota), from the OS or from a library's own message."""
+    import errno
+
+    if isinstance(exc, StorageError):  # already said
+        return False
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+@contextlib.contextmanager
+def _space_errors(where: Path) -> Iterator[None]:
+    """A full disk while a file is written, as a :class:`StorageError` that says what to do."""
+    try:
+        yield
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        raise StorageError(
+            f"no space left on device at {where}: free space (or give the build more) and run the same build "
+            "again to resume; what was written before is kept, the file being written was removed"
+        ) from exc
+
+
 def is_remote(location: str | os.PathLike[str] | Store) -> bool:
     """True for ``s3://``, ``http(s)://`` and ``hf://`` locations (and their stores), False for local paths."""
     if isinstance(location, Store):
@@ -261,7 +287,7 @@ class LocalStore(Store):
     @contextlib.contextmanager
     def staged(self, rel: str) -> Iterator[Path]:
         # beside the destination, so the rename is atomic; '*.tmp' is swept by a resumed build
-        with atomic_path(self.root / rel) as tmp:
+        with _space_errors(self.root / rel), atomic_path(self.root / rel) as tmp:
             yield tmp
             settle(tmp)
 
@@ -270,9 +296,10 @@ class LocalStore(Store):
         dest = self.root / rel
         tmp = self.root / f"{rel}.tmpdir"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         try:
-            yield tmp
+            with _space_errors(dest):
+                tmp.mkdir(parents=True)
+                yield tmp
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -372,13 +399,15 @@ class ObjectStore(Store):
     def staged(self, rel: str) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="hexatlas-") as tmpdir:
             tmp = Path(tmpdir) / Path(rel).name
-            yield tmp
+            with _space_errors(Path(tmpdir)):  # the local staging disk ($TMPDIR)
+                yield tmp
             self._upload(tmp, rel)
 
     @contextlib.contextmanager
     def staged_dir(self, rel: str) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="hexatlas-") as tmpdir:
-            yield Path(tmpdir)
+            with _space_errors(Path(tmpdir)):
+                yield Path(tmpdir)
             # Not atomic as a whole: the builder records the directory as done only after this
             # returns, and readers find it only through the manifest, which is written last.
             self.delete_tree(rel)

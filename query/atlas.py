@@ -36,6 +36,7 @@ from catalog.blocks import ResolutionReader, part_infos
 from catalog.cells import cells_to_latlng, hex_to_cell, latlng_to_cells
 from catalog.coords import as_coordinates, invalid_mask
 from catalog.errors import (
+    AtlasChangedError,
     AtlasCorruptError,
     AtlasNotFoundError,
     InvalidArgumentError,
@@ -88,7 +89,7 @@ def open_atlas(path: str | os.PathLike[str]) -> Atlas:
             raise AtlasCorruptError(f"{str(root)!r} holds no finished hexatlas dataset{hint}")
     else:
         raise AtlasNotFoundError(f"{str(root)!r} is not an atlas directory")
-    return Atlas({d.name: (LocalStore(d), read_manifest(d)) for d in dirs})
+    return Atlas({d.name: (LocalStore(d), read_manifest(d)) for d in dirs}, location=os.fspath(path))
 
 
 def _open_remote(store: Store) -> Atlas:
@@ -112,7 +113,7 @@ def _open_remote(store: Store) -> Atlas:
         datasets[dataset.name] = (dataset, manifest)
         digests[dataset.name] = hashlib.sha256(raw).hexdigest()
         mirrors[dataset.name] = _cache_dir() / "remote" / digests[dataset.name][:24] / dataset.name
-    return Atlas(datasets, mirrors=mirrors, digests=digests)
+    return Atlas(datasets, mirrors=mirrors, digests=digests, location=store.uri)
 
 
 class _Resolution:
@@ -123,7 +124,8 @@ class _Resolution:
         files = {rec["path"]: rec for rec in manifest["files"]}
         self.dim = int(manifest["provenance"]["dim"])
         self.cells_count = int(info["cells"])
-        self.reader = ResolutionReader(store, part_infos(info, files), self.dim, manifest["precision"], str(store))
+        self.reader = ResolutionReader(store, part_infos(info, files), self.dim, manifest["precision"], str(store),
+                                       missing=lambda rel: _missing(store, manifest, rel))
         quant = manifest.get("quantization")
         self.scale = np.asarray(quant["scale"], np.float32) if quant else None
         self.offset = np.asarray(quant["offset"], np.float32) if quant else None
@@ -146,11 +148,35 @@ class _Resolution:
         return cells, stored.astype(np.float32)
 
 
+def _missing(store: Store, manifest: dict[str, Any], rel: str) -> Exception:
+    """The error for a file that ``manifest`` names and ``store`` lacks: the atlas was rebuilt
+    since it was opened (its manifest is another now), or it is damaged."""
+    try:
+        current = read_manifest(store)
+    except (AtlasCorruptError, OSError):
+        current = None
+    if current != manifest:
+        was, now = manifest.get("generation", 0), (current or {}).get("generation", "?")
+        return AtlasChangedError(
+            f"{store} was rebuilt while it was open (generation {was}, now {now}): {rel} is gone. Open it again "
+            "(query.open, or Atlas.reopen()) to read the new dataset")
+    return AtlasCorruptError(f"{store}/{rel} is missing; run 'hexatlas validate {store}' and rebuild or "
+                             "re-download the dataset")
+
+
 class Atlas:
-    """An opened atlas: use :func:`query.open`. Every method is read-only and thread-safe."""
+    """An opened atlas: use :func:`query.open`. Every method is read-only and thread-safe.
+
+    It reads the dataset as its manifest was when it was opened. If an ``--overwrite``
+    rebuild replaces it meanwhile, answers stay those of the old dataset until a call needs
+    a file the rebuild has deleted; that call raises :class:`AtlasChangedError`, and
+    :meth:`reopen` gives the new dataset. No answer mixes the two.
+    """
 
     def __init__(self, datasets: dict[str, tuple[Store, dict[str, Any]]],
-                 mirrors: dict[str, Path] | None = None, digests: dict[str, str] | None = None) -> None:
+                 mirrors: dict[str, Path] | None = None, digests: dict[str, str] | None = None,
+                 location: str | None = None) -> None:
+        self._location = location
         self._datasets = datasets
         self._mirrors = mirrors or {}  # remote dataset name -> local folder of the files fetched whole
         self._digests = digests or {}  # remote dataset name -> sha256 of the manifest read
@@ -160,6 +186,16 @@ class Atlas:
         self._exact: dict[str, Any] = {}  # dataset name -> its exported encoder (query.exact), loaded once
         self._lock = threading.Lock()
         self._fetch_lock = threading.Lock()
+
+    def reopen(self) -> Atlas:
+        """The atlas at the same place, opened again: its current datasets (after a rebuild)."""
+        if self._location is None:
+            raise InvalidArgumentError("this Atlas was not opened from a path; open it with query.open(PATH)")
+        return open_atlas(self._location)
+
+    def _file_gone(self, name: str, rel: str) -> Exception:
+        store, manifest = self._datasets[name]
+        return _missing(store, manifest, rel)
 
     def _local(self, name: str, rels: list[str]) -> Path:
         """The local folder holding the files ``rels`` of a dataset: the dataset itself, or (for
@@ -178,7 +214,10 @@ class Atlas:
                     continue
                 tmp = dest.with_name(f".{dest.name}.{os.getpid()}.download")
                 for _ in range(2):  # once more if it fails its sha256: bytes changed on the way differ next time
-                    store.download(rel, tmp)
+                    try:
+                        store.download(rel, tmp)
+                    except FileNotFoundError:
+                        raise self._file_gone(name, rel) from None
                     if ok := sha256_file(tmp) == digests.get(rel):
                         break
                 if not ok:
@@ -433,7 +472,10 @@ class Atlas:
         info = self._manifest(name)["resolutions"][str(res)]["index"]
         with self._lock:
             if (name, res) not in self._indexes:
-                self._indexes[(name, res)] = read_index(self._local(name, [info["path"]]) / info["path"], info)
+                path = self._local(name, [info["path"]]) / info["path"]
+                if not path.is_file():
+                    raise self._file_gone(name, info["path"])
+                self._indexes[(name, res)] = read_index(path, info)
             return self._indexes[(name, res)], info
 
     def _land(self, name: str, res: int) -> NDArray[np.uint64] | None:
@@ -449,7 +491,10 @@ class Atlas:
         with self._lock:
             if (name, res) not in self._land_cells:
                 path = self._local(name, [land["path"]]) / land["path"]
-                self._land_cells[(name, res)] = np.load(path, mmap_mode="r")
+                try:
+                    self._land_cells[(name, res)] = np.load(path, mmap_mode="r")
+                except FileNotFoundError:
+                    raise self._file_gone(name, land["path"]) from None
             return self._land_cells[(name, res)]
 
     def similar(self, *, lat: float | None = None, lon: float | None = None, cell: int | str | None = None,
@@ -561,14 +606,25 @@ class Atlas:
 
     def sql(self, text: str) -> pa.Table:
         """Run SQL on :meth:`connect`'s connection and return an Arrow table."""
-        from query.sql import run_sql
+        from query.sql import QueryError, run_sql
 
-        return run_sql(self.connect(), text)
+        try:
+            return run_sql(self.connect(), text)
+        except QueryError:  # a part file deleted by a rebuild reads as DuckDB's IO error
+            for name, (store, manifest) in self._datasets.items():
+                gone = [p["path"] for info in manifest["resolutions"].values() for p in info["parts"]
+                        if isinstance(store, LocalStore) and not (store.root / p["path"]).is_file()]
+                if gone and isinstance(changed := self._file_gone(name, gone[0]), AtlasChangedError):
+                    raise changed from None
+            raise
 
-    def _parquet_glob(self, name: str) -> str:
+    def _parquet_glob(self, name: str) -> list[str]:
+        """The dataset's part files, as its manifest lists them (a glob would also take those
+        of a rebuild being published, or already published)."""
         manifest = self._datasets[name][1]
-        root = self._local(name, [p["path"] for info in manifest["resolutions"].values() for p in info["parts"]])
-        return str(root / "data" / "res=*" / "part-*.parquet")
+        rels = [p["path"] for info in manifest["resolutions"].values() for p in info["parts"]]
+        root = self._local(name, rels)
+        return [str(root / rel) for rel in rels]
 
 
 def _exact_summary(name: str, manifest: dict[str, Any]) -> dict[str, Any]:

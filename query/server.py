@@ -12,6 +12,7 @@ Cells travel as hex strings (``"8a2a1072b59ffff"``): JSON numbers cannot hold a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -24,6 +25,7 @@ import numpy as np
 
 from catalog.cells import cell_to_hex, hex_to_cell
 from catalog.errors import (
+    AtlasChangedError,
     AtlasCorruptError,
     HexatlasError,
     InvalidArgumentError,
@@ -79,6 +81,8 @@ class Limits:
 def _status(exc: HexatlasError) -> int:
     if isinstance(exc, (UnknownEncoderError, UnknownResolutionError)):
         return 404
+    if isinstance(exc, AtlasChangedError):
+        return 503
     if isinstance(exc, AtlasCorruptError):
         return 500
     return 400
@@ -234,6 +238,13 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
 
     @app.exception_handler(HexatlasError)
     async def _domain_error(request: Request, exc: HexatlasError) -> JSONResponse:
+        nonlocal atlas
+        if isinstance(exc, AtlasChangedError):  # rebuilt under the server: serve the new one from now on
+            with contextlib.suppress(HexatlasError, OSError):
+                atlas = app.state.atlas = atlas.reopen()
+                layers.clear()
+            return JSONResponse({"detail": "the atlas was rebuilt while this request read it; send it again",
+                                 "error": type(exc).__name__}, status_code=503, headers={"Retry-After": "0"})
         return JSONResponse({"detail": _clip(str(exc), MAX_DETAIL), "error": type(exc).__name__},
                             status_code=_status(exc))
 

@@ -31,7 +31,7 @@ class View:
 
     name: str
     dim: int
-    glob: str  # the dataset's local part files
+    glob: str | list[str]  # the dataset's local part files: a glob, or the files
     quantization: dict[str, list[float]] | None = None
     land: bool = False  # the view has a land column (the dataset has land flags)
     land_column: bool = False  # ... read from the part files' own land column
@@ -196,7 +196,8 @@ def connect(views: list[View], lookup: Lookup, land: LandFlags | None = None) ->
                     "(cell, model) AS _hexatlas_land(cell, model)")
     for i, dataset in enumerate(views):
         view = "embeddings_" + re.sub(r"\W", "_", dataset.name)
-        glob = dataset.glob.replace("'", "''")
+        files = [dataset.glob] if isinstance(dataset.glob, str) else dataset.glob
+        glob = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
         embedding = "CAST(embedding AS FLOAT[])"
         quant = dataset.quantization
         if quant:  # int8 codes (a fixed-size binary per row) back to values, as the Python API does
@@ -209,7 +210,7 @@ def connect(views: list[View], lookup: Lookup, land: LandFlags | None = None) ->
             f"h3_cell_to_lng(cell) AS lon, {embedding} AS embedding"
             + (", land" if dataset.land_column else
                f", _hexatlas_land(cell, '{dataset.name.replace(chr(39), chr(39) * 2)}') AS land" if dataset.land else "")
-            + f" FROM read_parquet('{glob}', hive_partitioning = true)"
+            + f" FROM read_parquet({glob}, hive_partitioning = true)"
         )
         if i == 0:
             con.execute(f"CREATE VIEW embeddings AS SELECT * FROM {view}")

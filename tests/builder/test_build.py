@@ -193,23 +193,31 @@ def test_a_swap_killed_halfway_is_finished_by_the_next_run(tmp_path, monkeypatch
     from catalog.storage import LocalStore
 
     build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)
-    real, moves = LocalStore.move, {"n": 0}
+    old = set(LocalStore(tmp_path / "toy").files()) - {"_build.lock", "manifest.json", "collection.json"}
+    real, deletes = LocalStore.delete, {"n": 0}
 
-    def dying(self, src, dest):
-        moves["n"] += 1
-        if moves["n"] == 4:
-            raise KeyboardInterrupt  # as a kill would stop it
-        real(self, src, dest)
+    def dying(self, rel):
+        if rel in old:  # the old generation's files go only after the new manifest is in
+            assert read_manifest(tmp_path / "toy")["generation"] == 1
+            deletes["n"] += 1
+            if deletes["n"] == 2:
+                raise KeyboardInterrupt  # as a kill would stop it
+        real(self, rel)
 
-    monkeypatch.setattr(LocalStore, "move", dying)
+    monkeypatch.setattr(LocalStore, "delete", dying)
     with pytest.raises(KeyboardInterrupt):
         build(TOY, resolutions="1", output=tmp_path, device="cpu", progress=False, overwrite=True)
-    assert not (tmp_path / "toy" / "manifest.json").exists()  # unfinished, never a mix
-    monkeypatch.setattr(LocalStore, "move", real)
+    dataset = tmp_path / "toy"
+    assert list(read_manifest(dataset)["resolutions"]) == ["1"]  # published: the swap is the manifest
+    leftovers = validate_dataset(dataset)
+    assert leftovers and all(p.startswith("extra file: ") and "run the same 'hexatlas build' again" in p
+                             for p in leftovers)
+    monkeypatch.setattr(LocalStore, "delete", real)
     with pytest.raises(InvalidArgumentError, match="already holds a finished toy dataset"):
         build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)  # the swap completes first
-    assert list(read_manifest(tmp_path / "toy")["resolutions"]) == ["1"]
-    assert validate_dataset(tmp_path / "toy") == [] and not (tmp_path / "toy" / "_build.rebuild").exists()
+    assert list(read_manifest(dataset)["resolutions"]) == ["1"]
+    assert validate_dataset(dataset) == [] and not (dataset / "_build").exists()
+    assert not old & set(LocalStore(dataset).files())
 
 
 def test_bad_arguments() -> None:

@@ -14,7 +14,7 @@ import pytest
 from builder.build import build
 from builder.grid import cell_count
 from catalog.cli import main
-from catalog.errors import AtlasCorruptError, AtlasNotFoundError, InvalidArgumentError, StorageError
+from catalog.errors import AtlasChangedError, AtlasCorruptError, AtlasNotFoundError, InvalidArgumentError, StorageError
 from catalog.manifest import list_datasets, read_manifest, validate_dataset
 from catalog.storage import LocalStore, ObjectStore, open_store
 from tests.data.faults import crash_on_shard_write
@@ -150,9 +150,19 @@ def test_interrupted_build_on_s3_resumes(s3, monkeypatch) -> None:
     # a finished dataset is not clobbered; --overwrite replaces it
     with pytest.raises(InvalidArgumentError, match="already holds a finished toy dataset"):
         build(TOY, resolutions="0", output=uri, device="cpu", progress=False)
+    import query
+
+    before = query.open(uri)
+    answer = before.lookup(lat=[10.0], lon=[20.0], res=2)
     build(TOY, resolutions="0", output=uri, device="cpu", progress=False, overwrite=True)
-    assert set(open_store(f"{uri}/toy").files("data")) == {"data/res=0/part-all.parquet"}
-    assert validate_dataset(f"{uri}/toy") == [] and not open_store(f"{uri}/toy").files("_build.rebuild")
+    # the rebuild wrote generation 1 beside generation 0, swapped the manifest, then deleted generation 0
+    assert set(open_store(f"{uri}/toy").files("data")) == {"data/res=0/part-all.g1.parquet"}
+    assert validate_dataset(f"{uri}/toy") == [] and not open_store(f"{uri}/toy").files("_build")
+    # an atlas opened before: what it has read stays the old answers; a part it must fetch now is gone
+    np.testing.assert_array_equal(before.lookup(lat=[10.0], lon=[20.0], res=2), answer)
+    with pytest.raises(AtlasChangedError, match=r"rebuilt while it was open \(generation 0, now 1\).*Open it again"):
+        before.lookup(lat=[10.0], lon=[20.0], res=1)
+    assert before.reopen().resolutions() == [0]
 
 
 def test_endpoint_variable_for_s3_takes_precedence(s3, monkeypatch) -> None:
