@@ -86,7 +86,7 @@ class Killer:
 
 
 def _plain(rel: str) -> str:
-    return re.sub(r"\.g\d+(?=\.(parquet|blocks|faiss|npy|zarr)(/|$))", "", rel)
+    return re.sub(r"\.g\d+(?=\.(parquet|blocks|faiss|npy|zarr|onnx)(/|$))", "", rel)
 
 
 def contents(dataset: Path) -> dict[str, str]:
