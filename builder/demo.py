@@ -70,10 +70,9 @@ def _fidelity_table(atlas_dir: Path, title: str) -> None:
 
 
 def _regional(atlas_dir: Path, regional_dir: Path, encoder) -> None:
+    import query
     from builder.build import build
     from catalog.manifest import MANIFEST, dataset_name
-
-    import query
     from catalog.vector_index import normalize
 
     dataset = regional_dir / dataset_name(encoder.name)

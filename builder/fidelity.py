@@ -81,7 +81,7 @@ def measure(vectors: Vectors, res: int, lat: NDArray[np.float64], lon: NDArray[n
             exact: NDArray[np.float32], sample: str) -> dict[str, Any]:
     """The fidelity entry of one resolution: ``vectors`` answers for cells as the atlas does."""
     cells = latlng_to_cells(lat, lon, res)
-    return {"points": int(len(lat)), "seed": FIDELITY_SEED, "sample": sample,
+    return {"points": len(lat), "seed": FIDELITY_SEED, "sample": sample,
             "cell": compare(exact, vectors(cells)), "interpolated": compare(exact, interpolate(vectors, lat, lon, cells))}
 
 
@@ -174,7 +174,7 @@ def choose_resolution(encoder: Encoder, min_cosine: float, *, precision: str = "
         raise InvalidArgumentError("no random point fell on land in the region: there is nothing to measure or build")
     exact = encoder.encode(lat=lat, lon=lon)
     seen = []
-    for res in range(0, max_res + 1):
+    for res in range(max_res + 1):
         try:
             fid = predict(encoder, res, lat, lon, exact, precision=precision, land_only=land_only, region=region)
         except InvalidArgumentError as exc:  # the region is too large at this resolution

@@ -375,7 +375,7 @@ class HttpFile:
     def __enter__(self) -> HttpFile:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

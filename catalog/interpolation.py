@@ -35,7 +35,7 @@ class Neighbourhood:
     dist: NDArray[np.float64]
 
 
-def _haversine_km(lat1, lon1, lat2, lon2) -> NDArray[np.float64]:  # noqa: ANN001 - numpy broadcasting
+def _haversine_km(lat1, lon1, lat2, lon2) -> NDArray[np.float64]:
     p1, p2 = np.radians(lat1), np.radians(lat2)
     dl = np.radians(np.asarray(lon2) - np.asarray(lon1))
     a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2

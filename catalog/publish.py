@@ -35,10 +35,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catalog.errors import AtlasBusyError, AtlasCorruptError, AtlasNotFoundError, HexatlasError, \
-    InvalidArgumentError, MissingDependencyError, StorageError
-from catalog.manifest import ATLAS_INDEX, BUILD_DIR, FORMAT_NAME, FORMAT_VERSION, MANIFEST, REBUILD_DIR, STAC, \
-    list_datasets, read_manifest, validate_dataset, write_atlas_index
+from catalog.errors import (
+    AtlasBusyError,
+    AtlasCorruptError,
+    AtlasNotFoundError,
+    HexatlasError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    StorageError,
+)
+from catalog.manifest import (
+    ATLAS_INDEX,
+    BUILD_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    REBUILD_DIR,
+    STAC,
+    list_datasets,
+    read_manifest,
+    validate_dataset,
+    write_atlas_index,
+)
 from catalog.storage import UPLOAD_THREADS, LocalStore, ObjectStore, Store, open_store
 
 __all__ = ["PublishSummary", "configure_publish", "dataset_card", "publish", "run_publish"]
@@ -258,7 +276,7 @@ def _publish_hub(datasets: list[LocalStore], text: str, *, message: str | None, 
 
 def _commit_to_hub(datasets: list[LocalStore], text: str, repo_id: str, revision: str | None, sub: str, *,
                    message: str | None, private: bool, api: Any, add: Any, delete: Any) -> PublishSummary:
-    CommitOperationAdd, CommitOperationDelete = add, delete  # noqa: N806 - huggingface_hub's names
+    CommitOperationAdd, CommitOperationDelete = add, delete
     api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private or None)
     # the commit is made on top of the one listed here: a push in between makes it fail, not mix
     parent = api.repo_info(repo_id, repo_type="dataset", revision=revision).sha

@@ -14,7 +14,13 @@ import pytest
 from builder.build import build
 from builder.grid import cell_count
 from catalog.cli import main
-from catalog.errors import AtlasChangedError, AtlasCorruptError, AtlasNotFoundError, InvalidArgumentError, StorageError
+from catalog.errors import (
+    AtlasChangedError,
+    AtlasCorruptError,
+    AtlasNotFoundError,
+    InvalidArgumentError,
+    StorageError,
+)
 from catalog.manifest import list_datasets, read_manifest, validate_dataset
 from catalog.storage import LocalStore, ObjectStore, open_store
 from tests.data.faults import crash_on_shard_write

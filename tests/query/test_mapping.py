@@ -113,7 +113,7 @@ def test_png_coastlines_come_from_the_installed_land_mask(tmp_path) -> None:
 
     lon, lat, count = coastline_grid()
     assert count.shape == (1800, 3600) and count.max() == 144
-    at = lambda la, lo: count[np.abs(lat - la).argmin(), np.abs(lon - lo).argmin()]  # noqa: E731
+    at = lambda la, lo: count[np.abs(lat - la).argmin(), np.abs(lon - lo).argmin()]
     assert at(0.0, 20.0) == 144 and at(0.0, -30.0) == 0 and at(-80.0, 0.0) == 144  # Congo, Atlantic, Antarctica
     cells = _cells(0)
     layer = MapLayer("test", 0, cells, np.zeros((len(cells), 3), np.uint8), (1.0, 0.0, 0.0))

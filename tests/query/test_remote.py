@@ -18,7 +18,13 @@ import pytest
 import query
 from catalog import blocks
 from catalog.cli import main
-from catalog.errors import AtlasChangedError, AtlasCorruptError, AtlasNotFoundError, InvalidArgumentError, StorageError
+from catalog.errors import (
+    AtlasChangedError,
+    AtlasCorruptError,
+    AtlasNotFoundError,
+    InvalidArgumentError,
+    StorageError,
+)
 from catalog.manifest import read_manifest, validate_dataset, write_atlas_index
 from tests.data.fault_proxy import FaultProxy
 from tests.data.http_server import HUB_COMMIT, HUB_REPO, nginx
@@ -126,7 +132,7 @@ def test_the_hub_layout_pins_the_commit_it_first_read(local, server, monkeypatch
         source = atlas.info()["toy"]["source"]
         assert source["revision"] == "main" and source["commit"] == HUB_COMMIT
         resolves = [e[1] for e in proxy.log if "/resolve/" in e[1]]
-        assert f"/resolve/main/" in resolves[0] and all(f"/resolve/{HUB_COMMIT}/" in p for p in resolves[1:])
+        assert "/resolve/main/" in resolves[0] and all(f"/resolve/{HUB_COMMIT}/" in p for p in resolves[1:])
         # each file's redirect is followed to the "CDN" (nginx itself: another host:port, absolute Location)
         # and its final URL reused, so the proxy in front of the Hub sees each file resolved once or twice
         assert not any(p.startswith("/cdn/") for _, p, *_ in proxy.log)
