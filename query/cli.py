@@ -32,6 +32,11 @@ def _place_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="dataset, when the atlas holds several models")
 
 
+def _land_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--land", action="store_true",
+                        help="add a land column: whether each point's cell touches land (the build's land mask)")
+
+
 def _exact_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact", action="store_true",
                         help="the encoder's embedding at each point, from the encoder the atlas stores (needs "
@@ -131,6 +136,7 @@ def configure_lookup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lon", type=float, required=True, nargs="+", help="longitude(s), degrees")
     parser.add_argument("--interpolate", action="store_true", help="blend the three nearest cell centres")
     _exact_arg(parser)
+    _land_arg(parser)
     _place_args(parser)
     _format_arg(parser)
 
@@ -142,7 +148,7 @@ def run_lookup(args: argparse.Namespace) -> int:
     if len(args.lat) != len(args.lon):
         raise InvalidCoordinateError(f"--lat has {len(args.lat)} values but --lon has {len(args.lon)}")
     table = query.open(args.atlas).join(pa.table({"lat": args.lat, "lon": args.lon}), res=args.res, model=args.model,
-                                        interpolate=args.interpolate, exact=args.exact)
+                                        interpolate=args.interpolate, exact=args.exact, land=args.land)
     emit(table, args.format)
     return 0
 
@@ -157,6 +163,7 @@ def configure_join(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-invalid", choices=("raise", "null"), default="raise",
                         help="bad coordinates: fail (default) or give null cell and embedding")
     _exact_arg(parser)
+    _land_arg(parser)
     _place_args(parser)
 
 
@@ -170,7 +177,7 @@ def run_join(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"output {args.output!r} must be .parquet or .csv")
     table = query.open(args.atlas).join(args.input, lat_col=args.lat_col, lon_col=args.lon_col, res=args.res,
                                         model=args.model, interpolate=args.interpolate, on_invalid=args.on_invalid,
-                                        exact=args.exact)
+                                        exact=args.exact, land=args.land)
     if suffix == ".parquet":
         write_parquet(table, args.output)
     else:

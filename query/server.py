@@ -170,6 +170,7 @@ class LookupBatch(BaseModel):
     interpolate: bool = Field(False, description="blend the three nearest cell centres")
     exact: bool = Field(False, description="the encoder's embedding at each point (the atlas's exported encoder), "
                                            "not its cell's; not with interpolate")
+    land: bool = Field(False, description="also say whether each point's cell touches land (the build's land mask)")
     on_invalid: str = Field("raise", pattern="^(raise|null)$",
                             description="bad or missing points: 400 (raise) or null results (null)")
 
@@ -177,6 +178,7 @@ class LookupBatch(BaseModel):
 class Embedding(BaseModel):
     cell: str | None
     embedding: list[float] | None
+    land: bool | None = Field(None, description="with land=true: the cell touches land (null: no answer)")
 
 
 class LookupOne(Embedding):
@@ -291,15 +293,17 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
                    res: int | None = res_query, model: str | None = model_query,
                    interpolate: bool = False,
                    exact: bool = Query(False, description="the encoder's embedding at the point (the atlas's "
-                                                          "exported encoder), not its cell's; not with interpolate")
+                                                          "exported encoder), not its cell's; not with interpolate"),
+                   land: bool = Query(False, description="also say whether the point's cell touches land")
                    ) -> Response:
         """The embedding at one point."""
         name = atlas._name(model)
         r = atlas._res(res, name)
-        table = atlas.join(_points([lat], [lon]), res=r, model=name, interpolate=interpolate, exact=exact)
+        table = atlas.join(_points([lat], [lon]), res=r, model=name, interpolate=interpolate, exact=exact, land=land)
         return respond({"model": name, "res": r, "lat": lat, "lon": lon,
                         "cell": cell_to_hex(table.column("cell")[0].as_py()),
-                        "embedding": _matrix(table)[0]})
+                        "embedding": _matrix(table)[0],
+                        **({"land": table.column("land")[0].as_py()} if land else {})})
 
     @app.post("/v1/lookup", response_model=LookupMany, tags=["lookup"], responses=_errors(400, 404, 413, 422))
     def lookup_many(body: LookupBatch) -> Response:
@@ -310,11 +314,15 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
         name = atlas._name(body.model)
         r = atlas._res(body.res, name)
         table = atlas.join(_points([p.lat for p in body.points], [p.lon for p in body.points]), res=r,
-                           model=name, interpolate=body.interpolate, on_invalid=body.on_invalid, exact=body.exact)
+                           model=name, interpolate=body.interpolate, on_invalid=body.on_invalid, exact=body.exact,
+                           land=body.land)
         cells = table.column("cell").to_pylist()
         emb = _matrix(table)
         results = [{"cell": None, "embedding": None} if c is None else {"cell": cell_to_hex(c), "embedding": e}
                    for c, e in zip(cells, emb)]
+        if body.land:
+            for result, flag in zip(results, table.column("land").to_pylist()):
+                result["land"] = flag
         return respond({"model": name, "res": r, "results": results})
 
     @app.get("/v1/similar", response_model=SimilarResult, tags=["search"], responses=_errors(400, 404, 422))
@@ -389,7 +397,7 @@ def _matrix(table: Any) -> list[Any]:
     return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
 
 
-_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "exact", "cell", "k", "bbox", "exclude_within_km", "land_only"}
+_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "exact", "land", "cell", "k", "bbox", "exclude_within_km", "land_only"}
 
 
 def _one_value_each(request: Request) -> None:

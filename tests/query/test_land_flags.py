@@ -75,3 +75,36 @@ def test_interpolated_lookup_of_no_valid_point(atlas_dir) -> None:
     atlas = query.open(atlas_dir[0])
     got = atlas.lookup([np.nan, 95.0], [0.0, 0.0], res=2, model=MODEL, interpolate=True, on_invalid="null")
     assert got.shape == (2, 256) and np.isnan(got).all()
+
+
+def test_land_flags_from_the_cli_and_the_server(atlas_dir, tmp_path, capsys) -> None:
+    from fastapi.testclient import TestClient
+
+    from catalog.cli import main
+    from query.server import create_app
+
+    atlas = query.open(atlas_dir[0])
+    lat, lon = [48.85, -40.0], [2.35, -130.0]  # Paris, the South Pacific
+    _, want = atlas.lookup(lat, lon, res=2, model=MODEL, land=True)
+    assert want.tolist() == [True, False]
+
+    assert main(["lookup", str(atlas_dir[0]), "--lat", *map(str, lat), "--lon", *map(str, lon), "--res", "2",
+                 "--model", MODEL, "--land", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["land"] for r in rows] == [True, False]
+    points = tmp_path / "points.csv"
+    points.write_text("lat,lon\n" + "".join(f"{a},{o}\n" for a, o in zip(lat, lon)))
+    out = tmp_path / "joined.parquet"
+    assert main(["join", str(atlas_dir[0]), "--input", str(points), "--output", str(out), "--res", "2",
+                 "--model", MODEL, "--land"]) == 0
+    assert pq.read_table(out).column("land").to_pylist() == [True, False]
+
+    client = TestClient(create_app(atlas))
+    one = client.get("/v1/lookup", params={"lat": lat[0], "lon": lon[0], "res": 2, "model": MODEL, "land": "true"})
+    assert one.status_code == 200 and one.json()["land"] is True
+    assert "land" not in client.get("/v1/lookup", params={"lat": lat[0], "lon": lon[0], "res": 2,
+                                                          "model": MODEL}).json()
+    many = client.post("/v1/lookup", json={"points": [{"lat": a, "lon": o} for a, o in zip(lat, lon)] + [{"lat": 95.0, "lon": 0.0}],
+                                           "res": 2, "model": MODEL, "land": True, "on_invalid": "null"})
+    assert many.status_code == 200, many.text
+    assert [r["land"] for r in many.json()["results"]] == [True, False, None]
