@@ -218,3 +218,61 @@ def test_http_atlases_are_read_only(server) -> None:
     assert validate_dataset(f"{server}/atlas/toy") == []
     assert read_manifest(f"{server}/atlas/toy")["dataset"] == "toy"
     assert os.environ.get("HF_ENDPOINT") is None
+
+
+class _RepoOnDisk:
+    """The Hub's repository API as ``hexatlas publish`` uses it, kept in a local folder that the
+    test's nginx then serves in the Hub's layout: what publish commits is read back through
+    ``hf://`` exactly as a user would read it from the Hub."""
+
+    def __init__(self, root, **_: object) -> None:
+        self.root, self.commits = root, []
+
+    def create_repo(self, repo_id, **_: object) -> None:
+        assert repo_id == HUB_REPO
+
+    def repo_info(self, repo_id, **_: object):
+        return type("Info", (), {"sha": HUB_COMMIT})()
+
+    def list_repo_files(self, repo_id, **_: object) -> list[str]:
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def create_commit(self, repo_id, *, operations, parent_commit, **_: object):
+        from huggingface_hub import CommitOperationAdd
+
+        assert parent_commit == HUB_COMMIT  # made on top of the commit it listed
+        for op in operations:
+            dest = self.root / op.path_in_repo
+            if isinstance(op, CommitOperationAdd):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = op.path_or_fileobj
+                dest.write_bytes(src if isinstance(src, bytes) else open(src, "rb").read())
+            else:
+                dest.unlink()
+        self.commits.append([op.path_in_repo for op in operations])
+        return type("CommitInfo", (), {"oid": HUB_COMMIT})()
+
+
+def test_an_atlas_published_to_the_hub_reads_back_in_place(local, tmp_path, monkeypatch) -> None:
+    hub = pytest.importorskip("huggingface_hub")
+    from catalog.publish import publish
+
+    repo = _RepoOnDisk(tmp_path / "repo")
+    repo.root.mkdir()
+    (repo.root / "toy").mkdir()
+    (repo.root / "toy" / "stale.bin").write_bytes(b"from an earlier publish")  # not in the new manifest
+    monkeypatch.setattr(hub, "HfApi", lambda **kw: repo)
+    with nginx(repo.root) as base:
+        monkeypatch.setenv("HF_ENDPOINT", base)
+        summary = publish(local / "toy", f"hf://datasets/{HUB_REPO}")
+        assert summary.commit == HUB_COMMIT and len(repo.commits) == 1
+        files = {r["path"] for r in read_manifest(local / "toy")["files"]}
+        assert {p.relative_to(repo.root / "toy").as_posix() for p in (repo.root / "toy").rglob("*") if p.is_file()} \
+            == files | {"manifest.json", "collection.json"}  # the stale file deleted in the same commit
+        assert json.loads((repo.root / "atlas.json").read_text())["datasets"] == ["toy"]
+        assert "hexatlas lookup hf://datasets/" in (repo.root / "README.md").read_text()
+        atlas = query.open(f"hf://datasets/{HUB_REPO}")
+        lat, lon = _points(40, 7)
+        np.testing.assert_array_equal(atlas.lookup(lat, lon), query.open(local).lookup(lat, lon, model="toy"))
+        assert atlas.info()["toy"]["source"]["commit"] == HUB_COMMIT
+        assert validate_dataset(f"hf://datasets/{HUB_REPO}/toy") == []
