@@ -96,7 +96,6 @@ def measure_written(dataset: Store, manifest_resolutions: dict[str, Any], files:
                     points: int = FIDELITY_POINTS) -> dict[str, dict[str, Any]]:
     """Each resolution's fidelity, reading the written part files back (as the query layer does)."""
     from catalog.blocks import ResolutionReader, part_infos
-    from catalog.tables import dequantize
 
     lat, lon = sample_points(points, land_only=land_only, region=region)
     exact = encoder.encode(lat=lat, lon=lon)
@@ -104,19 +103,8 @@ def measure_written(dataset: Store, manifest_resolutions: dict[str, Any], files:
     out = {}
     for res, info in manifest_resolutions.items():
         reader = ResolutionReader(dataset, part_infos(info, by_path), dim, precision, str(dataset))
-
-        def vectors(cells: NDArray[np.uint64], reader: ResolutionReader = reader) -> NDArray[np.float32]:
-            got = np.full((len(cells), dim), np.nan, np.float32)
-            decode = None
-            if quantization is not None:
-                scale, offset = (np.asarray(quantization[k], np.float32) for k in ("scale", "offset"))
-
-                def decode(stored: NDArray[Any], dest: NDArray[np.intp]) -> None:
-                    got[dest] = dequantize(stored, scale, offset)
-            reader.gather(cells, got, decode)
-            return got
-
-        out[res] = measure(vectors, int(res), lat, lon, exact, describe_sample(land_only, region))
+        out[res] = measure(lambda cells, r=reader: r.vectors(cells, quantization), int(res), lat, lon, exact,
+                           describe_sample(land_only, region))
     return out
 
 

@@ -116,7 +116,7 @@ def ivf_sample(res: int, count: int, keep: NDArray[np.uint64] | None = None) -> 
     What an IVF index trains on and its recall is measured with. Chosen by position, not by
     row, so that a build can encode them before any shard is written. Returns both sorted.
     """
-    from catalog.cells import latlng_to_cells
+    from catalog.cells import in_sorted, latlng_to_cells
 
     rng = np.random.default_rng(res)
     wanted = count + RECALL_QUERIES
@@ -125,8 +125,7 @@ def ivf_sample(res: int, count: int, keep: NDArray[np.uint64] | None = None) -> 
         z, lon = rng.uniform(-1, 1, 2 * wanted), rng.uniform(-180, 180, 2 * wanted)
         cells = latlng_to_cells(np.degrees(np.arcsin(z)), lon, res)
         if keep is not None:
-            pos = np.minimum(np.searchsorted(keep, cells), len(keep) - 1)
-            cells = cells[keep[pos] == cells]
+            cells = cells[in_sorted(keep, cells)]
         found = np.union1d(found, cells)
         if len(found) >= wanted:
             break

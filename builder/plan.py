@@ -18,6 +18,7 @@ import numpy as np
 
 from builder.grid import Shard, cell_centers, parse_resolutions, shard_cells
 from catalog import manifest as fmt
+from catalog.cells import in_sorted
 from catalog.errors import InvalidArgumentError
 from catalog.storage import Store, is_remote
 
@@ -185,9 +186,7 @@ def land_mask_description() -> str:
 def enumerate_shard(shard: Shard, land: dict[int, NDArray[np.uint64]]) -> tuple[NDArray[np.uint64], NDArray, NDArray]:
     cells = shard_cells(shard)
     if shard.res in land:
-        keep = land[shard.res]
-        pos = np.minimum(np.searchsorted(keep, cells), len(keep) - 1)
-        cells = cells[keep[pos] == cells]
+        cells = cells[in_sorted(land[shard.res], cells)]
     lat, lon = cell_centers(cells)
     return cells, lat, lon
 

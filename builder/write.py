@@ -25,6 +25,7 @@ from builder.index import TrainedIndex, add_shard
 from builder.plan import enumerate_shard
 from catalog import manifest as fmt
 from catalog.blocks import embedding_column, write_part
+from catalog.cells import in_sorted
 from catalog.storage import Store
 
 if TYPE_CHECKING:
@@ -125,10 +126,7 @@ def land_flags(res: int, cells: NDArray[np.uint64], land_only: bool,
     if land_only or not len(cells):
         return np.ones(len(cells), bool)
     if land_cells is not None:
-        if not len(land_cells):
-            return np.zeros(len(cells), bool)
-        pos = np.minimum(np.searchsorted(land_cells, cells), len(land_cells) - 1)
-        return land_cells[pos] == cells
+        return in_sorted(land_cells, cells)
     from builder.landmask import touches_land
 
     with _LAND_LOCK:  # one mask (1.2 GB) loaded, not one per writer thread

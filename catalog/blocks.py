@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.errors import AtlasCorruptError
-from catalog.tables import embedding_array
+from catalog.tables import dequantize, embedding_array
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -502,6 +502,19 @@ class ResolutionReader:
         if len(wanted) > 1:
             with ThreadPoolExecutor(min(16, len(wanted)), thread_name_prefix="range-read") as pool:
                 list(pool.map(lambda pb: self._block(*pb), wanted))
+
+    def vectors(self, cells: NDArray[np.uint64], quantization: dict[str, Any] | None = None) -> NDArray[np.float32]:
+        """(n, dim) float32 embeddings of ``cells`` as a reader gets them: int8 codes dequantised
+        with the manifest's ``quantization`` (``scale``, ``offset``); NaN rows for cells not held."""
+        out = np.full((len(cells), self.dim), np.nan, dtype=np.float32)
+        decode = None
+        if quantization is not None:
+            scale, offset = (np.asarray(quantization[k], np.float32) for k in ("scale", "offset"))
+
+            def decode(stored: NDArray[Any], dest: NDArray[np.intp]) -> None:
+                out[dest] = dequantize(stored, scale, offset)
+        self.gather(cells, out, decode)
+        return out
 
     def scan(self) -> tuple[NDArray[np.uint64], NDArray[Any]]:
         """Every cell and its stored embedding (for small resolutions: the map, the recall check)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["cell_to_hex", "cells_to_latlng", "cells_to_parent", "hex_to_cell", "latlng_to_cells", "neighbours"]
+__all__ = ["cell_to_hex", "cells_to_latlng", "cells_to_parent", "hex_to_cell", "in_sorted", "latlng_to_cells", "neighbours"]
 
 
 def latlng_to_cells(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> NDArray[np.uint64]:
@@ -46,6 +46,16 @@ def neighbours(cells: NDArray[np.uint64]) -> NDArray[np.uint64]:
 
     rings = [h3i.grid_disk(c, 1) for c in np.asarray(cells, np.uint64).tolist()]
     return np.unique(np.concatenate(rings)).astype(np.uint64) if rings else np.empty(0, np.uint64)
+
+
+def in_sorted(sorted_cells: NDArray[np.uint64], cells: NDArray[np.uint64]) -> NDArray[np.bool_]:
+    """Whether each of ``cells`` is in ``sorted_cells`` (ascending uint64, e.g. memory-mapped);
+    a binary search per cell, never a copy of the sorted array."""
+    cells = np.asarray(cells, dtype=np.uint64)
+    if not len(sorted_cells):
+        return np.zeros(cells.shape, bool)
+    pos = np.minimum(np.searchsorted(sorted_cells, cells), len(sorted_cells) - 1)
+    return np.asarray(sorted_cells[pos]) == cells
 
 
 def cell_to_hex(cell: int) -> str:

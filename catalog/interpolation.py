@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from catalog.cells import cells_to_latlng
 
-__all__ = ["Neighbourhood", "blend", "interpolate", "neighbourhood"]
+__all__ = ["EARTH_RADIUS_KM", "Neighbourhood", "blend", "haversine_km", "interpolate", "neighbourhood"]
 
 EARTH_RADIUS_KM = 6371.0088
 
@@ -35,7 +35,8 @@ class Neighbourhood:
     dist: NDArray[np.float64]
 
 
-def _haversine_km(lat1, lon1, lat2, lon2) -> NDArray[np.float64]:
+def haversine_km(lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: ArrayLike) -> NDArray[np.float64]:
+    """Great-circle distance in km between points in degrees (numpy broadcasting)."""
     p1, p2 = np.radians(lat1), np.radians(lat2)
     dl = np.radians(np.asarray(lon2) - np.asarray(lon1))
     a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
@@ -55,7 +56,7 @@ def neighbourhood(lat: NDArray[np.float64], lon: NDArray[np.float64], cells: NDA
     unique, inverse = np.unique(disks.ravel(), return_inverse=True)
     c_lat, c_lon = cells_to_latlng(unique)
     rows = inverse.reshape(n, 7)
-    dist = _haversine_km(c_lat[rows], c_lon[rows], np.asarray(lat)[:, None], np.asarray(lon)[:, None])
+    dist = haversine_km(c_lat[rows], c_lon[rows], np.asarray(lat)[:, None], np.asarray(lon)[:, None])
     dist[:, 1:][disks[:, 1:] == disks[:, :1]] = np.inf
     return Neighbourhood(np.asarray(cells, np.uint64), unique, rows, dist)
 

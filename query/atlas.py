@@ -33,7 +33,7 @@ import pyarrow as pa
 from numpy.typing import ArrayLike, NDArray
 
 from catalog.blocks import ResolutionReader, part_infos
-from catalog.cells import cells_to_latlng, hex_to_cell, latlng_to_cells
+from catalog.cells import cells_to_latlng, hex_to_cell, in_sorted, latlng_to_cells
 from catalog.coords import as_coordinates, invalid_mask
 from catalog.errors import (
     AtlasChangedError,
@@ -44,13 +44,14 @@ from catalog.errors import (
     UnknownEncoderError,
     UnknownResolutionError,
 )
+from catalog.interpolation import EARTH_RADIUS_KM, haversine_km
+from catalog.interpolation import interpolate as interpolate_cells
 from catalog.manifest import BUILD_DIR, MANIFEST, list_datasets, read_manifest
 from catalog.storage import LocalStore, Store, is_remote, open_store
 from catalog.tables import coordinate_columns, dequantize, embedding_array, read_points
 
 __all__ = ["Atlas", "open_atlas"]
 
-EARTH_RADIUS_KM = 6371.0088
 ON_INVALID = ("raise", "null")
 
 
@@ -126,19 +127,13 @@ class _Resolution:
         self.cells_count = int(info["cells"])
         self.reader = ResolutionReader(store, part_infos(info, files), self.dim, manifest["precision"], str(store),
                                        missing=lambda rel: _missing(store, manifest, rel))
-        quant = manifest.get("quantization")
+        self.quantization = quant = manifest.get("quantization")
         self.scale = np.asarray(quant["scale"], np.float32) if quant else None
         self.offset = np.asarray(quant["offset"], np.float32) if quant else None
 
     def vectors(self, cells: NDArray[np.uint64]) -> NDArray[np.float32]:
         """(n, dim) float32 embeddings of ``cells``; rows of cells the atlas lacks are NaN."""
-        out = np.full((len(cells), self.dim), np.nan, dtype=np.float32)
-        decode = None
-        if self.scale is not None:
-            def decode(stored: NDArray[Any], dest: NDArray[np.intp]) -> None:
-                out[dest] = dequantize(stored, self.scale, self.offset)
-        self.reader.gather(cells, out, decode)
-        return out
+        return self.reader.vectors(cells, self.quantization)
 
     def scan(self) -> tuple[NDArray[np.uint64], NDArray[np.float32]]:
         """Every cell of the resolution and its embedding (only for small resolutions)."""
@@ -329,7 +324,7 @@ class Atlas:
         data = self._data(model, res)
         if not interpolate:
             return cells, data.vectors(cells)
-        return cells, _interpolate(data, lat, lon, cells)
+        return cells, interpolate_cells(data.vectors, lat, lon, cells)  # NaN where the own cell is not held
 
     def lookup(self, lat: ArrayLike, lon: ArrayLike, *, res: int | None = None, model: str | None = None,
                interpolate: bool = False, on_invalid: str = "raise", exact: bool = False,
@@ -451,12 +446,7 @@ class Atlas:
         res = self._res(res, name)
         cells = np.asarray(cells, dtype=np.uint64).reshape(-1)
         flags = self._land(name, res)
-        if flags is None:
-            return np.ones(len(cells), bool)
-        if not len(flags):
-            return np.zeros(len(cells), bool)
-        pos = np.minimum(np.searchsorted(flags, cells), len(flags) - 1)
-        return np.asarray(flags[pos]) == cells
+        return np.ones(len(cells), bool) if flags is None else in_sorted(flags, cells)
 
     def _region_text(self, model: str | None) -> str:
         region = self._manifest(model)["build"].get("region")
@@ -682,23 +672,6 @@ def _as_table(points: Any) -> pa.Table:
     )
 
 
-def _haversine_km(lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: ArrayLike) -> NDArray[np.float64]:
-    """Great-circle distance in km between points in degrees (numpy broadcasting)."""
-    p1, p2 = np.radians(lat1), np.radians(lat2)
-    dl = np.radians(np.asarray(lon2) - np.asarray(lon1))
-    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
-
-
-def _interpolate(data: _Resolution, lat: NDArray[np.float64], lon: NDArray[np.float64],
-                 cells: NDArray[np.uint64]) -> NDArray[np.float32]:
-    """Inverse-distance blend of the three nearest stored cell centres to each point
-    (:mod:`catalog.interpolation`); NaN rows for points whose own cell the atlas lacks."""
-    from catalog.interpolation import interpolate
-
-    return interpolate(data.vectors, lat, lon, cells)
-
-
 MAX_K = 1000
 BBOX_EXACT_CELLS = 200_000  # a box with at most about this many cells is searched exactly, cell by cell
 MAX_CANDIDATES = 100_000  # filters are applied to at most this many of the most similar cells
@@ -728,12 +701,9 @@ class _Filters:
             b = self.bbox
             ok &= (lon >= b[0]) & (lat >= b[1]) & (lon <= b[2]) & (lat <= b[3])
         if self.exclude_km is not None:
-            ok &= _haversine_km(lat, lon, self.origin[0], self.origin[1]) >= self.exclude_km
-        if self.land is not None and len(self.land):
-            pos = np.minimum(np.searchsorted(self.land, cells), len(self.land) - 1)
-            ok &= np.asarray(self.land[pos]) == cells
-        elif self.land is not None:
-            ok[:] = False
+            ok &= haversine_km(lat, lon, self.origin[0], self.origin[1]) >= self.exclude_km
+        if self.land is not None:
+            ok &= in_sorted(self.land, cells)
         return ok
 
     def describe(self) -> str:

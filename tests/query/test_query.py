@@ -134,7 +134,7 @@ def test_similar_matches_exact_search_and_filters(atlas, stored) -> None:
 
     lat, lon = h3i.cell_to_latlng(cells[target])
     far = atlas.similar(lat=lat, lon=lon, k=5, model=MODEL, exclude_within_km=2000)
-    from query.atlas import _haversine_km
+    from catalog.interpolation import haversine_km as _haversine_km
 
     assert (_haversine_km(far.column("lat").to_numpy(), far.column("lon").to_numpy(), lat, lon) >= 2000).all()
     boxed = atlas.similar(vector=values[target], k=5, model=MODEL, bbox=(-10, 35, 30, 60))
@@ -180,7 +180,7 @@ def test_similar_filters_that_leave_nothing_say_so(atlas) -> None:
         atlas.similar(lat=0.0, lon=0.0, k=5, model=MODEL, bbox=(0.0, 0.0, 0.001, 0.001))
     with pytest.warns(UserWarning, match="most similar cells pass the filters"):  # the index's results, filtered
         antipodes = atlas.similar(lat=0.0, lon=0.0, k=1000, model=MODEL, exclude_within_km=19_000)
-    from query.atlas import _haversine_km
+    from catalog.interpolation import haversine_km as _haversine_km
 
     far = _haversine_km(antipodes.column("lat").to_numpy(), antipodes.column("lon").to_numpy(), 0.0, 0.0)
     assert 0 < antipodes.num_rows < 1000 and (far >= 19_000).all()
