@@ -54,7 +54,8 @@ def run(quick: bool = False) -> list[Row]:
         f2_write = n / (time.perf_counter() - start)
         info = PartInfo("part.parquet", "part.blocks", n, int(cells[0]), int(cells[-1]),
                         (tmp / "part.parquet").stat().st_size,
-                        hashlib.sha256((tmp / "part.blocks").read_bytes()).hexdigest())
+                        hashlib.sha256((tmp / "part.blocks").read_bytes()).hexdigest(),
+                        (tmp / "part.blocks").stat().st_size)
         reader = ResolutionReader(LocalStore(tmp), [info], DIM, "float16", str(tmp))
         out = np.empty((len(wanted), DIM), np.float32)
         reader.gather(wanted, out)  # warm: blocks checked once

@@ -128,14 +128,42 @@ def write_part(path: Path, blocks_path: Path, cells: NDArray[np.uint64], values:
     return blocks
 
 
-def read_block_table(data: bytes, where: str) -> NDArray[Any]:
-    """Parse a ``.blocks`` file's bytes (already checked against the manifest)."""
+def read_block_table(data: bytes, where: str, part: PartInfo | None = None, dim: int = 0,
+                     itemsize: int = 0) -> NDArray[Any]:
+    """Parse a ``.blocks`` file's bytes; with ``part`` (and the rows' ``dim`` and ``itemsize``),
+    check it against the part it describes before anything is read through it.
+
+    Checked: the dtype and shape; then, per block, that its rows are the format's block
+    size (the last may be fewer), that both runs lie inside the part file, and that the
+    blocks' cells are sorted, disjoint and inside the part's range, their rows summing to the
+    part's. A reader never sizes a read or seeks from an unchecked entry.
+    """
     try:
         blocks = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise AtlasCorruptError(f"{where} is not a block table ({exc}); run 'hexatlas validate'") from None
     if blocks.dtype != BLOCK_DTYPE or blocks.ndim != 1:
         raise AtlasCorruptError(f"{where} is not a format-2 block table; run 'hexatlas validate'")
+    if part is None:
+        return blocks
+    size = block_rows(dim, next(k for k, v in STORED_DTYPES.items() if v.itemsize == itemsize))
+    rows = blocks["rows"]
+    first, last = blocks["first_cell"], blocks["last_cell"]
+    problem = None
+    if len(blocks) != -(-part.rows // size):
+        problem = f"has {len(blocks)} blocks, the {part.rows:,} rows of its part make {-(-part.rows // size)}"
+    elif len(blocks) and ((rows[:-1] != size).any() or not 0 < int(rows[-1]) <= size):
+        problem = f"has blocks that are not of {size} rows (the last one at most)"
+    elif int(rows.sum()) != part.rows:
+        problem = f"lists {int(rows.sum())} rows, the manifest {part.rows}"
+    elif len(blocks) and ((blocks["cells_offset"] + rows * 8 > part.bytes).any()
+                          or (blocks["values_offset"] + rows * (dim * itemsize) > part.bytes).any()):
+        problem = f"points past the end of its part ({part.bytes:,} bytes)"
+    elif len(blocks) and ((first > last).any() or (first[1:] <= last[:-1]).any()
+                          or int(first[0]) < part.first_cell or int(last[-1]) > part.last_cell):
+        problem = "has blocks whose cells are not sorted, disjoint and within its part's"
+    if problem:
+        raise AtlasCorruptError(f"{where} {problem}; run 'hexatlas validate' and rebuild or re-download it")
     return blocks
 
 
@@ -222,6 +250,7 @@ class PartInfo:
     last_cell: int
     bytes: int
     blocks_sha256: str
+    blocks_bytes: int
 
 
 class Part:
@@ -241,7 +270,7 @@ class Part:
         self._missing = missing or _corrupt_missing(where)
         for attempt in range(1 if store.is_local else 2):  # remote: read again, in case it changed on the way
             try:
-                raw = store.read_bytes(info.blocks)
+                raw = store.read_bytes(info.blocks, limit=info.blocks_bytes)
             except FileNotFoundError:
                 raise self._missing(info.blocks) from None
             if hashlib.sha256(raw).hexdigest() == info.blocks_sha256:
@@ -250,10 +279,7 @@ class Part:
             raise AtlasCorruptError(
                 f"{where}/{info.blocks} does not match the sha256 in its manifest (altered or damaged); "
                 f"run 'hexatlas validate {where}' and rebuild or re-download the dataset")
-        self.blocks = read_block_table(raw, f"{where}/{info.blocks}")
-        if int(self.blocks["rows"].sum()) != info.rows:
-            raise AtlasCorruptError(f"{where}/{info.blocks} lists {int(self.blocks['rows'].sum())} rows, "
-                                    f"the manifest {info.rows}; run 'hexatlas validate {where}'")
+        self.blocks = read_block_table(raw, f"{where}/{info.blocks}", info, dim, self.dtype.itemsize)
         self.first = np.ascontiguousarray(self.blocks["first_cell"])
         self._values_offset = self.blocks["values_offset"].astype(np.int64)
         try:
@@ -265,9 +291,6 @@ class Part:
                 f"{where}/{info.path} has {self.bytes.size:,} bytes, its manifest says {info.bytes:,} "
                 f"(truncated or altered); run 'hexatlas validate {where}' and rebuild or re-download it")
         self.block_size = int(self.blocks["rows"][0]) if len(self.blocks) else 0
-        if len(self.blocks) and (self.blocks["rows"][:-1] != self.block_size).any():
-            raise AtlasCorruptError(f"{where}/{info.blocks}: blocks are not all of {self.block_size} rows but the "
-                                    f"last; run 'hexatlas validate {where}'")
         self._cells_ok = np.zeros(len(self.blocks), dtype=bool)  # runs checked against their CRC
         self._values_ok = np.zeros(len(self.blocks), dtype=bool)
         self.value_bytes = dim * self.dtype.itemsize
@@ -533,5 +556,5 @@ class ResolutionReader:
 def part_infos(manifest_res: dict[str, Any], files: dict[str, dict[str, Any]]) -> list[PartInfo]:
     """The parts of one resolution from its manifest entry and the manifest's file records."""
     return [PartInfo(p["path"], p["blocks"], int(p["rows"]), int(p["first_cell"]), int(p["last_cell"]),
-                     int(files[p["path"]]["bytes"]), files[p["blocks"]]["sha256"])
+                     int(files[p["path"]]["bytes"]), files[p["blocks"]]["sha256"], int(files[p["blocks"]]["bytes"]))
             for p in manifest_res["parts"]]

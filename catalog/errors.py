@@ -23,6 +23,7 @@ __all__ = [
     "UnknownColumnError",
     "UnknownEncoderError",
     "UnknownResolutionError",
+    "UnsafeAtlasError",
     "UnsafeCheckpointError",
     "WeightsChecksumError",
     "WeightsNotFoundError",
@@ -86,6 +87,12 @@ class AtlasNotFoundError(HexatlasError, FileNotFoundError):
 
 class AtlasCorruptError(HexatlasError, ValueError):
     """An atlas is partial, altered or of an incompatible format version."""
+
+
+class UnsafeAtlasError(AtlasCorruptError):
+    """An atlas names something a reader must never follow: a path outside its layout (absolute,
+    ``..``, escapes, a link leaving the dataset), an allocation it does not justify, or a
+    model that would load more than its own bytes. What it names is refused, not read."""
 
 
 class AtlasChangedError(HexatlasError, RuntimeError):

@@ -44,6 +44,7 @@ DOWNLOAD_CHUNK = 8 << 20  # whole-file reads (an index, a part for SQL) go in ra
 MAX_REDIRECTS = 5
 MAX_IDLE = 32  # kept-alive connections per host: the readers' thread pool (16) and some callers
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
+_OTHER_BODY = 1 << 20  # of a redirect's or an error's body, at most this much is read
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,8 @@ class Session:
                 return
         conn.close()
 
-    def _once(self, method: str, url: str, headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage, bytes]:
+    def _once(self, method: str, url: str, headers: dict[str, str], limit: int | None = None
+              ) -> tuple[int, http.client.HTTPMessage, bytes]:
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -145,7 +147,10 @@ class Session:
             try:
                 conn.request(method, target, headers=send)
                 resp = conn.getresponse()
-                body = resp.read()  # a HEAD's empty body too: the connection is reusable only once it is read
+                # a HEAD's empty body too: the connection is reusable only once it is read; no more
+                # of it than was asked (a redirect's or an error's page: at most _OTHER_BODY)
+                cap = limit if resp.status in (200, 206) else _OTHER_BODY
+                body = resp.read() if cap is None else resp.read(cap + 1)
                 break
             except (http.client.HTTPException, OSError) as exc:
                 conn.close()
@@ -158,7 +163,17 @@ class Session:
                     continue
                 text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 raise _Transient(text) from None
-        if resp.will_close:
+        if resp.status not in (200, 206) and len(body) > _OTHER_BODY:
+            conn.close()  # the rest of a long error page is not read
+            body = body[:_OTHER_BODY]
+        elif limit is not None and len(body) > limit:  # more than was asked: the rest is not read
+            conn.close()
+            if headers.get("Range") and resp.status == 206:
+                raise _Transient(f"a range answer longer than the {limit:,} bytes asked")
+            if not headers.get("Range"):  # (a 200 for a range: the caller says the server ignores ranges)
+                raise AtlasCorruptError(f"{url} is larger than the {limit:,} bytes a reader expects of it; refusing to "
+                                        "read it whole (ask the atlas's publisher)")
+        if resp.will_close or conn.sock is None:
             conn.close()
         else:
             self._release(key, conn)
@@ -168,12 +183,13 @@ class Session:
         return resp.status, resp.headers, body
 
     # ------------------------------------------------------------ requests
-    def request(self, method: str, path: str, byte_range: tuple[int, int] | None = None
-                ) -> tuple[int, http.client.HTTPMessage, bytes]:
+    def request(self, method: str, path: str, byte_range: tuple[int, int] | None = None, *,
+                limit: int | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One logical request (redirects followed, transient failures retried).
 
         Returns the final status, headers and body; 404 raises :class:`FileNotFoundError`;
-        a range is checked (206, its Content-Range and length) before it is returned.
+        a range is checked (206, its Content-Range and length) before it is returned. No body
+        longer than the range, or than ``limit``, is read: a server sending more is refused.
         """
         headers = {"Range": f"bytes={byte_range[0]}-{byte_range[0] + byte_range[1] - 1}"} if byte_range else {}
         policy, start = self.retry, time.monotonic()
@@ -183,7 +199,7 @@ class Session:
                 with self._lock:
                     self.retries += 1
             try:
-                return self._follow(method, path, headers, byte_range)
+                return self._follow(method, path, headers, byte_range, limit)
             except _Transient as exc:
                 last = str(exc)
                 wait = min(policy.max_s, policy.base_s * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -199,12 +215,12 @@ class Session:
             "then try again; the read is safe to repeat"
         )
 
-    def _follow(self, method: str, path: str, headers: dict[str, str], byte_range: tuple[int, int] | None
-                ) -> tuple[int, http.client.HTTPMessage, bytes]:
+    def _follow(self, method: str, path: str, headers: dict[str, str], byte_range: tuple[int, int] | None,
+                limit: int | None) -> tuple[int, http.client.HTTPMessage, bytes]:
         url = self.final.get(path) or self.url(path)
         cached = path in self.final
         for _ in range(MAX_REDIRECTS + 1):
-            status, head, body = self._once(method, url, headers)
+            status, head, body = self._once(method, url, headers, byte_range[1] if byte_range else limit)
             self._note_commit(head)
             if status in (301, 302, 303, 307, 308) and head.get("Location"):
                 url = urljoin(url, head["Location"])

@@ -35,11 +35,12 @@ import contextlib
 import json
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
-from catalog.blocks import read_block_table
+from catalog.blocks import STORED_DTYPES, part_infos, read_block_table
+from catalog.checks import MAX_MANIFEST_BYTES, check_manifest, safe_name
+from catalog.index_file import check_index_file
 from catalog.errors import AtlasCorruptError, AtlasNotFoundError
 from catalog.provenance import sha256_file
 from catalog.storage import ATLAS_INDEX, Store, open_store
@@ -166,7 +167,11 @@ def list_datasets(atlas: str | Path | Store) -> list[str]:
                 f"no atlas at {str(store)!r}: neither {MANIFEST} (a dataset) nor {ATLAS_INDEX} (an atlas root) is "
                 f"there. Give the URL of a dataset folder or of a root published by 'hexatlas publish'")
         raise AtlasNotFoundError(f"no atlas at {str(store)!r}: not a directory (or an empty prefix)")
-    return [name for name in store.subdirs() if store.child(name).exists(MANIFEST)]
+    names = [name for name in store.subdirs() if store.child(name).exists(MANIFEST)]
+    if not store.is_local:  # a remote listing names folders of the cache's mirror: one safe segment each
+        for name in names:
+            safe_name(name, field="a dataset's name", where=str(store))
+    return names
 
 
 def write_atlas_index(atlas: str | Path | Store) -> list[str]:
@@ -198,8 +203,11 @@ def read_manifest(dataset_dir: str | Path | Store, *, data: bytes | None = None)
         raise AtlasCorruptError(f"{str(store)!r} has no {MANIFEST}{hint}")
     where = f"{store}/{MANIFEST}"
     try:
-        manifest = json.loads(store.read_bytes(MANIFEST) if data is None else data)
-    except (OSError, ValueError) as exc:
+        data = store.read_bytes(MANIFEST, limit=MAX_MANIFEST_BYTES) if data is None else data
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"larger than the {MAX_MANIFEST_BYTES >> 20} MiB a manifest may have")
+        manifest = json.loads(data)
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise AtlasCorruptError(f"cannot read {where!r}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise AtlasCorruptError(f"{where!r} is not a hexatlas manifest")
@@ -214,7 +222,7 @@ def read_manifest(dataset_dir: str | Path | Store, *, data: bytes | None = None)
             f"{where!r} has format version {manifest.get('format_version')!r}; this hexatlas reads "
             f"version {FORMAT_VERSION}. Rebuild the atlas or install a matching hexatlas"
         )
-    return manifest
+    return check_manifest(manifest, where)
 
 
 def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
@@ -262,33 +270,40 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
             problems.append(f"altered file (size {present[rel]} != {rec['bytes']}): {rel}")
         elif store.sha256(rel) != rec["sha256"]:
             problems.append(f"altered file (sha256 differs): {rel}")
+    dim, itemsize = manifest["provenance"]["dim"], STORED_DTYPES[manifest["precision"]].itemsize
     for res, info in manifest["resolutions"].items():
         rows = 0
-        for part in info["parts"]:
-            rel = part["path"]
-            if rel in present and part["blocks"] in present:
+        for part in part_infos(info, listed):
+            rel = part.path
+            if rel in present and part.blocks in present and not any(part.blocks in p for p in problems):
                 try:
                     with store.open_input(rel) as fh:
                         in_file = pq.ParquetFile(fh).metadata.num_rows
-                    blocks = read_block_table(store.read_bytes(part["blocks"]), part["blocks"])
+                    read_block_table(store.read_bytes(part.blocks, limit=part.blocks_bytes), part.blocks, part, dim,
+                                     itemsize)
+                except AtlasCorruptError as exc:
+                    problems.append(str(exc))
+                    continue
                 except Exception as exc:  # noqa: BLE001 - any unreadable file is a problem to report
                     problems.append(f"unreadable part ({type(exc).__name__}): {rel}")
                     continue
-                if in_file != part["rows"] or int(blocks["rows"].sum()) != part["rows"]:
-                    problems.append(f"{rel}: {in_file} rows, its block table {int(blocks['rows'].sum())}, "
-                                    f"the manifest {part['rows']}")
+                if in_file != part.rows:
+                    problems.append(f"{rel}: {in_file} rows, the manifest {part.rows}")
                 rows += in_file
         paths = [p for part in info["parts"] for p in (part["path"], part["blocks"])]
         if rows != info["cells"] and not any(rel in p for p in problems for rel in paths):
             problems.append(f"resolution {res}: {rows} rows in its parts, manifest says {info['cells']}")
         index = info["index"]["path"]
         if index in present and not any(index in p for p in problems):
-            with store.open_input(index) as fh:  # every FAISS index starts: fourcc, d (int32), ntotal (int64)
-                head = fh.read(16)
-            d, ntotal = (struct.unpack("<iq", head[4:16]) if len(head) == 16 else (None, None))
-            if (d, ntotal) != (manifest["provenance"]["dim"], info["cells"]):
-                problems.append(f"{index}: an index of {ntotal} vectors of {d} dimensions, expected "
-                                f"{info['cells']} of {manifest['provenance']['dim']}")
+            with store.open_input(index) as fh:
+                def read_at(offset: int, size: int, fh: Any = fh) -> bytes:
+                    fh.seek(offset)
+                    return fh.read(size)
+
+                try:
+                    check_index_file(read_at, present[index], info["index"], dim, info["cells"], index)
+                except AtlasCorruptError as exc:
+                    problems.append(str(exc))
     return problems
 
 

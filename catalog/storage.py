@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from catalog.errors import InvalidArgumentError, StorageError
+from catalog.checks import MAX_ATLAS_INDEX_BYTES, inside, safe_name
+from catalog.errors import AtlasCorruptError, InvalidArgumentError, StorageError
 from catalog.http_store import ATLAS_INDEX, DOWNLOAD_CHUNK, HttpFile, RetryPolicy, Session, parse_location
 from catalog.tables import atomic_path
 
@@ -84,6 +85,12 @@ def _space_errors(where: Path) -> Iterator[None]:
             f"no space left on device at {where}: free space (or give the build more) and run the same build "
             "again to resume; what was written before is kept, the file being written was removed"
         ) from exc
+
+
+def _within(size: int, limit: int, where: str) -> None:
+    if size > limit:
+        raise AtlasCorruptError(f"{where} has more than the {limit:,} bytes a reader expects of it; refusing to "
+                                "read it whole (run 'hexatlas validate', or ask the atlas's publisher)")
 
 
 def is_remote(location: str | os.PathLike[str] | Store) -> bool:
@@ -180,7 +187,9 @@ class Store:
         """Where the bytes are read from, for ``info``: URL, revision, ETag where the store knows them."""
         return {}
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, *, limit: int | None = None) -> bytes:
+        """The whole file ``rel``; with ``limit``, an :class:`AtlasCorruptError` instead when it is
+        larger (what an atlas names is read whole only up to what the reader expects)."""
         raise NotImplementedError
 
     def read_json(self, rel: str) -> Any:
@@ -273,7 +282,8 @@ class LocalStore(Store):
         return self.root.name
 
     def path(self, rel: str) -> Path:
-        return self.root / rel
+        """The local path of ``rel`` for reading it (links that leave the root are refused)."""
+        return self._file(rel)
 
     def exists(self, rel: str) -> bool:
         return (self.root / rel).is_file()
@@ -281,8 +291,15 @@ class LocalStore(Store):
     def root_exists(self) -> bool:
         return self.root.is_dir()
 
-    def read_bytes(self, rel: str) -> bytes:
-        return (self.root / rel).read_bytes()
+    def _file(self, rel: str) -> Path:
+        """Where ``rel`` is, checked to stay in the root once links are followed."""
+        return inside(self.root, self.root / rel, where=str(self.root))
+
+    def read_bytes(self, rel: str, *, limit: int | None = None) -> bytes:
+        with open(self._file(rel), "rb") as fh:
+            if limit is not None:
+                _within(os.fstat(fh.fileno()).st_size, limit, f"{self.root}/{rel}")
+            return fh.read()
 
     @contextlib.contextmanager
     def staged(self, rel: str) -> Iterator[Path]:
@@ -335,7 +352,7 @@ class LocalStore(Store):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
     def open_input(self, rel: str) -> Any:
-        return open(self.root / rel, "rb")
+        return open(self._file(rel), "rb")
 
     def filesystem(self) -> tuple[Any, str]:
         from pyarrow.fs import LocalFileSystem
@@ -387,9 +404,12 @@ class ObjectStore(Store):
         with self._errors("list"):
             return bool(self.fs.get_file_info(FileSelector(self.root, recursive=False, allow_not_found=True)))
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, *, limit: int | None = None) -> bytes:
         with self._errors("read", rel), self.fs.open_input_stream(self._path(rel)) as fh:
-            return fh.read()
+            data = fh.read() if limit is None else fh.read(limit + 1)
+        if limit is not None:
+            _within(len(data), limit, f"{self.uri}/{rel}")
+        return data
 
     def _upload(self, local: Path, rel: str) -> None:
         with self._errors("write", rel), open(local, "rb") as src, self.fs.open_output_stream(self._path(rel)) as out:
@@ -505,8 +525,8 @@ class HttpStore(Store):
     def root_exists(self) -> bool:
         return self.exists("manifest.json") or self.exists(ATLAS_INDEX)
 
-    def read_bytes(self, rel: str) -> bytes:
-        return self.session.request("GET", self._rel(rel))[2]
+    def read_bytes(self, rel: str, *, limit: int | None = None) -> bytes:
+        return self.session.request("GET", self._rel(rel), limit=limit)[2]
 
     def read_range(self, rel: str, offset: int, size: int) -> bytes:
         """``size`` bytes of ``rel`` from ``offset``: one range request, retried when transient."""
@@ -516,18 +536,16 @@ class HttpStore(Store):
 
     def subdirs(self) -> list[str]:
         """The datasets an atlas root's ``atlas.json`` lists (HTTP cannot list folders)."""
-        from catalog.errors import AtlasCorruptError
-
         try:
-            index = json.loads(self.read_bytes(ATLAS_INDEX))
+            index = json.loads(self.read_bytes(ATLAS_INDEX, limit=MAX_ATLAS_INDEX_BYTES))
         except FileNotFoundError:
             return []
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise AtlasCorruptError(f"{self.url(ATLAS_INDEX)} is not JSON ({exc}); republish the atlas") from None
         names = index.get("datasets") if isinstance(index, dict) else None
-        if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n for n in names):
+        if not isinstance(names, list) or len(names) > 4096:
             raise AtlasCorruptError(f"{self.url(ATLAS_INDEX)} does not list datasets; republish the atlas")
-        return sorted(names)
+        return sorted(safe_name(n, field=f"datasets[{i}]", where=self.url(ATLAS_INDEX)) for i, n in enumerate(names))
 
     def files(self, prefix: str = "") -> dict[str, int]:
         raise InvalidArgumentError(f"{self.uri} cannot be listed over HTTP; its manifest says what it holds")

@@ -58,10 +58,23 @@ def normalize(vectors: NDArray[Any], *, out: NDArray[np.float32] | None = None) 
     return out
 
 
-def read_index(path: Path, info: dict[str, Any]) -> Any:
+def read_index(path: Path, info: dict[str, Any], dim: int, cells: int, where: str | None = None) -> Any:
     """Open an index for searching: an IVF index's inverted lists memory-mapped, read-only
-    (only the lists a search probes are read from disk), its nprobe set from ``info``."""
+    (only the lists a search probes are read from disk), its nprobe set from ``info``.
+
+    The file is first parsed and checked against ``info``, ``dim`` and ``cells``
+    (:func:`catalog.index_file.check_index_file`): FAISS never reads a file whose layout
+    is not exactly the one the manifest describes.
+    """
+    import os
+
+    from catalog.index_file import check_index_file
+
     faiss = require_faiss()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        check_index_file(lambda offset, n: os.pread(fh.fileno(), n, offset), size, info, dim, cells,
+                         where or str(path))
     index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     if not info["exact"]:
         faiss.extract_index_ivf(index).nprobe = info["nprobe"]

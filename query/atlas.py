@@ -46,7 +46,8 @@ from catalog.errors import (
 )
 from catalog.interpolation import EARTH_RADIUS_KM, haversine_km
 from catalog.interpolation import interpolate as interpolate_cells
-from catalog.manifest import BUILD_DIR, MANIFEST, list_datasets, read_manifest
+from catalog.checks import MAX_MANIFEST_BYTES, inside
+from catalog.manifest import BUILD_DIR, MANIFEST, dataset_name, list_datasets, read_manifest
 from catalog.storage import LocalStore, Store, is_remote, open_store
 from catalog.tables import coordinate_columns, dequantize, embedding_array, read_points
 
@@ -97,7 +98,7 @@ def _open_remote(store: Store) -> Atlas:
     first: bytes | None = None
     if not store.listable:  # HTTP: one GET answers both whether it is a dataset and what it holds
         with contextlib.suppress(FileNotFoundError):
-            first = store.read_bytes(MANIFEST)
+            first = store.read_bytes(MANIFEST, limit=MAX_MANIFEST_BYTES)
     if first is not None or (store.listable and store.exists(MANIFEST)):
         stores = [store]
     else:
@@ -109,11 +110,12 @@ def _open_remote(store: Store) -> Atlas:
             raise AtlasCorruptError(f"{str(store)!r} holds no finished hexatlas dataset{hint}")
     datasets, mirrors, digests = {}, {}, {}
     for dataset in stores:
-        raw = first if first is not None else dataset.read_bytes(MANIFEST)
+        raw = first if first is not None else dataset.read_bytes(MANIFEST, limit=MAX_MANIFEST_BYTES)
         manifest = read_manifest(dataset, data=raw)
         datasets[dataset.name] = (dataset, manifest)
         digests[dataset.name] = hashlib.sha256(raw).hexdigest()
-        mirrors[dataset.name] = _cache_dir() / "remote" / digests[dataset.name][:24] / dataset.name
+        # the name is one safe segment (an atlas.json's names are checked; a URL's last one is made so)
+        mirrors[dataset.name] = _cache_dir() / "remote" / digests[dataset.name][:24] / dataset_name(dataset.name)
     return Atlas(datasets, mirrors=mirrors, digests=digests, location=store.uri)
 
 
@@ -192,28 +194,36 @@ class Atlas:
         store, manifest = self._datasets[name]
         return _missing(store, manifest, rel)
 
-    def _local(self, name: str, rels: list[str]) -> Path:
-        """The local folder holding the files ``rels`` of a dataset: the dataset itself, or (for
-        one in object storage) its mirror, where missing files are downloaded and checked first."""
+    def _local(self, name: str, rels: list[str]) -> list[Path]:
+        """Local paths of the files ``rels`` of a dataset: in the dataset itself, or (for one in
+        object storage) in its mirror, where missing files are downloaded and checked first.
+        Either way each path is checked to stay in its folder once links are followed."""
         store, manifest = self._datasets[name]
         if isinstance(store, LocalStore):
-            return store.root
+            return [store.path(rel) for rel in rels]
         from catalog.provenance import sha256_file
 
         mirror = self._mirrors[name]
-        digests = {rec["path"]: rec["sha256"] for rec in manifest["files"]}
+        records = {rec["path"]: rec for rec in manifest["files"]}
+        paths = []
         with self._fetch_lock:
             for rel in rels:
-                dest = mirror / rel
+                # rel was checked with the manifest; this checks the final path, links followed
+                dest = inside(mirror, mirror / rel, where=f"the cache of {store}")
+                paths.append(dest)
                 if dest.is_file():
                     continue
                 tmp = dest.with_name(f".{dest.name}.{os.getpid()}.download")
                 for _ in range(2):  # once more if it fails its sha256: bytes changed on the way differ next time
                     try:
+                        if (size := store.size(rel)) != records[rel]["bytes"]:
+                            raise AtlasCorruptError(f"{store}/{rel} has {size:,} bytes, its manifest says "
+                                                    f"{records[rel]['bytes']:,}; not downloading it. Run "
+                                                    f"'hexatlas validate {store}'")
                         store.download(rel, tmp)
                     except FileNotFoundError:
                         raise self._file_gone(name, rel) from None
-                    if ok := sha256_file(tmp) == digests.get(rel):
+                    if ok := sha256_file(tmp) == records[rel]["sha256"]:
                         break
                 if not ok:
                     tmp.unlink()
@@ -221,7 +231,7 @@ class Atlas:
                         f"{store}/{rel} does not match the sha256 in its manifest; run 'hexatlas validate {store}'"
                     )
                 os.replace(tmp, dest)
-        return mirror
+        return paths
 
     # ----------------------------------------------------------------- description
     @property
@@ -311,7 +321,7 @@ class Atlas:
             if name not in self._exact:
                 info = manifest["encoder_onnx"]
                 store = self._datasets[name][0]
-                path = self._local(name, [info["path"]]) / info["path"]
+                path = self._local(name, [info["path"]])[0]
                 self._exact[name] = ExactEncoder(path, info, f"{store}/{info['path']}")
             return self._exact[name]
 
@@ -462,10 +472,13 @@ class Atlas:
         info = self._manifest(name)["resolutions"][str(res)]["index"]
         with self._lock:
             if (name, res) not in self._indexes:
-                path = self._local(name, [info["path"]]) / info["path"]
+                path = self._local(name, [info["path"]])[0]
                 if not path.is_file():
                     raise self._file_gone(name, info["path"])
-                self._indexes[(name, res)] = read_index(path, info)
+                manifest = self._manifest(name)
+                self._indexes[(name, res)] = read_index(path, info, int(manifest["provenance"]["dim"]),
+                                                        int(manifest["resolutions"][str(res)]["cells"]),
+                                                        f"{self._datasets[name][0]}/{info['path']}")
             return self._indexes[(name, res)], info
 
     def _land(self, name: str, res: int) -> NDArray[np.uint64] | None:
@@ -480,11 +493,19 @@ class Atlas:
                                        "land_only (hexatlas build ... --overwrite)")
         with self._lock:
             if (name, res) not in self._land_cells:
-                path = self._local(name, [land["path"]]) / land["path"]
+                path = self._local(name, [land["path"]])[0]
                 try:
-                    self._land_cells[(name, res)] = np.load(path, mmap_mode="r")
+                    flags = np.load(path, mmap_mode="r", allow_pickle=False)
                 except FileNotFoundError:
                     raise self._file_gone(name, land["path"]) from None
+                except (ValueError, OSError, EOFError) as exc:
+                    raise AtlasCorruptError(f"{self._datasets[name][0]}/{land['path']} is not a land table ({exc}); "
+                                            "run 'hexatlas validate'") from None
+                if flags.dtype != np.dtype("<u8") or flags.shape != (land["cells"],):
+                    raise AtlasCorruptError(f"{self._datasets[name][0]}/{land['path']} holds {flags.dtype} of shape "
+                                            f"{flags.shape}, not the {land['cells']:,} cells its manifest says; "
+                                            "run 'hexatlas validate'")
+                self._land_cells[(name, res)] = flags
             return self._land_cells[(name, res)]
 
     def similar(self, *, lat: float | None = None, lon: float | None = None, cell: int | str | None = None,
@@ -613,8 +634,7 @@ class Atlas:
         of a rebuild being published, or already published)."""
         manifest = self._datasets[name][1]
         rels = [p["path"] for info in manifest["resolutions"].values() for p in info["parts"]]
-        root = self._local(name, rels)
-        return [str(root / rel) for rel in rels]
+        return [str(path) for path in self._local(name, rels)]
 
 
 def _exact_summary(name: str, manifest: dict[str, Any]) -> dict[str, Any]:

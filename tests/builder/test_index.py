@@ -205,7 +205,7 @@ def test_large_resolutions_get_a_product_quantised_index_with_measured_recall(tm
     assert params["rerank"] in index.RERANKS and params["bytes"] == record["bytes"]
     m = pq_subquantizers(64, 128)  # 4: codes and ids within a tenth of 64 float16s, beside the centroids
     assert 0 < params["bytes"] - len(ids) * (m + 8) < 100_000
-    mapped = vector_index.read_index(tmp_path / params["path"], params)
+    mapped = vector_index.read_index(tmp_path / params["path"], params, 64, len(ids))
     assert mapped.ntotal == len(ids) and faiss.extract_index_ivf(mapped).nprobe == params["nprobe"]
     assert not (tmp_path / "_build" / "index" / "res=3").exists()  # trained index and shard lists removed
 
