@@ -184,7 +184,8 @@ def check_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
         raise c.fail("precision", precision, f"is not one of {', '.join(STORED_ITEMSIZE)}")
     prov = c.dict(manifest.get("provenance"), "provenance")
     dim = c.int(prov.get("dim"), "provenance.dim", 1, MAX_DIM)
-    c.str(prov.get("model"), "provenance.model")
+    for key in ("model", "source", "sha256", "licence", "paper"):
+        c.str(prov.get(key), f"provenance.{key}")
     c.str(manifest.get("created"), "created")
     build = c.dict(manifest.get("build"), "build")
     c.bool(build.get("land_only"), "build.land_only")
@@ -287,7 +288,10 @@ def _check_resolution(c: _Check, res: int, info: dict[str, Any], files: dict[str
             raise c.fail(f"{field}.index.type", kind, f"does not agree with nlist {nlist} and dimension {dim}")
         c.int(index.get("nprobe"), f"{field}.index.nprobe", 1, nlist)
     c.int(index.get("rerank", 1), f"{field}.index.rerank", 1, MAX_RERANK)
-    c.number(index.get("recall_at_10", 0), f"{field}.index.recall_at_10")
+    c.number(index.get("recall_at_10"), f"{field}.index.recall_at_10")
+    for key in ("recall_lower_bound", "bytes_per_cell", "share_of_embeddings", "build_s"):
+        if key in index:
+            c.number(index[key], f"{field}.index.{key}")
     _listed(c, files, path, f"{field}.index.path", cells * (4 * dim + 8) + nlist * (4 * dim + 16) + 1024 * dim
             + (1 << 16))
     land = c.dict(info.get("land"), f"{field}.land", optional=True)
@@ -298,7 +302,14 @@ def _check_resolution(c: _Check, res: int, info: dict[str, Any], files: dict[str
     zarr = info.get("zarr")
     if zarr is not None:
         safe_relpath(zarr, field=f"{field}.zarr", where=c.where, kind="zarr")
-    c.dict(info.get("fidelity"), f"{field}.fidelity", optional=True)
+    fidelity = c.dict(info.get("fidelity"), f"{field}.fidelity", optional=True)
+    if fidelity:
+        c.int(fidelity.get("points"), f"{field}.fidelity.points", 0, 1 << 40)
+        for kind in ("cell", "interpolated"):
+            stats = c.dict(fidelity.get(kind), f"{field}.fidelity.{kind}")
+            for key in ("mean_cosine", "p05_cosine", "min_cosine", "mean_l2"):
+                if stats.get(key) is not None:
+                    c.number(stats[key], f"{field}.fidelity.{kind}.{key}")
 
 
 def _check_encoder(c: _Check, manifest: dict[str, Any], files: dict[str, int], dim: int) -> None:
@@ -318,6 +329,9 @@ def _check_encoder(c: _Check, manifest: dict[str, Any], files: dict[str, int], d
         raise c.fail("encoder_onnx.inputs", inputs, "are not two (lat, lon)")
     for i, spec in enumerate(inputs):
         c.str(c.dict(spec, f"encoder_onnx.inputs[{i}]").get("name"), f"encoder_onnx.inputs[{i}].name")
+    c.int(info.get("opset"), "encoder_onnx.opset", 1, 1000)
+    c.str(info.get("licence"), "encoder_onnx.licence")
+    c.number(c.dict(info.get("parity"), "encoder_onnx.parity").get("max_abs_diff"), "encoder_onnx.parity.max_abs_diff")
     output = c.dict(info.get("output"), "encoder_onnx.output")
     c.str(output.get("name"), "encoder_onnx.output.name")
     shape = c.list(output.get("shape"), "encoder_onnx.output.shape", 2)
