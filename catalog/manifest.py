@@ -38,6 +38,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from catalog.blocks import STORED_DTYPES, part_infos, read_block_table
 from catalog.checks import MAX_MANIFEST_BYTES, check_manifest, safe_name
 from catalog.index_file import check_index_file
@@ -293,6 +295,19 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
         paths = [p for part in info["parts"] for p in (part["path"], part["blocks"])]
         if rows != info["cells"] and not any(rel in p for p in problems for rel in paths):
             problems.append(f"resolution {res}: {rows} rows in its parts, manifest says {info['cells']}")
+        land = (info.get("land") or {}).get("path")
+        if land in present and not any(land in p for p in problems):
+            with store.open_input(land) as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(fh)
+                except ValueError as exc:
+                    shape, dtype = str(exc), None
+            if dtype != np.dtype("<u8") or shape != (info["land"]["cells"],):
+                problems.append(f"{land}: not a table of the {info['land']['cells']:,} land cells (uint64) its "
+                                f"manifest says ({dtype}, {shape})")
         index = info["index"]["path"]
         if index in present and not any(index in p for p in problems):
             with store.open_input(index) as fh:
