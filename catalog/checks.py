@@ -27,18 +27,15 @@ indexes in :mod:`catalog.index_file`, the exported encoder in :mod:`query.exact`
 from __future__ import annotations
 
 import math
-import os
 import re
-from pathlib import Path
 from typing import Any
 
-from catalog.errors import AtlasCorruptError, UnsafeAtlasError
+from catalog.errors import AtlasCorruptError
+from catalog.paths import safe_relpath
 
-__all__ = ["MAX_ATLAS_INDEX_BYTES", "MAX_DIM", "MAX_MANIFEST_BYTES", "check_manifest", "inside", "safe_name",
-           "safe_relpath"]
+__all__ = ["MAX_DIM", "MAX_MANIFEST_BYTES", "check_manifest", "h3_cells"]
 
 MAX_MANIFEST_BYTES = 64 << 20  # a resolution-8 manifest of 842 parts is ~0.5 MB
-MAX_ATLAS_INDEX_BYTES = 1 << 20
 MAX_DIM = 8192  # SatCLIP 256, GeoCLIP 512: room for larger encoders, not for a hostile allocation
 MAX_RES = 15
 MAX_FILES = 1 << 22
@@ -46,72 +43,13 @@ MAX_NLIST = 1 << 20
 MAX_RERANK = 1024
 MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit on one message
 STORED_ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
-_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,254}")
-_ZARR_V2 = frozenset({".zattrs", ".zarray", ".zgroup", ".zmetadata"})  # a Zarr v2 store's metadata files
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _INDEX_TYPE = re.compile(r"IVF(\d+),PQ(\d+)")
-# where each kind of file lives in a dataset (``{r}``: its resolution) and how its name ends
-_LAYOUT = {"part": ("data/res={r}/", ".parquet"), "blocks": ("blocks/res={r}/", ".blocks"),
-           "index": ("index/", ".faiss"), "land": ("land/", ".npy"), "zarr": ("zarr/", ".zarr"),
-           "encoder": ("encoder/", ".onnx")}
-_TOP = ("data/", "blocks/", "index/", "land/", "encoder/", "zarr/")
 
 
 def h3_cells(res: int) -> int:
     """The number of H3 cells at resolution ``res``: 2 + 120 * 7**res."""
     return 2 + 120 * 7 ** res
-
-
-def _refuse(where: str, field: str, value: Any, why: str) -> UnsafeAtlasError:
-    shown = repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
-    return UnsafeAtlasError(f"{where}: {field} = {shown} {why}; refusing to open this atlas (its publisher "
-                            "must fix it: hexatlas writes no such name)")
-
-
-def safe_relpath(path: Any, *, field: str, where: str, kind: str | None = None, res: int | None = None) -> str:
-    """``path`` if it is a safe relative path inside the format's layout, else :class:`UnsafeAtlasError`.
-
-    ``kind`` (``part``, ``blocks``, ``index``, ``land``, ``zarr``, ``encoder``) and ``res``
-    narrow it to where that kind of file lives; without them any of the layout's folders.
-    """
-    if not isinstance(path, str) or not path:
-        raise _refuse(where, field, path, "is not a path")
-    segments = path.split("/")
-    bad = next((s for s in segments if not _SEGMENT.fullmatch(s) and s not in _ZARR_V2), None)
-    if bad is not None:
-        why = ("is absolute" if path.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", path)
-               else f"has the segment {bad!r} (only letters, digits and ._=- are allowed, not starting with a dot: "
-                    "no '..', '.', empty segments, backslashes, '%' escapes or control characters)")
-        raise _refuse(where, field, path, why)
-    if kind is None:
-        if not path.startswith(_TOP) or len(segments) < 2:
-            raise _refuse(where, field, path, f"is outside the dataset's layout ({', '.join(_TOP)})")
-        return path
-    folder, suffix = _LAYOUT[kind]
-    folder = folder.format(r=res)
-    if not path.startswith(folder) or not path.endswith(suffix) or len(segments) != folder.count("/") + 1:
-        raise _refuse(where, field, path, f"is not where the format keeps it ({folder}<name>{suffix})")
-    return path
-
-
-def safe_name(name: Any, *, field: str, where: str) -> str:
-    """A dataset's name (one folder) if safe, else :class:`UnsafeAtlasError`."""
-    if not isinstance(name, str) or not _SEGMENT.fullmatch(name):
-        raise _refuse(where, field, name, "is not a dataset folder name (letters, digits and ._=-, not starting "
-                                          "with a dot)")
-    return name
-
-
-def inside(folder: Path, path: Path, *, where: str) -> Path:
-    """``path`` resolved (every link followed) if it lies in ``folder`` resolved, else
-    :class:`UnsafeAtlasError`: a link in an atlas must not lead a reader out of it."""
-    base = Path(os.path.realpath(folder))
-    real = Path(os.path.realpath(path))
-    if real != base and base not in real.parents:
-        raise UnsafeAtlasError(
-            f"{where}: {path} leads outside {folder} (to {real}, through a symbolic link); refusing to read it. "
-            "Copy the files into the dataset folder instead of linking them")
-    return real
 
 
 # ---------------------------------------------------------------- the manifest

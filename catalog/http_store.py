@@ -38,6 +38,7 @@ from catalog.errors import AtlasChangedError, AtlasCorruptError, InvalidArgument
 __all__ = ["ATLAS_INDEX", "HttpFile", "RetryPolicy", "Session", "default_retry", "parse_location"]
 
 ATLAS_INDEX = "atlas.json"  # an atlas root's list of datasets: HTTP has no listing
+MAX_ATLAS_INDEX_BYTES = 1 << 20
 MANIFEST = "manifest.json"
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 DOWNLOAD_CHUNK = 8 << 20  # whole-file reads (an index, a part for SQL) go in ranges of this size

@@ -56,6 +56,7 @@ class IndexLayout:
     pq_offset: int = 0  # d * 256 float32: M sub-quantisers of 256 centroids of d / M values
     list_sizes: NDArray[np.int64] | None = None
     list_offsets: NDArray[np.int64] | None = None  # each list's codes; its ids follow them
+    by_residual: bool = True  # PQ codes encode the vector's residual from its list's centroid
 
 
 class _Cursor:
@@ -142,7 +143,9 @@ def check_index_file(read_at: ReadAt, size: int, info: dict[str, Any], dim: int,
         centroids = cur.vector(4, nlist * dim)
         if cur.take(1) != b"\x00" or cur.u64() != 0:
             raise cur.fail("a direct map (hexatlas writes none)")
-        cur.take(1)  # by_residual
+        by_residual = cur.take(1)
+        if by_residual not in (b"\x00", b"\x01"):
+            raise cur.fail("by_residual is neither true nor false")
         if cur.u64() != m:
             raise cur.fail(f"the code size is not {m} bytes")
         if (cur.u64(), cur.u64(), cur.u64()) != (dim, m, PQ_NBITS):
@@ -159,7 +162,8 @@ def check_index_file(read_at: ReadAt, size: int, info: dict[str, Any], dim: int,
         lengths = sizes * (m + 8)
         offsets = cur.pos + np.concatenate([[0], np.cumsum(lengths)[:-1]])
         cur.skip(int(lengths.sum()))
-        layout = IndexLayout("ivfpq", dim, cells, nlist, m, centroids, pq, sizes, offsets.astype(np.int64))
+        layout = IndexLayout("ivfpq", dim, cells, nlist, m, centroids, pq, sizes, offsets.astype(np.int64),
+                             by_residual == b"\x01")
     if cur.pos != size:
         raise cur.fail(f"{size - cur.pos:,} bytes after the index's end")
     return layout

@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from catalog.blocks import STORED_DTYPES, part_infos, read_block_table
-from catalog.checks import MAX_MANIFEST_BYTES, check_manifest, safe_name
+from catalog.checks import MAX_MANIFEST_BYTES, check_manifest
 from catalog.index_file import check_index_file
+from catalog.paths import safe_name
 from catalog.errors import AtlasCorruptError, AtlasNotFoundError
 from catalog.provenance import sha256_file
 from catalog.storage import ATLAS_INDEX, Store, open_store

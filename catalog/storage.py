@@ -30,9 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from catalog.checks import MAX_ATLAS_INDEX_BYTES, inside, safe_name
+from catalog.paths import inside, safe_name
 from catalog.errors import AtlasCorruptError, InvalidArgumentError, StorageError
-from catalog.http_store import ATLAS_INDEX, DOWNLOAD_CHUNK, HttpFile, RetryPolicy, Session, parse_location
+from catalog.http_store import ATLAS_INDEX, DOWNLOAD_CHUNK, MAX_ATLAS_INDEX_BYTES, HttpFile, RetryPolicy, Session, parse_location
 from catalog.tables import atomic_path
 
 __all__ = ["HttpStore", "LocalStore", "ObjectStore", "Store", "is_remote", "open_store", "s3_filesystem", "settle"]

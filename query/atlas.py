@@ -46,8 +46,9 @@ from catalog.errors import (
 )
 from catalog.interpolation import EARTH_RADIUS_KM, haversine_km
 from catalog.interpolation import interpolate as interpolate_cells
-from catalog.checks import MAX_MANIFEST_BYTES, inside
+from catalog.checks import MAX_MANIFEST_BYTES
 from catalog.manifest import BUILD_DIR, MANIFEST, dataset_name, list_datasets, read_manifest
+from catalog.paths import inside
 from catalog.storage import LocalStore, Store, is_remote, open_store
 from catalog.tables import coordinate_columns, dequantize, embedding_array, read_points
 
