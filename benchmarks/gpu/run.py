@@ -57,7 +57,7 @@ class GpuSampler:
     def __enter__(self) -> GpuSampler:
         if self.available:
             self._proc = subprocess.Popen(
-                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", f"-lms={self.interval_ms}"],
+                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", f"--loop-ms={self.interval_ms}"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
@@ -208,7 +208,8 @@ def encoder_idle(seconds: dict[str, float], wall: float) -> dict[str, Any]:
 def check_against_cpu(dataset: Path, model: str, checkpoint: str, resolutions: tuple[int, ...],
                       per_res: int) -> dict[str, Any]:
     """A seeded sample of each resolution's stored cells against the encoder evaluated on the
-    CPU at the same centres, stored the same way (:data:`CHECK_RULES`, :func:`within_stored_precision`)."""
+    CPU at the same centres, stored the same way (:data:`CHECK_RULES`;
+    :func:`tests.data.stored_precision.tolerance`)."""
     from builder.encode import Quantizer
     from builder.encoders import load_encoder
     from builder.grid import cell_centers
@@ -216,6 +217,7 @@ def check_against_cpu(dataset: Path, model: str, checkpoint: str, resolutions: t
     from catalog.blocks import STORED_DTYPES, ResolutionReader, part_infos
     from catalog.manifest import read_manifest
     from catalog.storage import open_store
+    from tests.data.stored_precision import tolerance
 
     start = time.perf_counter()
     manifest = read_manifest(dataset)
@@ -243,7 +245,7 @@ def check_against_cpu(dataset: Path, model: str, checkpoint: str, resolutions: t
         else:
             cpu_stored = want.astype(STORED_DTYPES[precision])
             err = np.abs(got.astype(np.float64) - want)
-            units = err / within_stored_precision(want, precision)
+            units = err / tolerance(want, precision)
         ok = bool(found.all()) and bool((units <= 1.0).all())
         max_units = float(units.max()) if units.size else 0.0
         per[str(res)] = {"cells": len(cells), "found": int(found.sum()),
@@ -255,21 +257,6 @@ def check_against_cpu(dataset: Path, model: str, checkpoint: str, resolutions: t
     return {"precision": precision, "rule": CHECK_RULES[precision],
             "per_resolution": per, "max_error_in_steps": round(worst, 3), "pass": passed,
             "seconds": round(time.perf_counter() - start, 2)}
-
-
-def within_stored_precision(exact: np.ndarray, precision: str) -> np.ndarray:
-    """The tolerance of each value of ``exact`` (n, dim) float32 once stored as float16 or float32.
-
-    One storage step at the value's magnitude, or at its row's rms when that is larger:
-    correct rounding gives half a step, and float32 arithmetic on another device (or in
-    other batch shapes) moves values by about 1e-6 of the row's scale, which can cross a
-    rounding boundary, or many steps of a value near zero.
-    """
-    rms = np.sqrt(np.mean(np.square(exact, dtype=np.float64), axis=1, keepdims=True))
-    scale = np.maximum(np.abs(exact), rms)
-    if precision == "float16":
-        return np.spacing(scale.astype(np.float16)).astype(np.float64)
-    return 1e-4 * scale
 
 
 def dataset_bytes(path: Path) -> int:
@@ -322,6 +309,9 @@ def run_model(name: str, args: argparse.Namespace, report: Report, sampler: GpuS
                        "end_to_end_s": round(entry["load_s"] + wall + (report.data["land"] or {}).get("seconds", 0.0), 2)}
     report.save()
     print(f"[{name}] built {summary}", flush=True)
+    rates = ", ".join(f"{stage} {f['cells_per_s']:,} {'points' if stage == 'fidelity' else 'cells'}/s"
+                      for stage, f in entry["stages"].items() if f["cells_per_s"] is not None)
+    print(f"[{name}] per stage: {rates}", flush=True)
     print(f"[{name}] {cells:,} cells in {wall:.1f} s ({cells / wall:,.0f} cells/s); encoder "
           f"{entry['encoder_idle']['busy_share_of_build']} busy over the build, "
           f"{entry['encoder_idle']['busy_share_of_shard_loop']} over the shard loop; "
