@@ -42,7 +42,7 @@ main() {
               --geoclip-weights "$CARRY/geoclip_location_encoder.pth")
   if [ -n "${BATCH_SIZE:-}" ]; then args+=(--batch-size "$BATCH_SIZE"); fi
   # SIGINT at the budget: the driver records "interrupted" and keeps the models it finished.
-  timeout --signal=INT --kill-after=20 "${BUDGET_S:-560}" "$PY" -m benchmarks.gpu.run "${args[@]}"
+  timeout --signal=INT --kill-after=20 "${BUDGET_S:-540}" "$PY" -m benchmarks.gpu.run "${args[@]}"
 }
 
 main 2>&1 | tee "$OUT/run.log"
