@@ -234,7 +234,8 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
             "overwrite=True) to rebuild it, or choose another --output"
         )
     # before anything is written: a region that keeps no cell is refused, not left half built
-    land = land_cells_of(config) if config.land_only or config.region is not None else {}
+    with timer("land"):  # listed once per process (cached): a second model's build pays nothing here
+        land = land_cells_of(config) if config.land_only or config.region is not None else {}
     empty = [res for res, kept in land.items() if not len(kept)]
     if config.region is not None and empty:
         raise InvalidArgumentError(f"no cell of resolution {empty[0]} touches land in the region {config.region.bbox}; "

@@ -61,8 +61,10 @@ def encode_stored(encoder: Encoder, lat: NDArray, lon: NDArray, precision: str, 
     encoder (float16, float32), or quantised (int8)."""
     dtype = np.float16 if precision == "float16" else np.float32
     emb = np.empty((lat.size, encoder.dim), dtype=dtype)
-    for start in range(0, lat.size, ENCODE_CHUNK):
-        stop = min(start + ENCODE_CHUNK, lat.size)
+    # never below the encoder's batch: a larger --batch-size (a GPU's) would otherwise be cut to the chunk
+    chunk = max(ENCODE_CHUNK, int(getattr(encoder, "batch_size", 0) or 0))
+    for start in range(0, lat.size, chunk):
+        stop = min(start + chunk, lat.size)
         encoder.encode(lat=lat[start:stop], lon=lon[start:stop], out=emb[start:stop])
         if on_chunk is not None:
             on_chunk(stop - start)

@@ -155,6 +155,25 @@ def test_reduced_precision(tmp_path, precision, tolerance, dtype) -> None:
     assert np.abs(stored - exact).max() < tolerance * np.abs(exact).max()
 
 
+def test_encode_calls_take_the_encoders_whole_batch(monkeypatch) -> None:
+    """A batch larger than the encode chunk (a GPU's --batch-size) reaches the encoder whole."""
+    from builder.encode import ENCODE_CHUNK, encode_stored
+
+    encoder, sizes = load_toy(device="cpu"), []
+    real = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda **kw: sizes.append(len(kw["lat"])) or real(**kw))
+    n = 3 * ENCODE_CHUNK + 5
+    lat, lon = np.zeros(n), np.linspace(-179, 179, n)
+    encoder.batch_size = 2 * ENCODE_CHUNK
+    stored = encode_stored(encoder, lat, lon, "float16", None)
+    assert sizes == [2 * ENCODE_CHUNK, ENCODE_CHUNK + 5]
+    np.testing.assert_array_equal(stored, real(lat=lat, lon=lon).astype(np.float16))
+    sizes.clear()
+    encoder.batch_size = 4096  # a CPU's: the chunk stays the progress bar's step
+    encode_stored(encoder, lat, lon, "float16", None)
+    assert sizes == [ENCODE_CHUNK] * 3 + [5]
+
+
 def test_refuses_to_clobber_and_resumes_only_same_arguments(tmp_path) -> None:
     build(TOY, resolutions="0", output=tmp_path, device="cpu", progress=False)
     with pytest.raises(InvalidArgumentError, match="already holds a finished toy dataset.*--overwrite"):

@@ -1,0 +1,1 @@
+"""The GPU build benchmark (run.sh, one device call; README.md)."""
