@@ -15,7 +15,7 @@ import pytest
 import query
 from catalog import blocks
 from catalog.cells import cells_to_latlng, latlng_to_cells
-from catalog.errors import UnknownEncoderError, UnknownResolutionError
+from catalog.errors import AtlasChangedError, UnknownEncoderError, UnknownResolutionError
 from catalog.manifest import read_manifest
 
 xr = pytest.importorskip("xarray")
@@ -190,6 +190,20 @@ def test_copies_and_pickles_read_the_same(toy, reference) -> None:
     np.testing.assert_array_equal(copy.deepcopy(ds).cell_ids[-5:].values, cells[-5:])
     ds.close()
     np.testing.assert_array_equal(ds.embedding[7].values, vectors[7])  # closed, opened again on use
+
+
+def test_a_rebuild_since_opening_is_named(tmp_path) -> None:
+    from builder.build import build
+
+    build(TOY, resolutions="1", output=tmp_path, device="cpu", progress=False)
+    ds = xr.open_dataset(tmp_path, engine=Engine, res=1)
+    pickled = pickle.dumps(ds)
+    build(TOY, resolutions="1", output=tmp_path, device="cpu", progress=False, overwrite=True)
+    with pytest.raises(AtlasChangedError, match="rebuilt"):
+        ds.embedding.values
+    with pytest.raises(AtlasChangedError, match="rebuilt"):
+        pickle.loads(pickled).cell_ids.values
+    assert xr.open_dataset(tmp_path, engine=Engine, res=1).embedding.shape == (842, 4)
 
 
 def test_guess_can_open(toy, tmp_path) -> None:
