@@ -231,17 +231,37 @@ def test_engine_hexatlas_by_name(toy, reference) -> None:
     assert xr.open_dataset(toy, res=3).sizes["cells"] == 41162  # guessed from the folder
 
 
-def test_remote_atlas_reads_as_the_local_one(toy, reference) -> None:
-    from tests.data.http_server import nginx
+def test_remote_atlas_reads_as_the_local_one(toy, reference, monkeypatch) -> None:
+    from tests.data.http_server import HUB_REPO, nginx
 
     cells, vectors = reference
+    lat, lon = _points(30, 5)
     with nginx(toy) as base:
         ds = xr.open_dataset(f"{base}/atlas/toy", engine=Engine, res=3)
         np.testing.assert_array_equal(ds.cell_ids.values, cells)
         np.testing.assert_array_equal(ds.embedding[[3, 40_000, 20_000]].values, vectors[[3, 40_000, 20_000]])
-        lat, lon = _points(30, 5)
         np.testing.assert_array_equal(xdggs.decode(ds).dggs.sel_latlon(lat, lon).embedding.values,
                                       query.open(toy).lookup(lat, lon, res=3))
+        monkeypatch.setenv("HF_ENDPOINT", base)  # nginx lays the folder out as the Hub's URLs
+        hub = xr.open_dataset(f"hf://datasets/{HUB_REPO}/toy", engine=Engine, res=3)
+        np.testing.assert_array_equal(hub.embedding[-4097:-4090].values, vectors[-4097:-4090])
+
+
+def test_an_s3_atlas_reads_as_the_local_one(tmp_path) -> None:
+    pytest.importorskip("moto")
+    import logging
+
+    from builder.build import build
+    from tests.data.s3_server import BUCKET, s3_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    build(TOY, resolutions="1", output=tmp_path, device="cpu", progress=False)
+    with s3_server():
+        build(TOY, resolutions="1", output=f"s3://{BUCKET}/atlas", device="cpu", progress=False)
+        ds = xr.open_dataset(f"s3://{BUCKET}/atlas", engine=Engine, res=1)
+        near = xr.open_dataset(tmp_path, engine=Engine, res=1)
+        np.testing.assert_array_equal(ds.cell_ids.values, near.cell_ids.values)
+        np.testing.assert_array_equal(ds.embedding[::3].values, near.embedding[::3].values)
 
 
 def test_no_torch_needed(toy, tmp_path) -> None:
