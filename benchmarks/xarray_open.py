@@ -24,6 +24,7 @@ at the end unless ``$HEXATLAS_BENCH_KEEP`` is set.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -108,37 +109,40 @@ def _rows(res: int, cells: int, got: dict[str, dict], where: str) -> list[Row]:
     def v(name: str, key: str, scale: float = 1.0) -> float:
         return got.get(name, {}).get(key, float("nan")) * scale
 
-    label = f"res {res} ({cells:,} cells), {where}"
+    label, n = f"res {res} ({cells:,} cells), {where}", len(POINTS["lat"])
     engine = "engine='hexatlas'" if got.get("open", {}).get("by_name") else "engine=HexatlasBackendEntrypoint"
     local = "zarr-open" in got
-    base, prefix = ("the Zarr face (xr.open_zarr)", "zarr-") if local else ("import query + query.open", None)
-    targets = res == 6 and local
-    rows = [
-        Row(f"xr.open_dataset({engine}), fresh process, cold: import xarray, xdggs + open", label, v("open", "open_s"), "s",
-            base, v(f"{prefix}open", "open_s") if local else v("query", "open_s"), "< 5 s" if targets else ""),
-        Row("xr.open_dataset peak RSS", label, v("open", "rss_mb"), "MB", base,
-            v(f"{prefix}open", "rss_mb") if local else v("query", "rss_mb"), "< 700 MB" if targets else ""),
-    ]
+    face = "the Zarr face (xr.open_zarr)"
+    opened = f"xr.open_dataset({engine}), fresh process, cold: import xarray, xdggs + open"
+    decoded = "xdggs.decode after open (reads and indexes cell_ids)"
     if local:
-        rows += [
-            Row("xdggs.decode after open (reads and indexes cell_ids)", label, v("decode", "decode_s"), "s",
-                base, v("zarr-decode", "decode_s")),
-            Row("open + xdggs.decode peak RSS", label, v("decode", "rss_mb"), "MB", base, v("zarr-decode", "rss_mb")),
-            Row(f"ds.dggs.sel_latlon of {len(POINTS['lat'])} points after decode, cold", label, v("sel", "sel_s", 1e3),
-                "ms", base, v("zarr-sel", "sel_s", 1e3)),
-            Row("open + decode + sel_latlon peak RSS", label, v("sel", "rss_mb"), "MB", base, v("zarr-sel", "rss_mb")),
+        rows = [
+            Row(opened, label, v("open", "open_s"), "s", face, v("zarr-open", "open_s"),
+                "< 5 s" if res == 6 else ""),
+            Row("xr.open_dataset peak RSS", label, v("open", "rss_mb"), "MB", face, v("zarr-open", "rss_mb"),
+                "< 700 MB" if res == 6 else ""),
+            Row(decoded, label, v("decode", "decode_s"), "s", face, v("zarr-decode", "decode_s")),
+            Row("open + xdggs.decode peak RSS", label, v("decode", "rss_mb"), "MB", face,
+                v("zarr-decode", "rss_mb")),
+            Row(f"ds.dggs.sel_latlon of {n} points after decode, cold", label, v("sel", "sel_s", 1e3), "ms",
+                face, v("zarr-sel", "sel_s", 1e3)),
+            Row("open + decode + sel_latlon peak RSS", label, v("sel", "rss_mb"), "MB", face,
+                v("zarr-sel", "rss_mb")),
         ]
     else:
-        rows.append(Row("xdggs.decode after open (reads and indexes cell_ids)", label, v("decode", "decode_s"), "s",
-                        "xr.open_dataset before it", v("decode", "open_s")))
-    rows += [
-        Row(f"import + open + decode + sel_latlon of {len(POINTS['lat'])} points, cold", label,
-            v("sel", "open_s") + v("sel", "decode_s") + v("sel", "sel_s"), "s",
-            "import query + query.open + Atlas.lookup", v("query", "open_s") + v("query", "lookup_s")),
-        Row("import + open + decode + sel_latlon peak RSS", label, v("sel", "rss_mb"), "MB",
-            "query.open + Atlas.lookup", v("query", "rss_mb")),
-    ]
-    return rows
+        base = "import query + query.open"
+        rows = [
+            Row(opened, label, v("open", "open_s"), "s", base, v("query", "open_s")),
+            Row("xr.open_dataset peak RSS", label, v("open", "rss_mb"), "MB", base, v("query", "rss_mb")),
+            Row(decoded, label, v("decode", "decode_s"), "s", "xr.open_dataset before it",
+                v("decode", "open_s")),
+        ]
+    whole = v("sel", "open_s") + v("sel", "decode_s") + v("sel", "sel_s")
+    return [*rows,
+            Row(f"import + open + decode + sel_latlon of {n} points, cold", label, whole, "s",
+                "import query + query.open + Atlas.lookup", v("query", "open_s") + v("query", "lookup_s")),
+            Row("import + open + decode + sel_latlon peak RSS", label, v("sel", "rss_mb"), "MB",
+                "query.open + Atlas.lookup", v("query", "rss_mb"))]
 
 
 def run(quick: bool = False) -> list[Row]:
@@ -152,14 +156,15 @@ def run(quick: bool = False) -> list[Row]:
         built, rss = _run(_BUILD, code=REPO, scratch=work, model=TOY, res=res, atlas=str(atlas))
         _log(f"built {built['cells']:,} cells in {built['seconds']:.0f} s, peak RSS {rss / 1e9:.1f} GB")
         rows = []
-        face = str(atlas / "toy" / f"zarr/res={res}.zarr")
+        manifest = json.loads((atlas / "toy" / "manifest.json").read_text())
+        face = str(atlas / "toy" / manifest["resolutions"][str(res)]["zarr"])
         for where, location in _locations(atlas):
             got = {}
             for step in ("open", "decode", "sel"):
-                got[step] = _measure(_XARRAY, atlas, work, location=location, res=res, step=step, zarr=None)
+                common = {"location": location, "res": res, "step": step}
+                got[step] = _measure(_XARRAY, atlas, work, zarr=None, **common)
                 if where == "local":
-                    got[f"zarr-{step}"] = _measure(_XARRAY, atlas, work, location=location, res=res, step=step,
-                                                   zarr=face)
+                    got[f"zarr-{step}"] = _measure(_XARRAY, atlas, work, zarr=face, **common)
             got["query"] = _measure(_QUERY, atlas, work, location=location, res=res)
             rows += _rows(res, built["cells"], got, where)
         return rows

@@ -50,6 +50,8 @@ READ_THREADS = 16  # range requests in flight for one remote selection
 # a row selection as xarray's outer indexing hands it to a backend: an int, a slice or 1-d ints
 RowKey = int | np.integer | slice | np.ndarray
 Task = tuple[int, int, Any, Any]  # (part, block, rows in the block, rows of the result): slices or int arrays
+# fill(cell ids, stored embeddings or None, rows in the block, rows of the result): one task's block, read
+Fill = Callable[[Any, Any, Any, Any], None]
 
 
 class _Source:
@@ -139,8 +141,7 @@ class _Source:
                 tasks.append((p, b, local[a:z] - b * part.block_size, order[lo + a:lo + z]))
         return tasks
 
-    def read(self, tasks: list[Task], fill: Callable[[NDArray[np.uint64], NDArray[Any] | None, Any, Any], None],
-             *, values: bool) -> None:
+    def read(self, tasks: list[Task], fill: Fill, *, values: bool) -> None:
         """Read each task's block (``values``: its embeddings too, else only its cell ids) and
         hand it to ``fill(cells, stored, src, dest)``; remote blocks are read in parallel."""
         from catalog.blocks import read_block
@@ -270,10 +271,13 @@ class HexatlasBackendEntrypoint(BackendEntrypoint):
         data = atlas._data(name, res)
         manifest = atlas._manifest(name)
         infos = data.reader.infos
-        source = _Source(location, name, res, tuple(p.path for p in infos), tuple(p.rows for p in infos), data)
+        source = _Source(location, name, res, tuple(p.path for p in infos), tuple(p.rows for p in infos),
+                         data)
         n, dim = source.cells, data.dim
         drop = {drop_variables} if isinstance(drop_variables, str) else set(drop_variables or ())
-        chunks = {"preferred_chunks": {"cells": int(manifest["resolutions"][str(res)].get("block_rows") or n)}}
+        # dask (chunks={} or "auto") then cuts along blocks
+        block = manifest["resolutions"][str(res)].get("block_rows") or n
+        chunks = {"preferred_chunks": {"cells": int(block)}}
 
         def lazy(array: _Array) -> indexing.LazilyIndexedArray:
             return indexing.LazilyIndexedArray(array)

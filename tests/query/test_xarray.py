@@ -88,7 +88,8 @@ def test_opening_reads_no_block_and_a_selection_only_its_blocks(toy, reads) -> N
     repr(ds)  # shows no values: reads nothing
     assert not reads
     ds.embedding[4100:4102].values  # rows in the second block of the first part
-    assert sorted({(r[1], r[2]) for r in reads}) == [(1, "cells"), (1, "values")] and len({r[0] for r in reads}) == 1
+    assert sorted({(r[1], r[2]) for r in reads}) == [(1, "cells"), (1, "values")]
+    assert len({r[0] for r in reads}) == 1
     reads.clear()
     ds.cell_ids[[5, 40_000]].values
     assert [r[2] for r in reads] == ["cells", "cells"] and len({r[0] for r in reads}) == 2  # no values read
@@ -116,12 +117,12 @@ def test_indexing_matches_numpy(toy, reference, key) -> None:
     _, vectors = reference
     rows, dims = key
     ds = xr.open_dataset(toy, engine=Engine, res=3)
-    np.testing.assert_array_equal(ds.embedding[rows, dims].values, vectors[rows][..., dims] if isinstance(rows, int)
-                                  else vectors[rows][:, dims])
+    expected = vectors[rows][..., dims] if isinstance(rows, int) else vectors[rows][:, dims]
+    np.testing.assert_array_equal(ds.embedding[rows, dims].values, expected)
 
 
-def test_vectorized_and_label_indexing(toy, reference) -> None:
-    cells, vectors = reference
+def test_vectorized_indexing_and_bounds(toy, reference) -> None:
+    _, vectors = reference
     ds = xr.open_dataset(toy, engine=Engine, res=3)
     rows, dims = xr.DataArray([7, 30_000, 12], dims="p"), xr.DataArray([1, 0, 3], dims="p")
     np.testing.assert_array_equal(ds.embedding[rows, dims].values, vectors[[7, 30_000, 12], [1, 0, 3]])
@@ -154,7 +155,7 @@ def test_an_int8_atlas_reads_dequantised(tmp_path) -> None:
     lat, lon = _points(200, 4)
     np.testing.assert_array_equal(xdggs.decode(ds).dggs.sel_latlon(lat, lon).embedding.values,
                                   query.open(tmp_path).lookup(lat, lon, res=2))
-    cells, vectors = query.open(tmp_path)._data("toy", 2).scan()
+    _, vectors = query.open(tmp_path)._data("toy", 2).scan()
     np.testing.assert_array_equal(ds.embedding[:, 1:3].values, vectors[:, 1:3])
 
 
@@ -175,7 +176,8 @@ def test_choosing_the_model_and_resolution(toy, tmp_path) -> None:
     shutil.copytree(toy / "toy", tmp_path / "toy-copy")
     with pytest.raises(UnknownEncoderError, match="choose one with model=: toy, toy-copy"):
         xr.open_dataset(tmp_path, engine=Engine, res=3)
-    assert xr.open_dataset(tmp_path, engine=Engine, res=1, model="toy-copy").attrs["hexatlas_dataset"] == "toy-copy"
+    chosen = xr.open_dataset(tmp_path, engine=Engine, res=1, model="toy-copy")
+    assert chosen.attrs["hexatlas_dataset"] == "toy-copy"
     with pytest.raises(UnknownResolutionError, match="built: 1, 3"):
         xr.open_dataset(toy, engine=Engine, res=2)
     ds = xr.open_dataset(toy, engine=Engine, res=1, drop_variables=["lat", "lon"])
