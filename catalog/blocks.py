@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from catalog.storage import Store
 
 __all__ = ["BLOCK_BYTES", "BLOCK_DTYPE", "STORED_DTYPES", "Part", "PartInfo", "ResolutionReader", "block_rows",
-           "embedding_column", "part_infos", "read_block_table", "write_part"]
+           "embedding_column", "part_infos", "read_block", "read_block_table", "write_part"]
 
 BLOCK_BYTES = 256 * 1024  # embedding bytes per block: what one point lookup reads at most
 MAX_BLOCK_ROWS = 4096  # cells per block at most (tiny embeddings would make the cell run dominate)
@@ -558,3 +558,14 @@ def part_infos(manifest_res: dict[str, Any], files: dict[str, dict[str, Any]]) -
     return [PartInfo(p["path"], p["blocks"], int(p["rows"]), int(p["first_cell"]), int(p["last_cell"]),
                      int(files[p["path"]]["bytes"]), files[p["blocks"]]["sha256"], int(files[p["blocks"]]["bytes"]))
             for p in manifest_res["parts"]]
+
+
+def read_block(reader: ResolutionReader, part: int, block: int, *,
+               values: bool = True) -> tuple[NDArray[np.uint64], NDArray[Any] | None]:
+    """Block ``block`` of part ``part`` of a resolution, checked: its cell ids (uint64, sorted)
+    and, with ``values``, its stored embeddings ((rows, dim), else None: only the cell run is
+    read). For readers that address rows by position (the xarray backend); remote blocks with
+    values come through the reader's cache of checked blocks, as lookups do."""
+    if not values:
+        return reader.part(part)._cell_run(block), None
+    return reader._block(part, block)
