@@ -324,13 +324,40 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
                             index.RECALL_TARGET, res)
                 params, recall = _write_flat(tmp, source, dim), 1.0
         file = fmt.file_record(Path(), rel, local=tmp)
+        directory = None if params["exact"] else _list_directory(tmp, params, n, dim)
+    lists_file = None
+    if directory is not None:  # beside the index: what a remote search checks each list it reads against
+        params["lists"] = fmt.lists_relpath(res, job.generation)
+        with dataset.staged(params["lists"]) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, directory, allow_pickle=False)
+            lists_file = fmt.file_record(Path(), params["lists"], local=tmp)
     params.update({"metric": "inner_product", "recall_at_10": round(recall, 4), "normalized": True,
                    "build_s": round(time.perf_counter() - start + (trained or {}).get("train_s", 0.0), 2),
                    "path": rel, "cells": n, "bytes": file["bytes"], "bytes_per_cell": round(file["bytes"] / max(n, 1), 1),
                    "share_of_embeddings": round(file["bytes"] / max(n * stored_bytes(dim, job.precision), 1), 4)})
-    state.mark(f"index-res={res}", {"index": params, "file": file})
+    state.mark(f"index-res={res}", {"index": params, "file": file, "lists_file": lists_file})
     dataset.delete_tree(f"{fmt.BUILD_DIR}/index/res={res}")  # the trained index and the shards' lists
     source.release()
+
+
+def _list_directory(path: Path, params: dict[str, Any], cells: int, dim: int) -> NDArray[Any]:
+    """Each inverted list's offset, bytes and CRC-32 in the index file just written; the
+    bytes before the first list (the trained parts) and their sha256 go into ``params``."""
+    import hashlib
+    import os
+
+    from catalog.index_file import check_index_file
+    from catalog.remote_index import list_directory
+
+    with open(path, "rb") as fh:
+        def read_at(offset: int, size: int) -> bytes:
+            return os.pread(fh.fileno(), size, offset)
+
+        layout = check_index_file(read_at, os.fstat(fh.fileno()).st_size, params, dim, cells, str(path))
+        head = int(layout.list_offsets[0])
+        params.update(head_bytes=head, head_sha256=hashlib.sha256(read_at(0, head)).hexdigest())
+        return list_directory(layout, read_at)
 
 
 def _write_flat(path: Path, source: ShardSource, dim: int) -> dict[str, Any]:
@@ -412,6 +439,8 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
     zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")
     info["zarr"], info["index"] = (fmt.zarr_relpath(res, job.generation) if job.zarr else None), index_done["index"]
     files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]
+    if index_done.get("lists_file"):
+        files.append(index_done["lists_file"])
     if land_flags:
         land = finish_land(res, job, state, timer, land_cells)
         info["land"] = {"path": land["file"]["path"], "cells": land["cells"]}

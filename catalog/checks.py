@@ -232,6 +232,12 @@ def _check_resolution(c: _Check, res: int, info: dict[str, Any], files: dict[str
             c.number(index[key], f"{field}.index.{key}")
     _listed(c, files, path, f"{field}.index.path", cells * (4 * dim + 8) + nlist * (4 * dim + 16) + 1024 * dim
             + (1 << 16))
+    if ivf and index.get("lists") is not None:
+        lists = safe_relpath(index["lists"], field=f"{field}.index.lists", where=c.where, kind="lists")
+        _listed(c, files, lists, f"{field}.index.lists", 20 * nlist + 4096, 20 * nlist)
+        c.int(index.get("head_bytes"), f"{field}.index.head_bytes", 1, files[path])
+        if not isinstance(index.get("head_sha256"), str) or not _SHA256.fullmatch(index["head_sha256"]):
+            raise c.fail(f"{field}.index.head_sha256", index.get("head_sha256"), "is not a sha256")
     land = c.dict(info.get("land"), f"{field}.land", optional=True)
     if land:
         count = c.int(land.get("cells"), f"{field}.land.cells", 0, cells)

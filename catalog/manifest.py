@@ -44,6 +44,7 @@ from catalog.blocks import STORED_DTYPES, part_infos, read_block_table
 from catalog.checks import MAX_MANIFEST_BYTES, check_manifest
 from catalog.index_file import check_index_file
 from catalog.paths import safe_name
+from catalog.remote_index import read_list_directory
 from catalog.errors import AtlasCorruptError, AtlasNotFoundError
 from catalog.provenance import sha256_file
 from catalog.storage import ATLAS_INDEX, Store, open_store
@@ -76,7 +77,7 @@ REBUILD_DIR = "_build.rebuild"
 # a file being written, never renamed into place by a killed build (catalog.tables.atomic_path,
 # LocalStore.staged_dir): not the dataset's, and swept by the next build
 _STAGING = re.compile(r"(^|/)\.[^/]+\.tmp$|\.tmpdir/")
-_GENERATION = re.compile(r"\.g(\d+)\.(?:parquet|blocks|faiss|npy|zarr|onnx)(?:/|$)")
+_GENERATION = re.compile(r"\.g(\d+)\.(?:parquet|blocks|faiss|lists|npy|zarr|onnx)(?:/|$)")
 
 
 def dataset_name(model: str) -> str:
@@ -102,6 +103,11 @@ def zarr_relpath(res: int, generation: int = 0) -> str:
 
 def index_relpath(res: int, generation: int = 0) -> str:
     return f"index/res={res}{_g(generation)}.faiss"
+
+
+def lists_relpath(res: int, generation: int = 0) -> str:
+    """An IVF index's list directory: each inverted list's offset, bytes and CRC-32 (remote search reads lists)."""
+    return f"index/res={res}{_g(generation)}.lists"
 
 
 def land_relpath(res: int, generation: int = 0) -> str:
@@ -317,7 +323,10 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
                     return fh.read(size)
 
                 try:
-                    check_index_file(read_at, present[index], info["index"], dim, info["cells"], index)
+                    layout = check_index_file(read_at, present[index], info["index"], dim, info["cells"], index)
+                    lists = info["index"].get("lists")
+                    if lists in present and not any(lists in p for p in problems):
+                        read_list_directory(store.read_bytes(lists, limit=listed[lists]["bytes"]), layout, lists)
                 except AtlasCorruptError as exc:
                     problems.append(str(exc))
     return problems

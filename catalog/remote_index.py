@@ -105,10 +105,20 @@ class InPlaceIndex:
         from catalog.vector_index import require_faiss
 
         faiss = require_faiss()
+        import hashlib
+
         nlist, m = (int(v) for v in info["type"][3:].split(",PQ"))
-        # the trained parts and the list sizes lie before the first list: one request for all
-        head = nlist * dim * 4 + dim * (1 << PQ_NBITS) * 4 + nlist * 8 + 4096
-        read = _Prefix(read_at, read_at(0, min(size, head)))
+        # the trained parts and the list sizes lie before the first list: one request for all,
+        # checked against the sha256 the manifest gives them (read once more if it fails)
+        for _ in range(2):
+            head = read_at(0, int(info["head_bytes"]))
+            if hashlib.sha256(head).hexdigest() == info["head_sha256"]:
+                break
+        else:
+            raise AtlasCorruptError(f"{where}: its first {int(info['head_bytes']):,} bytes (the trained centroids, "
+                                    "codebooks and list sizes) do not match their sha256 (read twice); run "
+                                    "'hexatlas validate' and rebuild or re-download the dataset")
+        read = _Prefix(read_at, head)
         self.layout = layout = check_index_file(read, size, info, dim, cells, where)
         self.directory = read_list_directory(directory, layout, f"{where[:-len('.faiss')]}.lists")
         self.where, self.read_at = where, read_at

@@ -465,14 +465,21 @@ class Atlas:
 
     # ----------------------------------------------------------------- search
     def _index(self, model: str | None, res: int) -> tuple[Any, dict[str, Any]]:
-        """The resolution's FAISS index, memory-mapped: its inverted lists are paged in as
-        searches read them (a remote dataset's index is fetched whole first)."""
+        """The resolution's index. Local: FAISS, memory-mapped (its inverted lists are paged in
+        as searches read them). Remote IVF-PQ with a list directory: read in place
+        (:class:`catalog.remote_index.InPlaceIndex`: the trained parts once, then the lists a
+        search probes). Otherwise (a flat index of a small resolution, or an atlas built
+        before list directories) the file is fetched whole into the cache first."""
         from catalog.vector_index import read_index
 
         name = self._name(model)
         info = self._manifest(name)["resolutions"][str(res)]["index"]
         with self._lock:
             if (name, res) not in self._indexes:
+                store, manifest = self._datasets[name]
+                if not store.is_local and not info["exact"] and info.get("lists"):
+                    self._indexes[(name, res)] = self._in_place_index(name, res, info)
+                    return self._indexes[(name, res)], info
                 path = self._local(name, [info["path"]])[0]
                 if not path.is_file():
                     raise self._file_gone(name, info["path"])
@@ -481,6 +488,29 @@ class Atlas:
                                                         int(manifest["resolutions"][str(res)]["cells"]),
                                                         f"{self._datasets[name][0]}/{info['path']}")
             return self._indexes[(name, res)], info
+
+    def _in_place_index(self, name: str, res: int, info: dict[str, Any]) -> Any:
+        import hashlib
+
+        from catalog.blocks import _RemoteBytes
+        from catalog.remote_index import InPlaceIndex
+
+        store, manifest = self._datasets[name]
+        records = {rec["path"]: rec for rec in manifest["files"]}
+        where = f"{store}/{info['path']}"
+        try:
+            directory = store.read_bytes(info["lists"], limit=records[info["lists"]]["bytes"])
+            if hashlib.sha256(directory).hexdigest() != records[info["lists"]]["sha256"]:
+                raise AtlasCorruptError(f"{store}/{info['lists']} does not match the sha256 in its manifest; run "
+                                        f"'hexatlas validate {store}'")
+            file = _RemoteBytes(store, info["path"])
+        except FileNotFoundError as exc:
+            raise self._file_gone(name, str(exc) if str(exc) in records else info["path"]) from None
+        if file.size != records[info["path"]]["bytes"]:
+            raise AtlasCorruptError(f"{where} has {file.size:,} bytes, its manifest says "
+                                    f"{records[info['path']]['bytes']:,}; run 'hexatlas validate {store}'")
+        return InPlaceIndex(file.read, file.size, info, int(manifest["provenance"]["dim"]),
+                            int(manifest["resolutions"][str(res)]["cells"]), directory, where)
 
     def _land(self, name: str, res: int) -> NDArray[np.uint64] | None:
         """The sorted cells that touch land of a global atlas's resolution (memory-mapped);

@@ -1,0 +1,122 @@
+"""Similar-place search on a remote atlas reads its IVF-PQ index in place: the trained parts
+once, then only the inverted lists a search probes, each checked against its CRC-32."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import query
+from catalog.errors import AtlasCorruptError
+from catalog.manifest import validate_dataset
+from tests.data.fault_proxy import FaultProxy
+from tests.data.http_server import nginx
+from tests.data.satclip_checkpoint import make_checkpoint
+
+MODEL = "satclip-vit16-l10"
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """SatCLIP L=10 (256-d) at resolutions 1-2, res 2 (5,882 cells) with an IVF-PQ index."""
+    from builder import index
+    from builder.build import build
+    from catalog import vector_index
+
+    root = tmp_path_factory.mktemp("ivf")
+    ckpt = make_checkpoint(root / "l10.ckpt", legendre_polys=10)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+        patch.setattr(index, "RECALL_TARGET", 0.0)  # keep the IVF index whatever its recall
+        build(MODEL, checkpoint=str(ckpt), resolutions="1-2", output=root / "atlas", device="cpu", progress=False)
+    return root / "atlas"
+
+
+@pytest.fixture(scope="module")
+def server(local):
+    with nginx(local) as base:
+        yield base
+
+
+def _queries(atlas):
+    cells = atlas.similar(lat=10.0, lon=20.0, res=2, k=3).column("cell").to_pylist()
+    vector = atlas.lookup([48.85, -33.9], [2.35, 18.4], res=2).mean(axis=0)
+    return [{"lat": 48.85, "lon": 2.35}, {"lat": -12.0, "lon": -77.0, "k": 50}, {"cell": f"{cells[1]:x}"},
+            {"vector": vector}, {"lat": 35.0, "lon": 139.0, "exclude_within_km": 500}]
+
+
+def test_the_build_writes_a_list_directory(local) -> None:
+    manifest = json.loads(next(local.glob("*/manifest.json")).read_text())
+    info = manifest["resolutions"]["2"]["index"]
+    assert not info["exact"] and info["lists"] == "index/res=2.lists"
+    assert "lists" not in manifest["resolutions"]["1"]["index"]  # a flat index has no lists
+    assert info["lists"] in {r["path"] for r in manifest["files"]}
+    assert validate_dataset(next(local.glob("*/"))) == []
+
+
+def test_remote_search_reads_lists_in_place_and_answers_as_local(local, server) -> None:
+    near = query.open(local)
+    with FaultProxy(server) as proxy:
+        far = query.open(f"{proxy.url}/atlas")
+        for q in _queries(near):
+            a, b = near.similar(res=2, **q), far.similar(res=2, **q)
+            assert a.column("cell").to_pylist() == b.column("cell").to_pylist(), q
+            np.testing.assert_array_equal(a.column("score").to_numpy(), b.column("score").to_numpy())
+        index_reads = [e for e in proxy.log if "res%3D2.faiss" in e[1]]
+        assert all(e[2] for e in index_reads)  # every read a range: the size probe, the head, lists
+        searched, info = far._index(None, 2)
+        assert 0 < searched.lists_read == len(searched._loaded) < searched.layout.nlist
+        lists = int(searched.directory["bytes"][list(searched._loaded)].sum())
+        assert sum(e[4] for e in index_reads) == 1 + info["head_bytes"] + lists  # each probed list read once
+        assert not (far._mirrors[far.models[0]] / "index" / "res=2.faiss").exists()  # nothing downloaded
+
+
+def test_a_damaged_list_is_read_again_then_refused(local, server) -> None:
+    near = query.open(local)
+    with FaultProxy(server, rates={"flip": 0.3, "reset": 0.1, "503": 0.1}, seed=4) as proxy:
+        far = query.open(f"{proxy.url}/atlas")
+        for q in _queries(near):
+            assert near.similar(res=2, **q).column("cell").to_pylist() == far.similar(res=2, **q).column("cell").to_pylist()
+        assert proxy.faults["flip"] > 0
+    with FaultProxy(server, corrupt=(".faiss",), max_faults=None) as proxy:
+        far = query.open(f"{proxy.url}/atlas")
+        with pytest.raises(AtlasCorruptError, match="(CRC-32|do not match their sha256)"):
+            far.similar(lat=48.85, lon=2.35, res=2)
+
+
+def test_a_list_directory_that_lies_is_refused(local, tmp_path) -> None:
+    import hashlib
+    import shutil
+
+    from catalog.remote_index import LIST_DIRECTORY_DTYPE
+
+    shutil.copytree(local, tmp_path / "copy")
+    ds = next((tmp_path / "copy").glob("*/"))
+    table = np.load(ds / "index/res=2.lists")
+    assert table.dtype == LIST_DIRECTORY_DTYPE
+    table["offset"][3] += 1
+    with open(ds / "index/res=2.lists", "wb") as fh:
+        np.save(fh, table)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    for rec in manifest["files"]:
+        if rec["path"] == "index/res=2.lists":
+            data = (ds / rec["path"]).read_bytes()
+            rec["sha256"], rec["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    with nginx(tmp_path / "copy") as base, pytest.raises(AtlasCorruptError, match="does not describe the lists"):
+        query.open(f"{base}/atlas").similar(lat=48.85, lon=2.35, res=2)
+    assert any("does not describe the lists" in p for p in validate_dataset(ds))
+
+
+def test_serve_over_a_remote_atlas_searches_in_place(local, server) -> None:
+    from fastapi.testclient import TestClient
+
+    from query.server import create_app
+
+    far = query.open(f"{server}/atlas")
+    answer = TestClient(create_app(far)).get("/v1/similar", params={"lat": 48.85, "lon": 2.35, "res": 2, "k": 5})
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 5
+    assert far._index(None, 2)[0].lists_read > 0
+    assert not (far._mirrors[far.models[0]] / "index" / "res=2.faiss").exists()
