@@ -629,7 +629,13 @@ class Atlas:
         """
         from query.sql import View, connect
 
-        views = [View(name, self.dim(name), self._parquet_glob(name), self._manifest(name).get("quantization"),
+        httpfs = None
+        if any(not store.is_local for store, _ in self._datasets.values()):
+            from query.sql import httpfs_extension
+
+            httpfs = httpfs_extension()
+        views = [View(name, self.dim(name), self._parquet_glob(name, httpfs is not None),
+                      self._manifest(name).get("quantization"),
                       land=self._has_land_flags(name),
                       land_column=all(i.get("land_column") for i in self._manifest(name)["resolutions"].values()))
                  for name in self.models]
@@ -640,7 +646,7 @@ class Atlas:
         def land(cells: NDArray[np.uint64], res: int, model: str | None) -> NDArray[np.bool_]:
             return self.land_flags(cells, res=res, model=model)
 
-        return connect(views, lookup, land)
+        return connect(views, lookup, land, httpfs)
 
     def _has_land_flags(self, name: str) -> bool:
         manifest = self._manifest(name)
@@ -660,11 +666,27 @@ class Atlas:
                     raise changed from None
             raise
 
-    def _parquet_glob(self, name: str) -> list[str]:
+    def _parquet_glob(self, name: str, httpfs: bool = False) -> list[str]:
         """The dataset's part files, as its manifest lists them (a glob would also take those
-        of a rebuild being published, or already published)."""
-        manifest = self._datasets[name][1]
+        of a rebuild being published, or already published). A remote dataset's are URLs that
+        DuckDB's httpfs reads in place (row groups by range) when ``httpfs``; else they are
+        downloaded into the cache first, with a warning saying what to install."""
+        store, manifest = self._datasets[name]
         rels = [p["path"] for info in manifest["resolutions"].values() for p in info["parts"]]
+        if not store.is_local and httpfs:
+            from catalog.storage import HttpStore
+
+            # the Hub's URLs name the commit first read: SQL reads the same revision as lookups
+            return [store.url(rel).replace("%3D", "=") if isinstance(store, HttpStore) else f"{store.uri}/{rel}"
+                    for rel in rels]
+        if not store.is_local:
+            from query.sql import REMOTE_SQL_INSTALL
+
+            missing = [rel for rel in rels if not (self._mirrors[name] / rel).is_file()]
+            if missing:
+                warnings.warn(f"SQL on {store} downloads its {len(missing)} part files into the cache: DuckDB's httpfs "
+                              f"extension, which reads them in place, is not installed ({REMOTE_SQL_INSTALL})",
+                              stacklevel=3)
         return [str(path) for path in self._local(name, rels)]
 
 

@@ -17,7 +17,9 @@ import pyarrow as pa
 
 from catalog.errors import HexatlasError, InvalidArgumentError
 
-__all__ = ["QueryError", "View", "connect", "run_sql"]
+__all__ = ["QueryError", "View", "connect", "httpfs_extension", "run_sql"]
+
+REMOTE_SQL_INSTALL = "pip install 'hexatlas[remote-sql]'"
 
 # (lat, lon, res, model) -> (n, dim) float32 embeddings, NaN rows where there is none
 Lookup = Callable[[np.ndarray, np.ndarray, int, "str | None"], np.ndarray]
@@ -31,7 +33,7 @@ class View:
 
     name: str
     dim: int
-    glob: str | list[str]  # the dataset's local part files: a glob, or the files
+    glob: str | list[str]  # the dataset's part files: a glob, or the files (local paths, or URLs read by httpfs)
     quantization: dict[str, list[float]] | None = None
     land: bool = False  # the view has a land column (the dataset has land flags)
     land_column: bool = False  # ... read from the part files' own land column
@@ -164,11 +166,58 @@ def _land_function(land: LandFlags) -> Any:
     return flags
 
 
-def connect(views: list[View], lookup: Lookup, land: LandFlags | None = None) -> Any:
+def httpfs_extension() -> str | None:
+    """Where DuckDB's httpfs extension can be loaded from offline, or None.
+
+    The ``duckdb-extension-httpfs`` wheel (``hexatlas[remote-sql]``, which pins DuckDB 1.5.5:
+    there is no such wheel for later DuckDB) ships it for one DuckDB version; an extension
+    installed by DuckDB itself (``INSTALL httpfs`` where the network allows) works too.
+    """
+    import importlib.util
+    import os
+
+    import duckdb
+
+    spec = importlib.util.find_spec("duckdb_extension_httpfs")
+    if spec is not None and spec.origin:
+        path = os.path.join(os.path.dirname(spec.origin), "extensions", f"v{duckdb.__version__}",
+                            "httpfs.duckdb_extension")
+        if os.path.isfile(path):
+            return path
+    try:
+        con = duckdb.connect()
+        con.execute("LOAD httpfs")
+        return "httpfs"
+    except duckdb.Error:
+        return None
+
+
+def _load_httpfs(con: Any, extension: str) -> None:
+    """Load httpfs and give it S3's settings from the environment that :mod:`catalog.storage` reads."""
+    import os
+
+    con.execute("LOAD httpfs" if extension == "httpfs" else f"LOAD '{extension.replace(chr(39), chr(39) * 2)}'")
+    options = {"KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID"), "SECRET": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+               "SESSION_TOKEN": os.environ.get("AWS_SESSION_TOKEN"),
+               "REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, sep, host = endpoint.partition("://")
+        options.update(ENDPOINT=host.rstrip("/") if sep else endpoint, URL_STYLE="path",
+                       USE_SSL="true" if not sep or scheme == "https" else "false")
+    given = {k: v for k, v in options.items() if v}
+    if given:
+        body = ", ".join(f"{k} {v}" if k == "USE_SSL" else f"{k} '{v.replace(chr(39), chr(39) * 2)}'"
+                         for k, v in given.items())
+        con.execute(f"CREATE SECRET hexatlas_s3 (TYPE s3, {body})")
+
+
+def connect(views: list[View], lookup: Lookup, land: LandFlags | None = None, httpfs: str | None = None) -> Any:
     """A read-only-by-convention DuckDB connection over an atlas's datasets (see
     :meth:`query.Atlas.connect`): a view per dataset over its part files, the h3 functions,
     and ``hexatlas_embedding``, which answers through ``lookup``; with ``land``, the views'
-    ``land`` column and ``hexatlas_land(cell[, model])``."""
+    ``land`` column and ``hexatlas_land(cell[, model])``. ``httpfs``: the extension to load
+    (:func:`httpfs_extension`), for views over remote part files."""
     import duckdb
 
     try:
@@ -178,6 +227,8 @@ def connect(views: list[View], lookup: Lookup, land: LandFlags | None = None) ->
 
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")
+    if httpfs is not None:
+        _load_httpfs(con, httpfs)
     _register_functions(con)
     con.create_function("_hexatlas_embedding", _embedding_function(views, lookup), [DOUBLE, DOUBLE, BIGINT, VARCHAR],
                         duckdb.list_type(FLOAT), type="arrow", null_handling="special")
