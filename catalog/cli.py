@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "similar": ("query.cli", "the cells most similar to a place or cell"),
     "sql": ("query.cli", "run SQL over the atlas (view 'embeddings', h3_* functions)"),
     "validate": ("query.cli", "recompute an atlas's checksums and counts; exit 1 on any problem"),
-    "publish": ("catalog.publish", "copy a finished, valid atlas to s3:// or the Hugging Face Hub (hf://datasets/...)"),
+    "publish": ("catalog.upload", "copy a finished, valid atlas to s3:// or the Hugging Face Hub (hf://datasets/...)"),
     "serve": ("query.server", "serve an atlas read-only over HTTP: JSON API (OpenAPI) and a map page"),
     "map": ("query.mapping", "draw one resolution as a PNG world map coloured by principal components"),
 }
