@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -51,8 +50,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def emit(table: pa.Table, fmt: str, *, out: Any = None) -> None:
-    """Print an Arrow table as an aligned table, JSON records or CSV (lists as JSON text)."""
+def emit(table: pa.Table, fmt: str, *, out: Any = None, header: bool = True) -> None:
+    """Print an Arrow table as an aligned table, JSON records or CSV (lists as JSON text);
+    ``header=False`` leaves out CSV's header line (a later block of a stream)."""
     out = out or sys.stdout
     rows = table.to_pylist()
     if fmt == "json":
@@ -72,7 +72,8 @@ def emit(table: pa.Table, fmt: str, *, out: Any = None) -> None:
         import csv
 
         writer = csv.writer(out)
-        writer.writerow(table.column_names)
+        if header:
+            writer.writerow(table.column_names)
         writer.writerows([cell(v, False) if not isinstance(v, int) else v for v in r.values()] for r in rows)
         return
     texts = [[cell(v, True) for v in r.values()] for r in rows]
@@ -155,13 +156,20 @@ def run_lookup(args: argparse.Namespace) -> int:
 
 def configure_join(parser: argparse.ArgumentParser) -> None:
     _atlas_arg(parser)
-    parser.add_argument("--input", required=True, help="points as .csv or .parquet")
-    parser.add_argument("--output", required=True, help=".parquet (embedding as a list column) or .csv")
-    parser.add_argument("--lat-col", default="lat")
-    parser.add_argument("--lon-col", default="lon")
+    parser.add_argument("--input", required=True,
+                        help="points: .csv, .parquet or GeoParquet; with GeoPandas also .gpkg, .geojson, .fgb, .shp")
+    parser.add_argument("--output", required=True,
+                        help=".parquet (embedding as a list column; GeoParquet when the input has a geometry) or .csv")
+    parser.add_argument("--lat-col", default=None,
+                        help="latitude column, degrees (default: lat, else the input's point geometry)")
+    parser.add_argument("--lon-col", default=None,
+                        help="longitude column, degrees (default: lon, else the input's point geometry)")
     parser.add_argument("--interpolate", action="store_true", help="blend the three nearest cell centres")
     parser.add_argument("--on-invalid", choices=("raise", "null"), default="raise",
-                        help="bad coordinates: fail (default) or give null cell and embedding")
+                        help="bad coordinates or geometries: fail (default) or give null cell and embedding")
+    parser.add_argument("--batch-rows", type=int, default=None,
+                        help="rows read, looked up and written at a time (default: about 64 MB of embeddings)")
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     _exact_arg(parser)
     _land_arg(parser)
     _place_args(parser)
@@ -169,21 +177,12 @@ def configure_join(parser: argparse.ArgumentParser) -> None:
 
 def run_join(args: argparse.Namespace) -> int:
     import query
-    from catalog.errors import InvalidArgumentError
-    from catalog.tables import atomic_path, write_parquet
 
-    suffix = Path(args.output).suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        raise InvalidArgumentError(f"output {args.output!r} must be .parquet or .csv")
-    table = query.open(args.atlas).join(args.input, lat_col=args.lat_col, lon_col=args.lon_col, res=args.res,
-                                        model=args.model, interpolate=args.interpolate, on_invalid=args.on_invalid,
-                                        exact=args.exact, land=args.land)
-    if suffix == ".parquet":
-        write_parquet(table, args.output)
-    else:
-        with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as fh:
-            emit(table, "csv", out=fh)
-    print(f"wrote {table.num_rows:,} rows to {args.output}", file=sys.stderr)
+    rows = query.open(args.atlas).join_file(
+        args.input, args.output, lat_col=args.lat_col, lon_col=args.lon_col, res=args.res, model=args.model,
+        interpolate=args.interpolate, on_invalid=args.on_invalid, exact=args.exact, land=args.land,
+        batch_rows=args.batch_rows, progress=False if args.no_progress else None)
+    print(f"wrote {rows:,} rows to {args.output}", file=sys.stderr)
     return 0
 
 
