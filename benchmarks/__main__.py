@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--only encoders] [--only scale] [--only remote]``: print the benchmark table (markdown)."""
+"""``python -m benchmarks [--quick] [--only encoders] [--only scale] [--only remote] [--only join]``: print the benchmark table (markdown)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 from benchmarks._common import machine, markdown
 
-SUITES = ["encoders", "builder", "query", "serve", "layout", "scale", "similar", "fidelity", "remote"]
+SUITES = ["encoders", "builder", "query", "serve", "layout", "scale", "similar", "fidelity", "remote", "join"]
 DEFAULT = ["encoders", "builder", "query", "serve", "layout"]  # the scale group (scale, similar: an hour or so, tens of GB) runs only when asked for
 
 

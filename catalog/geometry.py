@@ -23,12 +23,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from catalog.errors import InputFileError, InvalidArgumentError, InvalidCoordinateError, MissingDependencyError
+from catalog.errors import (
+    InputFileError,
+    InvalidArgumentError,
+    InvalidCoordinateError,
+    MissingDependencyError,
+)
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-__all__ = ["GEO_INSTALL", "PointColumn", "geo_schema", "point_column", "points_wkt"]
+__all__ = ["GEO_INSTALL", "PointColumn", "geo_schema", "is_geometry_field", "point_column", "points_wkt"]
 
 GEO_INSTALL = "pip install 'hexatlas[geo]'"
 GEO_KEY = b"geo"
@@ -129,6 +134,12 @@ def point_column(schema: pa.Schema) -> PointColumn | None:
         if found is not None:
             return found
     return None
+
+
+def is_geometry_field(field: pa.Field) -> bool:
+    """Whether GeoArrow marks ``field`` as WKB or point geometry (extension type or field metadata)."""
+    found = _geoarrow_field(field)
+    return found is not None and found.encoding in ("WKB", "point")
 
 
 def _geo_metadata(schema: pa.Schema) -> dict[str, Any] | None:

@@ -14,8 +14,22 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.coords import as_coordinates
-from catalog.errors import InputFileError, InvalidArgumentError, InvalidCoordinateError, MissingDependencyError, UnknownColumnError
-from catalog.geometry import GEO_INSTALL, PointColumn, geo_schema, geodataframe_table, is_geodataframe, point_column
+from catalog.errors import (
+    InputFileError,
+    InvalidArgumentError,
+    InvalidCoordinateError,
+    MissingDependencyError,
+    UnknownColumnError,
+)
+from catalog.geometry import (
+    GEO_INSTALL,
+    PointColumn,
+    geo_schema,
+    geodataframe_table,
+    is_geodataframe,
+    is_geometry_field,
+    point_column,
+)
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -27,7 +41,7 @@ POINT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".geopa
 # Read through GDAL (pyogrio, with GeoPandas): the vector formats GeoPandas reads.
 VECTOR_FORMATS = {".gpkg": "GeoPackage", ".geojson": "GeoJSON", ".json": "GeoJSON", ".geojsonl": "GeoJSONSeq",
                   ".geojsons": "GeoJSONSeq", ".fgb": "FlatGeobuf", ".shp": "Shapefile", ".gml": "GML", ".kml": "KML"}
-SUPPORTED = ".csv, .parquet, or with GeoPandas .gpkg, .geojson, .fgb, .shp"
+SUPPORTED = "a .csv or .parquet file (with GeoPandas also .gpkg, .geojson, .fgb, .shp)"
 
 
 def _kind(path: Path) -> str:
@@ -138,11 +152,11 @@ def _vector_batches(path: Path, batch_rows: int) -> tuple[pa.RecordBatchReader, 
         raise MissingDependencyError(f"reading {path.suffix} files needs GeoPandas (pyogrio): {GEO_INSTALL}") from None
     opened = open_arrow(path, use_pyarrow=True, batch_size=batch_rows)
     try:
-        meta, reader = opened.__enter__()
+        _, reader = opened.__enter__()
     except (DataSourceError, OSError, RuntimeError) as exc:
         raise InputFileError(f"cannot read {str(path)!r}: {exc}") from None
     schema = reader.schema
-    geom = next((f.name for f in schema if (f.metadata or {}).get(b"ARROW:extension:name") == b"geoarrow.wkb"), None)
+    geom = next((f.name for f in schema if is_geometry_field(f)), None)
     if geom is not None and geom != "geometry" and "geometry" not in schema.names:
         schema = schema.set(schema.get_field_index(geom), schema.field(geom).with_name("geometry"))
     schema = geo_schema(schema)
@@ -180,7 +194,7 @@ def as_table(points: Any, *, action: str = "read points from") -> pa.Table:
         return pa.Table.from_pandas(points, preserve_index=False)
     raise InvalidArgumentError(
         f"cannot {action} {type(points).__name__}; give a pyarrow Table, a pandas, polars or GeoPandas "
-        f"DataFrame, or a path ({SUPPORTED})"
+        f"DataFrame, or the path of {SUPPORTED}"
     )
 
 

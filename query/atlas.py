@@ -49,10 +49,9 @@ from catalog.interpolation import interpolate as interpolate_cells
 from catalog.manifest import BUILD_DIR, MANIFEST, list_datasets, read_manifest
 from catalog.storage import LocalStore, Store, is_remote, open_store
 from catalog.tables import Coordinates, as_table, dequantize, embedding_array, locate_points
+from query.streaming import ON_INVALID, check_join_options
 
 __all__ = ["Atlas", "open_atlas"]
-
-ON_INVALID = ("raise", "null")
 
 
 def open_atlas(path: str | os.PathLike[str]) -> Atlas:
@@ -407,7 +406,7 @@ class Atlas:
         embedding is). The whole table is held in memory: for a file larger than memory use
         :meth:`join_file` (or :meth:`join_batches`), which stream.
         """
-        _check_join_options(on_invalid, exact, interpolate)
+        check_join_options(on_invalid, exact, interpolate)
         table = as_table(points, action="join onto")
         where = locate_points(table.schema, lat_col=lat_col, lon_col=lon_col)
         return self._join_table(table, where, res=self._res(res, model), model=model, interpolate=interpolate,
@@ -695,14 +694,6 @@ def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: N
             f"(a land-only atlas has no open-ocean cells, a regional one none outside its region{region}); first "
             f"at index {first_row + i}: lat={lat[i]}, lon={lon[i]}. Pass on_invalid='null' to get NaN rows instead"
         )
-
-
-def _check_join_options(on_invalid: str, exact: bool, interpolate: bool) -> None:
-    if on_invalid not in ON_INVALID:
-        raise InvalidArgumentError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
-    if exact and interpolate:
-        raise InvalidArgumentError("exact=True evaluates the encoder at each point, interpolate=True blends "
-                                   "stored cells: choose one")
 
 
 MAX_K = 1000

@@ -12,20 +12,27 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
 from catalog.errors import InvalidArgumentError
 from catalog.tables import atomic_path, locate_points, open_points
 
-if TYPE_CHECKING:
-    from query.atlas import Atlas
-
-__all__ = ["batch_rows_for", "join_batches", "join_file"]
+__all__ = ["batch_rows_for", "check_join_options", "join_batches", "join_file"]
 
 BATCH_BYTES = 64 << 20
+ON_INVALID = ("raise", "null")
 OUTPUTS = {".parquet": "parquet", ".pq": "parquet", ".geoparquet": "parquet", ".csv": "csv"}
+
+
+def check_join_options(on_invalid: str, exact: bool, interpolate: bool) -> None:
+    """Refuse option values a join cannot take (in memory or streamed), before any row is read."""
+    if on_invalid not in ON_INVALID:
+        raise InvalidArgumentError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
+    if exact and interpolate:
+        raise InvalidArgumentError("exact=True evaluates the encoder at each point, interpolate=True blends "
+                                   "stored cells: choose one")
 
 
 def batch_rows_for(dim: int) -> int:
@@ -34,13 +41,11 @@ def batch_rows_for(dim: int) -> int:
     return int(min(max(BATCH_BYTES // (4 * dim + 64), 4096), 1 << 20))
 
 
-def _joined(atlas: Atlas, points: Any, *, lat_col: str | None, lon_col: str | None, res: int | None,
+def _joined(atlas: Any, points: Any, *, lat_col: str | None, lon_col: str | None, res: int | None,
             model: str | None, interpolate: bool, on_invalid: str, exact: bool, land: bool,
             batch_rows: int | None) -> tuple[pa.Schema, Iterator[pa.RecordBatch], int | None]:
     """The output schema, the joined batches (lazily) and the input's row count when known."""
-    from query.atlas import _check_join_options
-
-    _check_join_options(on_invalid, exact, interpolate)
+    check_join_options(on_invalid, exact, interpolate)
     res = atlas._res(res, model)
     if batch_rows is not None and batch_rows < 1:
         raise InvalidArgumentError(f"batch_rows must be a positive number of rows, got {batch_rows}")
@@ -69,13 +74,13 @@ def _joined(atlas: Atlas, points: Any, *, lat_col: str | None, lon_col: str | No
     return schema, batches(), total
 
 
-def join_batches(atlas: Atlas, points: Any, *, batch_rows: int | None = None, **options: Any) -> pa.RecordBatchReader:
+def join_batches(atlas: Any, points: Any, *, batch_rows: int | None = None, **options: Any) -> pa.RecordBatchReader:
     """``Atlas.join_batches``: the joined batches as a ``pyarrow.RecordBatchReader``."""
     schema, batches, _ = _joined(atlas, points, batch_rows=batch_rows, **options)
     return pa.RecordBatchReader.from_batches(schema, batches)
 
 
-def join_file(atlas: Atlas, points: Any, output: str | os.PathLike[str], *, batch_rows: int | None = None,
+def join_file(atlas: Any, points: Any, output: str | os.PathLike[str], *, batch_rows: int | None = None,
               progress: bool | None = None, **options: Any) -> int:
     """``Atlas.join_file``: write the joined batches to ``output`` as they come; the row count."""
     from tqdm.auto import tqdm
@@ -126,11 +131,11 @@ class _CsvSink:
         self._geometry = {name: str(meta.get("encoding", "WKB")) for name, meta in (geo.get("columns") or {}).items()
                           if name in schema.names}
         self._names = schema.names
-        self._file = open(path, "w", newline="")
+        self._file = open(path, "w", newline="")  # noqa: SIM115  closed by close(), after the last batch
         self._header = True
 
     def write(self, batch: pa.RecordBatch) -> None:
-        from query.cli import emit
+        from query.output import emit
 
         table = pa.Table.from_batches([batch])
         for name, encoding in self._geometry.items():
