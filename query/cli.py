@@ -124,7 +124,7 @@ def configure_join(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-invalid", choices=("raise", "null"), default="raise",
                         help="bad coordinates or geometries: fail (default) or give null cell and embedding")
     parser.add_argument("--batch-rows", type=int, default=None,
-                        help="rows read, looked up and written at a time (default: about 64 MB of embeddings)")
+                        help="rows read, looked up and written at a time (default: what joins in about 64 MB)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     _exact_arg(parser)
     _land_arg(parser)

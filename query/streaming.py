@@ -1,7 +1,7 @@
 """Joins that stream: points read a batch at a time, looked up, and handed on or written as they go.
 
-Memory follows the batch, not the table: a batch holds about :data:`BATCH_BYTES` of
-embeddings (65,536 rows of a 256-d atlas), is joined by the same code as ``Atlas.join``, then
+Memory follows the batch, not the table: a batch takes about :data:`BATCH_BYTES` while it is
+joined (43,690 rows of a 256-d atlas, 127,100 of a 4-d one), by the same code as ``Atlas.join``, then
 written (a Parquet row group, or a block of CSV lines) and dropped before the next is read.
 A Parquet input is read a batch at a time (``ParquetFile.iter_batches``), a CSV file in 8 MB
 blocks (``pyarrow.csv.open_csv``), a GDAL vector file through pyogrio's Arrow stream.
@@ -22,6 +22,7 @@ from catalog.tables import atomic_path, locate_points, open_points
 __all__ = ["batch_rows_for", "check_join_options", "join_batches", "join_file"]
 
 BATCH_BYTES = 64 << 20
+ROW_BYTES = 512  # what a row costs beside its embedding while it is joined (coordinates, cells, sorts), measured
 ON_INVALID = ("raise", "null")
 OUTPUTS = {".parquet": "parquet", ".pq": "parquet", ".geoparquet": "parquet", ".csv": "csv"}
 
@@ -36,9 +37,9 @@ def check_join_options(on_invalid: str, exact: bool, interpolate: bool) -> None:
 
 
 def batch_rows_for(dim: int) -> int:
-    """Rows a batch of ``dim``-d embeddings (float32, plus the row's other columns) fits in
-    :data:`BATCH_BYTES`, between 4,096 and 1,048,576."""
-    return int(min(max(BATCH_BYTES // (4 * dim + 64), 4096), 1 << 20))
+    """Rows of a batch that joins ``dim``-d embeddings (float32) in about :data:`BATCH_BYTES`,
+    between 4,096 and 1,048,576."""
+    return int(min(max(BATCH_BYTES // (4 * dim + ROW_BYTES), 4096), 1 << 20))
 
 
 def _joined(atlas: Any, points: Any, *, lat_col: str | None, lon_col: str | None, res: int | None,

@@ -104,6 +104,6 @@ def test_cli_join_streams_with_a_progress_bar_when_asked(atlas_dir, points, tmp_
     assert "must be .parquet or .csv" in capsys.readouterr().err
 
 
-def test_batches_hold_about_64_mb_of_embeddings() -> None:
-    assert batch_rows_for(256) == 61_680 and batch_rows_for(4) == 838_860
+def test_batches_take_about_64_mb() -> None:
+    assert batch_rows_for(256) == 43_690 and batch_rows_for(4) == 127_100
     assert batch_rows_for(100_000) == 4096 and batch_rows_for(1) <= 1 << 20
