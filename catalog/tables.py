@@ -100,8 +100,8 @@ def open_points(points: Any, *, batch_rows: int = 65_536) -> tuple[pa.RecordBatc
         if kind == "parquet":
             import pyarrow.parquet as pq
 
-            try:
-                file = pq.ParquetFile(path)
+            try:  # pre-buffering keeps every row group read so far (pyarrow 26): memory would follow the file
+                file = pq.ParquetFile(path, pre_buffer=False)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise InputFileError(f"cannot read {str(path)!r} as parquet: {exc}") from None
             schema = geo_schema(file.schema_arrow)

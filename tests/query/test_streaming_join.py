@@ -107,3 +107,17 @@ def test_cli_join_streams_with_a_progress_bar_when_asked(atlas_dir, points, tmp_
 def test_batches_take_about_64_mb() -> None:
     assert batch_rows_for(256) == 43_690 and batch_rows_for(4) == 127_100
     assert batch_rows_for(100_000) == 4096 and batch_rows_for(1) <= 1 << 20
+
+
+def test_memory_does_not_follow_the_file(tmp_path) -> None:
+    from catalog.tables import open_points
+
+    rng = np.random.default_rng(2)
+    n = 2_000_000
+    pq.write_table(pa.table({"lat": rng.uniform(-80, 80, n), "lon": rng.uniform(-180, 180, n)}), tmp_path / "p.parquet",
+                   row_group_size=200_000)
+    reader, total = open_points(tmp_path / "p.parquet", batch_rows=50_000)
+    allocated = [pa.total_allocated_bytes() for _ in reader]
+    assert total == n and len(allocated) == n // 50_000
+    # 30 batches later what the reader holds has not grown (pyarrow's pre-buffered reads kept ~1.8 MB here)
+    assert allocated[-1] - allocated[10] < 200_000, allocated
