@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed
 # with an NVIDIA GPU, pip's default CUDA torch and faiss-gpu are installed instead.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
-EXTRAS_CPU := build,publish,remote-sql,serve,ray,test,xarray
-EXTRAS_GPU := build,gpu,publish,remote-sql,serve,ray,test,xarray
+EXTRAS_CPU := build,geo,publish,remote-sql,serve,ray,test,xarray
+EXTRAS_GPU := build,geo,gpu,publish,remote-sql,serve,ray,test,xarray
 EXTRAS := $(if $(HAS_GPU),$(EXTRAS_GPU),$(EXTRAS_CPU))
 DEMO_ATLAS ?= demo-atlas
 DEMO_MAP ?= demo-map.png

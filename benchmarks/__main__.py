@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--only encoders] [--only scale] [--only remote] [--only xarray_open]``: print the benchmark table (markdown)."""
+"""``python -m benchmarks [--quick] [--only GROUP]...``: print the benchmark table (markdown); groups below."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 
 from benchmarks._common import machine, markdown
 
-SUITES = ["encoders", "builder", "query", "serve", "layout", "scale", "similar", "fidelity", "remote", "remote_search", "xarray_open"]
+SUITES = ["encoders", "builder", "query", "serve", "layout", "scale", "similar", "fidelity", "remote", "remote_search",
+          "xarray_open", "join"]
 DEFAULT = ["encoders", "builder", "query", "serve", "layout"]  # the scale group (scale, similar: an hour or so, tens of GB) runs only when asked for
 
 

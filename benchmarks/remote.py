@@ -77,7 +77,7 @@ def _measure(location: str, n: int, proxy, local_atlas) -> dict[str, float]:
 def run(quick: bool = False) -> list[Row]:
     import query
     from builder.build import build
-    from catalog.publish import publish
+    from catalog.upload import publish
     from tests.data.fault_proxy import FaultProxy
     from tests.data.http_server import nginx
     from tests.data.s3_server import BUCKET, s3_server

@@ -34,10 +34,14 @@ def run_models(args: argparse.Namespace) -> int:
 def configure_encode(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float64", "float16", "bfloat16"],
                         help="compute dtype of the network (default float32)")
-    parser.add_argument("--input", required=True, help="points as .csv or .parquet")
-    parser.add_argument("--output", required=True, help="output .parquet: the input columns plus 'embedding'")
-    parser.add_argument("--lat-col", default="lat", help="latitude column, degrees (default: lat)")
-    parser.add_argument("--lon-col", default="lon", help="longitude column, degrees (default: lon)")
+    parser.add_argument("--input", required=True,
+                        help="points: .csv, .parquet or GeoParquet; with GeoPandas also .gpkg, .geojson, .fgb, .shp")
+    parser.add_argument("--output", required=True, help="output .parquet: the input columns plus 'embedding' "
+                        "(GeoParquet when the input has a geometry)")
+    parser.add_argument("--lat-col", default=None,
+                        help="latitude column, degrees (default: lat, else the input's point geometry)")
+    parser.add_argument("--lon-col", default=None,
+                        help="longitude column, degrees (default: lon, else the input's point geometry)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     _add_encoder_options(parser)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.errors import InvalidArgumentError
-from catalog.tables import coordinate_columns, embedding_array, read_points, write_parquet
+from catalog.tables import as_table, coordinate_columns, embedding_array, read_points, write_parquet
 
 if TYPE_CHECKING:
     from builder.encoders._base import Encoder
@@ -20,11 +20,11 @@ PROVENANCE_KEY = "hexatlas.provenance"
 
 
 def embed_table(
-    table: pa.Table,
+    table: Any,
     encoder: Encoder,
     *,
-    lat_col: str = "lat",
-    lon_col: str = "lon",
+    lat_col: str | None = None,
+    lon_col: str | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
 ) -> pa.Table:
@@ -32,12 +32,15 @@ def embed_table(
 
     Parameters
     ----------
-    table : pyarrow.Table
-        Points with latitude and longitude columns in degrees.
+    table : pyarrow.Table, or a pandas, polars or GeoPandas DataFrame
+        Points: latitude and longitude columns in degrees, or (without ``lat``/``lon``
+        columns) a point geometry in any CRS pyproj knows (GeoParquet ``geo`` metadata, a
+        GeoDataFrame), transformed to WGS 84; the geometry is kept as it is.
     encoder : Encoder
         From :func:`builder.encoders.load_encoder`.
-    lat_col, lon_col : str
-        Column names (matched case-insensitively when unambiguous).
+    lat_col, lon_col : str, optional
+        Column names (matched case-insensitively when unambiguous); default ``lat``/``lon``,
+        else the point geometry.
     progress : bool, optional
         Show a progress bar; None shows one on a terminal for inputs of 100,000+ rows.
 
@@ -55,6 +58,7 @@ def embed_table(
     """
     from tqdm.auto import tqdm
 
+    table = as_table(table, action="embed the points of")
     if "embedding" in table.column_names:
         raise InvalidArgumentError("the input already has an 'embedding' column; rename or drop it first")
     lat, lon = coordinate_columns(table, lat_col=lat_col, lon_col=lon_col)
@@ -75,18 +79,20 @@ def encode_file(
     output: str | Path,
     encoder: Encoder | str,
     *,
-    lat_col: str = "lat",
-    lon_col: str = "lon",
+    lat_col: str | None = None,
+    lon_col: str | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
     **load_options: Any,
 ) -> pa.Table:
-    """Read points from CSV/Parquet, embed them, write Parquet atomically; returns the table.
+    """Read points from a file, embed them, write Parquet atomically; returns the table.
 
     Parameters
     ----------
     input, output : path
-        A ``.csv`` or ``.parquet`` file of points; the ``.parquet`` file to write.
+        A ``.csv``, ``.parquet`` or GeoParquet file of points (with GeoPandas installed also
+        ``.gpkg``, ``.geojson``, ``.fgb``...: see :func:`catalog.tables.read_points`); the
+        ``.parquet`` file to write (GeoParquet, keeping the geometry, when the input has one).
     encoder : Encoder or str
         A loaded encoder, or a model name loaded (with ``load_options``, e.g.
         ``checkpoint=``, ``device=``) only after the input has been read and checked.

@@ -21,15 +21,15 @@ __all__ = ["main"]
 # command -> (module, one-line summary); the module is imported only when its command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("builder.cli", "list the location encoders that can be loaded"),
-    "encode": ("builder.cli", "embed the points of a CSV or Parquet file with a location encoder"),
+    "encode": ("builder.cli", "embed the points of a CSV, Parquet or GeoParquet file with a location encoder"),
     "build": ("builder.cli", "build (or resume) an atlas: an encoder over the global H3 grid"),
     "info": ("query.cli", "describe an atlas: models, resolutions, cells, provenance"),
     "lookup": ("query.cli", "embeddings at points"),
-    "join": ("query.cli", "add cell and embedding columns to a CSV or Parquet file of points"),
+    "join": ("query.cli", "add cell and embedding columns to a CSV, Parquet or GeoParquet file of points (streamed)"),
     "similar": ("query.cli", "the cells most similar to a place or cell"),
     "sql": ("query.cli", "run SQL over the atlas (view 'embeddings', h3_* functions)"),
     "validate": ("query.cli", "recompute an atlas's checksums and counts; exit 1 on any problem"),
-    "publish": ("catalog.publish", "copy a finished, valid atlas to s3:// or the Hugging Face Hub (hf://datasets/...)"),
+    "publish": ("catalog.upload", "copy a finished, valid atlas to s3:// or the Hugging Face Hub (hf://datasets/...)"),
     "serve": ("query.server", "serve an atlas read-only over HTTP: JSON API (OpenAPI) and a map page"),
     "map": ("query.mapping", "draw one resolution as a PNG world map coloured by principal components"),
 }

@@ -22,7 +22,7 @@ def invalid_mask(lat: NDArray[np.float64], lon: NDArray[np.float64]) -> NDArray[
 
 
 def as_coordinates(
-    *, lat: ArrayLike, lon: ArrayLike, allow_invalid: bool = False
+    *, lat: ArrayLike, lon: ArrayLike, allow_invalid: bool = False, first_index: int = 0
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Convert latitudes and longitudes to validated 1-D float64 arrays.
 
@@ -32,6 +32,8 @@ def as_coordinates(
         Degrees, WGS84; latitude in [-90, 90], longitude in [-180, 180].
     allow_invalid : bool
         Return invalid pairs unchanged instead of raising (callers mask them).
+    first_index : int
+        Index of the first pair in the whole input, for messages (a batch of a stream).
 
     Returns
     -------
@@ -65,7 +67,7 @@ def as_coordinates(
             i = int(np.flatnonzero(bad)[0])
             raise InvalidCoordinateError(
                 f"{int(bad.sum())} of {lat_a.size} coordinates are NaN or out of range; "
-                f"first at index {i}: lat={float(lat_a[i])}, lon={float(lon_a[i])}. Valid: "
+                f"first at index {first_index + i}: lat={float(lat_a[i])}, lon={float(lon_a[i])}. Valid: "
                 "-90 <= lat <= 90 and -180 <= lon <= 180 degrees; drop or fix these rows"
             )
     return lat_a, lon_a

@@ -50,11 +50,10 @@ from catalog.checks import MAX_MANIFEST_BYTES
 from catalog.manifest import BUILD_DIR, MANIFEST, dataset_name, list_datasets, read_manifest
 from catalog.paths import inside
 from catalog.storage import LocalStore, Store, is_remote, open_store
-from catalog.tables import coordinate_columns, dequantize, embedding_array, read_points
+from catalog.tables import Coordinates, as_table, dequantize, embedding_array, locate_points
+from query.streaming import ON_INVALID, check_join_options
 
 __all__ = ["Atlas", "open_atlas"]
-
-ON_INVALID = ("raise", "null")
 
 
 def open_atlas(path: str | os.PathLike[str]) -> Atlas:
@@ -399,29 +398,71 @@ class Atlas:
             return out, flags & ~np.isnan(out[:, 0])
         return out
 
-    def join(self, points: Any, *, lat_col: str = "lat", lon_col: str = "lon", res: int | None = None,
+    def join(self, points: Any, *, lat_col: str | None = None, lon_col: str | None = None, res: int | None = None,
              model: str | None = None, interpolate: bool = False, on_invalid: str = "raise",
              exact: bool = False, land: bool = False) -> pa.Table:
         """Add ``cell`` (uint64) and ``embedding`` (fixed-size list of float32) to a point table.
 
-        ``points``: a pyarrow Table, a pandas or polars DataFrame, or a Parquet/CSV path.
-        Rows with invalid coordinates raise, or get null cell and embedding with
+        ``points``: a pyarrow Table, a pandas, polars or GeoPandas DataFrame, or a path (CSV,
+        Parquet or GeoParquet; GeoPackage, GeoJSON, FlatGeobuf... with GeoPandas installed).
+        The points are the ``lat``/``lon`` columns (or ``lat_col``/``lon_col``), else the
+        table's point geometry, transformed to WGS 84 from its CRS (pyproj, ``pip install
+        'hexatlas[geo]'``); the geometry is kept as it is, with GeoParquet ``geo`` metadata, so
+        ``pyarrow.parquet.write_table`` writes GeoParquet and
+        ``geopandas.GeoDataFrame.from_arrow`` reads the result. Rows with invalid coordinates
+        (or null, empty or non-point geometries) raise, or get null cell and embedding with
         ``on_invalid="null"``. ``exact=True``: the embedding is the encoder's at the point (see
         :meth:`lookup`); ``cell`` is still the point's cell at ``res``. ``land=True`` adds
         ``land`` (bool: the cell touches land by the build's land mask; null where the
-        embedding is).
+        embedding is). The whole table is held in memory: for a file larger than memory use
+        :meth:`join_file` (or :meth:`join_batches`), which stream.
         """
-        if on_invalid not in ON_INVALID:
-            raise InvalidArgumentError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
-        if exact and interpolate:
-            raise InvalidArgumentError("exact=True evaluates the encoder at each point, interpolate=True blends "
-                                       "stored cells: choose one")
-        table = _as_table(points)
+        check_join_options(on_invalid, exact, interpolate)
+        table = as_table(points, action="join onto")
+        where = locate_points(table.schema, lat_col=lat_col, lon_col=lon_col)
+        return self._join_table(table, where, res=self._res(res, model), model=model, interpolate=interpolate,
+                                on_invalid=on_invalid, exact=exact, land=land)
+
+    def join_batches(self, points: Any, *, lat_col: str | None = None, lon_col: str | None = None,
+                     res: int | None = None, model: str | None = None, interpolate: bool = False,
+                     on_invalid: str = "raise", exact: bool = False, land: bool = False,
+                     batch_rows: int | None = None) -> pa.RecordBatchReader:
+        """:meth:`join` as a stream: joined record batches, each read, looked up and handed on
+        before the next is read, so memory follows ``batch_rows``, not the input.
+
+        ``points``: a file path (read a batch at a time), a ``pyarrow.RecordBatchReader`` (or
+        any Arrow stream), or an in-memory table. ``batch_rows`` defaults to what joins in about
+        64 MB (43,690 rows of a 256-d atlas). An invalid row raises when its batch is read.
+        """
+        from query.streaming import join_batches
+
+        return join_batches(self, points, lat_col=lat_col, lon_col=lon_col, res=res, model=model,
+                            interpolate=interpolate, on_invalid=on_invalid, exact=exact, land=land,
+                            batch_rows=batch_rows)
+
+    def join_file(self, points: Any, output: str | os.PathLike[str], *, lat_col: str | None = None,
+                  lon_col: str | None = None, res: int | None = None, model: str | None = None,
+                  interpolate: bool = False, on_invalid: str = "raise", exact: bool = False, land: bool = False,
+                  batch_rows: int | None = None, progress: bool | None = None) -> int:
+        """Join ``points`` (as :meth:`join_batches` takes them) and write the result to ``output``
+        as it goes: ``.parquet`` (a row group a batch; GeoParquet when the input has a geometry)
+        or ``.csv`` (embeddings as JSON lists, a geometry as WKT). The file appears complete or
+        not at all. ``progress``: a bar on stderr (None: when it is a terminal). Returns the
+        number of rows written.
+        """
+        from query.streaming import join_file
+
+        return join_file(self, points, output, lat_col=lat_col, lon_col=lon_col, res=res, model=model,
+                         interpolate=interpolate, on_invalid=on_invalid, exact=exact, land=land,
+                         batch_rows=batch_rows, progress=progress)
+
+    def _join_table(self, table: pa.Table, where: Coordinates, *, res: int, model: str | None, interpolate: bool,
+                    on_invalid: str, exact: bool, land: bool, first_row: int = 0) -> pa.Table:
+        """The join of one table (or one batch of a stream: ``first_row`` numbers its rows in messages)."""
         for name in ("cell", "embedding") + (("land",) if land else ()):
             if name in table.column_names:
                 raise InvalidArgumentError(f"the points already have a {name!r} column; rename or drop it first")
-        res = self._res(res, model)
-        lat, lon = coordinate_columns(table, lat_col=lat_col, lon_col=lon_col, allow_invalid=on_invalid == "null")
+        lat, lon = where.read(table, first_row=first_row, allow_invalid=on_invalid == "null")
         bad = invalid_mask(lat, lon)
         if bad.any():
             emb = np.full((lat.size, self.dim(model)), np.nan, dtype=np.float32)
@@ -430,7 +471,7 @@ class Atlas:
         else:  # the common case: no masked copies of a (n, dim) matrix
             cells, emb = self._embed(lat, lon, res, model, interpolate, exact)
         if on_invalid == "raise":
-            _raise_if_missing(emb, lat, lon, res, self._region_text(model))
+            _raise_if_missing(emb, lat, lon, res, self._region_text(model), first_row=first_row)
         missing = np.isnan(emb[:, 0])
         valid = pa.array(~missing)
         cell_col = pa.array(cells, pa.uint64(), mask=missing)
@@ -714,35 +755,18 @@ def _index_detail(index: dict[str, Any]) -> dict[str, Any]:
 
 
 def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: NDArray[np.float64], res: int,
-                      region: str = "") -> None:
+                      region: str = "", first_row: int = 0) -> None:
     bad = invalid_mask(lat, lon)
     if bad.any():
-        as_coordinates(lat=lat, lon=lon)  # raises with the first bad index
+        as_coordinates(lat=lat, lon=lon, first_index=first_row)  # raises with the first bad index
     missing = np.isnan(emb[:, 0])
     if missing.any():
         i = int(np.flatnonzero(missing)[0])
         raise InvalidCoordinateError(
             f"{int(missing.sum())} of {len(lat)} points fall in cells this atlas does not hold at resolution {res} "
             f"(a land-only atlas has no open-ocean cells, a regional one none outside its region{region}); first "
-            f"at index {i}: lat={lat[i]}, lon={lon[i]}. Pass on_invalid='null' to get NaN rows instead"
+            f"at index {first_row + i}: lat={lat[i]}, lon={lon[i]}. Pass on_invalid='null' to get NaN rows instead"
         )
-
-
-def _as_table(points: Any) -> pa.Table:
-    if isinstance(points, pa.Table):
-        return points
-    if isinstance(points, (str, os.PathLike)):
-        return read_points(points)
-    if hasattr(points, "to_arrow") and type(points).__module__.startswith("polars"):
-        return points.to_arrow()
-    if type(points).__module__.startswith("pandas"):
-        return pa.Table.from_pandas(points, preserve_index=False)
-    if isinstance(points, pa.RecordBatch):
-        return pa.Table.from_batches([points])
-    raise InvalidArgumentError(
-        f"cannot join onto {type(points).__name__}; give a pyarrow Table, a pandas or polars DataFrame, "
-        "or a .parquet/.csv path"
-    )
 
 
 MAX_K = 1000

@@ -5,17 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
-from catalog.cells import cell_to_hex
+from query.output import FORMATS, emit
 
 __all__ = [f"{verb}_{cmd}" for cmd in ("info", "lookup", "join", "similar", "sql", "validate")
            for verb in ("configure", "run")]
-
-FORMATS = ("table", "json", "csv")
 
 
 def _atlas_arg(parser: argparse.ArgumentParser) -> None:
@@ -41,45 +37,6 @@ def _exact_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact", action="store_true",
                         help="the encoder's embedding at each point, from the encoder the atlas stores (needs "
                              "pip install 'hexatlas[exact]'), instead of its cell's; --res then only picks the cell")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def emit(table: pa.Table, fmt: str, *, out: Any = None) -> None:
-    """Print an Arrow table as an aligned table, JSON records or CSV (lists as JSON text)."""
-    out = out or sys.stdout
-    rows = table.to_pylist()
-    if fmt == "json":
-        json.dump([{k: _plain(v) for k, v in r.items()} for r in rows], out)
-        out.write("\n")
-        return
-    def cell(v: Any, width_limit: bool) -> str:
-        if isinstance(v, list):
-            text = json.dumps(_plain(v))
-            return text if not width_limit or len(v) <= 4 else json.dumps(_plain(v[:4]))[:-1] + f", ... ({len(v)} values)]"
-        if isinstance(v, float):
-            return f"{v:.6g}"
-        if isinstance(v, int) and v > 2**52:  # H3 cells read best in hex
-            return cell_to_hex(v)
-        return "" if v is None else str(v)
-    if fmt == "csv":
-        import csv
-
-        writer = csv.writer(out)
-        writer.writerow(table.column_names)
-        writer.writerows([cell(v, False) if not isinstance(v, int) else v for v in r.values()] for r in rows)
-        return
-    texts = [[cell(v, True) for v in r.values()] for r in rows]
-    widths = [max([len(n)] + [len(t[i]) for t in texts]) for i, n in enumerate(table.column_names)]
-    out.write("  ".join(n.ljust(w) for n, w in zip(table.column_names, widths)).rstrip() + "\n")
-    for t in texts:
-        out.write("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() + "\n")
 
 
 def configure_info(parser: argparse.ArgumentParser) -> None:
@@ -155,13 +112,20 @@ def run_lookup(args: argparse.Namespace) -> int:
 
 def configure_join(parser: argparse.ArgumentParser) -> None:
     _atlas_arg(parser)
-    parser.add_argument("--input", required=True, help="points as .csv or .parquet")
-    parser.add_argument("--output", required=True, help=".parquet (embedding as a list column) or .csv")
-    parser.add_argument("--lat-col", default="lat")
-    parser.add_argument("--lon-col", default="lon")
+    parser.add_argument("--input", required=True,
+                        help="points: .csv, .parquet or GeoParquet; with GeoPandas also .gpkg, .geojson, .fgb, .shp")
+    parser.add_argument("--output", required=True,
+                        help=".parquet (embedding as a list column; GeoParquet when the input has a geometry) or .csv")
+    parser.add_argument("--lat-col", default=None,
+                        help="latitude column, degrees (default: lat, else the input's point geometry)")
+    parser.add_argument("--lon-col", default=None,
+                        help="longitude column, degrees (default: lon, else the input's point geometry)")
     parser.add_argument("--interpolate", action="store_true", help="blend the three nearest cell centres")
     parser.add_argument("--on-invalid", choices=("raise", "null"), default="raise",
-                        help="bad coordinates: fail (default) or give null cell and embedding")
+                        help="bad coordinates or geometries: fail (default) or give null cell and embedding")
+    parser.add_argument("--batch-rows", type=int, default=None,
+                        help="rows read, looked up and written at a time (default: what joins in about 64 MB)")
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     _exact_arg(parser)
     _land_arg(parser)
     _place_args(parser)
@@ -169,21 +133,12 @@ def configure_join(parser: argparse.ArgumentParser) -> None:
 
 def run_join(args: argparse.Namespace) -> int:
     import query
-    from catalog.errors import InvalidArgumentError
-    from catalog.tables import atomic_path, write_parquet
 
-    suffix = Path(args.output).suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        raise InvalidArgumentError(f"output {args.output!r} must be .parquet or .csv")
-    table = query.open(args.atlas).join(args.input, lat_col=args.lat_col, lon_col=args.lon_col, res=args.res,
-                                        model=args.model, interpolate=args.interpolate, on_invalid=args.on_invalid,
-                                        exact=args.exact, land=args.land)
-    if suffix == ".parquet":
-        write_parquet(table, args.output)
-    else:
-        with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as fh:
-            emit(table, "csv", out=fh)
-    print(f"wrote {table.num_rows:,} rows to {args.output}", file=sys.stderr)
+    rows = query.open(args.atlas).join_file(
+        args.input, args.output, lat_col=args.lat_col, lon_col=args.lon_col, res=args.res, model=args.model,
+        interpolate=args.interpolate, on_invalid=args.on_invalid, exact=args.exact, land=args.land,
+        batch_rows=args.batch_rows, progress=False if args.no_progress else None)
+    print(f"wrote {rows:,} rows to {args.output}", file=sys.stderr)
     return 0
 
 

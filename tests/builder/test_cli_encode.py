@@ -67,7 +67,8 @@ def test_encode_parquet_with_named_columns_and_satclip(tmp_path) -> None:
         ("lat,lon\n10,20\n95,0\n", [], "index 1: lat=95.0"),
         ("lat,lon\n10,20\n,0\n", [], "NaN or out of range"),
         ("lat,lon\n10,200\n", [], "lon=200.0"),
-        ("latitude,lon\n10,20\n", [], "no latitude column 'lat'; the table has 'latitude', 'lon'. Name it with --lat-col"),
+        ("latitude,lon\n10,20\n", [], ("no latitude column 'lat' and no point geometry (GeoParquet or a GeoDataFrame); "
+                                        "the table has 'latitude', 'lon'. Name it with --lat-col")),
         ("lat,lon\n10,20\n", ["--model", "nope"], "unknown encoder 'nope'"),
         ("lat,lon\nabc,20\n", [], "latitude column 'lat' is not numeric"),
     ],
@@ -123,3 +124,32 @@ def test_top_level_help_and_unknown_command(capsys) -> None:
         main([])
     assert exc.value.code == 0
     assert "encode" in capsys.readouterr().out
+
+
+def test_encode_geometry_in_geometry_out(tmp_path, capsys) -> None:
+    gpd = pytest.importorskip("geopandas")
+    from builder.points import embed_table
+    from tests.data.toy_encoder import load
+
+    rng = np.random.default_rng(5)
+    lat, lon = rng.uniform(-60, 60, 40), rng.uniform(-170, 170, 40)
+    frame = gpd.GeoDataFrame({"site": np.arange(40)}, geometry=gpd.points_from_xy(lon, lat), crs=4326).to_crs(3857)
+    expected = load(device="cpu").encode(lat=lat, lon=lon)
+    for suffix, write in ((".parquet", frame.to_parquet), (".gpkg", frame.to_file)):
+        src, out = tmp_path / f"in{suffix}", tmp_path / f"out{suffix}.parquet"
+        write(src)
+        assert main(["encode", "--model", TOY, "--input", str(src), "--output", str(out), "--device", "cpu"]) == 0
+        read = gpd.read_parquet(out)
+        assert read.crs == frame.crs and read.geometry.geom_equals_exact(frame.geometry, 0).all()
+        assert list(read.columns) == ["site", "geometry", "embedding"]
+        np.testing.assert_allclose(np.stack(read["embedding"].to_numpy()), expected, atol=1e-5)
+        assert json.loads(pq.read_schema(out).metadata[b"hexatlas.provenance"])["model"] == "toy"
+    table = embed_table(frame, load(device="cpu"))  # a GeoDataFrame in memory
+    back = gpd.GeoDataFrame.from_arrow(table)
+    assert back.crs == frame.crs and back.geometry.geom_equals_exact(frame.geometry, 0).all()
+    np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), expected, atol=1e-5)
+    polygons = gpd.GeoDataFrame(geometry=[gpd.points_from_xy([0], [0])[0].buffer(1)], crs=4326)
+    polygons.to_parquet(tmp_path / "poly.parquet")
+    assert main(["encode", "--model", TOY, "--input", str(tmp_path / "poly.parquet"), "--output",
+                 str(tmp_path / "p.parquet"), "--device", "cpu"]) == 2
+    assert "first at row 0: a Polygon, not a point" in capsys.readouterr().err

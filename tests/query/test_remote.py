@@ -255,7 +255,7 @@ class _RepoOnDisk:
 
 def test_an_atlas_published_to_the_hub_reads_back_in_place(local, tmp_path, monkeypatch) -> None:
     hub = pytest.importorskip("huggingface_hub")
-    from catalog.publish import publish
+    from catalog.upload import publish
 
     repo = _RepoOnDisk(tmp_path / "repo")
     repo.root.mkdir()

@@ -23,7 +23,7 @@ from catalog.cli import main
 from catalog.errors import AtlasBusyError, AtlasCorruptError, InvalidArgumentError
 from catalog.lock import LOCK_NAME, s3_lock
 from catalog.manifest import read_manifest, validate_dataset
-from catalog.publish import dataset_card, publish
+from catalog.upload import dataset_card, publish
 from catalog.storage import ObjectStore, open_store
 from tests.data.faults import crash_on_shard_write
 from tests.data.s3_server import BUCKET, s3_server
@@ -117,7 +117,7 @@ def test_publish_to_s3_is_what_was_built_and_resumes(s3, atlas, monkeypatch) -> 
             raise OSError("simulated network loss")
         return real(self, local, rel)
 
-    monkeypatch.setattr("catalog.publish.UPLOAD_THREADS", 1)  # the failure falls after three uploads
+    monkeypatch.setattr("catalog.upload.UPLOAD_THREADS", 1)  # the failure falls after three uploads
     monkeypatch.setattr(ObjectStore, "_upload", failing)
     with pytest.raises(OSError, match="simulated network loss"):
         publish(atlas, dest, progress=False)
