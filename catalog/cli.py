@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
         getattr(module, f"configure_{command}")(parser)
-        args = parser.parse_args(rest)
+        args = parser.parse_args(_negative_lists(rest))
         return int(getattr(module, f"run_{command}")(args) or 0)
     except HexatlasError as exc:
         print(f"hexatlas {command}: error: {exc}", file=sys.stderr)
@@ -84,6 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hexatlas {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _negative_lists(argv: list[str]) -> list[str]:
+    """``--bbox -10,35,30,60`` as ``--bbox=-10,35,30,60``: argparse reads a value that starts
+    with ``-`` as an option unless it is a single number, so a list of numbers starting with a
+    negative one is joined to its option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.fullmatch(r"-[\d.][\d.,eE+-]*,[\d.,eE+-]*", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

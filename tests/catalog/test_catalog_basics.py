@@ -104,3 +104,12 @@ def test_provenance_round_trip_and_validation(tmp_path) -> None:
     assert Provenance.from_dict({**prov.to_dict(), "future_field": 1}) == prov
     with pytest.raises(ValueError, match="coordinate_order"):
         Provenance(model="m", dim=3, source="s", revision=None, sha256="", coordinate_order="xy", licence="", paper="")
+
+
+def test_a_list_of_numbers_starting_negative_is_an_options_value() -> None:
+    from catalog.cli import _negative_lists
+
+    assert _negative_lists(["similar", "atlas", "--bbox", "-10,35,30,60", "--lat", "-33.9", "-k", "5"]) == [
+        "similar", "atlas", "--bbox=-10,35,30,60", "--lat", "-33.9", "-k", "5"]
+    assert _negative_lists(["--region", "-1.5,48.6,2.8,49.1"]) == ["--region=-1.5,48.6,2.8,49.1"]
+    assert _negative_lists(["--flag", "-v"]) == ["--flag", "-v"]  # an option stays an option
