@@ -307,7 +307,8 @@ class _DatasetMap:
                 return min(1.0, max(held, 1) / grid)
         return 1.0
 
-    def view(self, box: tuple[float, float, float, float], max_cells: int, res: int | None) -> MapLayer:
+    def view(self, box: tuple[float, float, float, float], max_cells: int, res: int | None,
+             max_res: int | None = None) -> MapLayer:
         levels = self.levels()
         if res is not None:
             if res not in levels:
@@ -321,6 +322,8 @@ class _DatasetMap:
                     f"({max_cells:,}); give a smaller bbox, or leave res out for the finest level that fits"
                     + (f" (coarser ones: {', '.join(map(str, sorted(fits)))})" if fits else ""))
             return layer
+        if max_res is not None:  # finer cells than the picture can show are not worth reading
+            levels = {r: s for r, s in levels.items() if r <= max_res} or {min(levels): levels[min(levels)]}
         fraction = self._fraction(box, levels)
         for level, source in levels.items():
             estimate = _grid_cells(box, level) * fraction
@@ -422,11 +425,12 @@ def map_levels(atlas: Any, model: str | None = None) -> dict[int, str]:
 
 
 def map_view(atlas: Any, bbox: Any = None, *, max_cells: int | None = None, res: int | None = None,
-             model: str | None = None) -> MapLayer:
+             max_res: int | None = None, model: str | None = None) -> MapLayer:
     """The cells of a view (``bbox``, default the globe) at the finest level whose cells in it
     number at most ``max_cells`` (default and at most :data:`MAX_MAP_CELLS`), with their colours.
 
-    ``res`` asks for that level only. Reads only what the view needs: an overview level
+    ``res`` asks for that level only; ``max_res`` for none finer (the finest a picture of the
+    view can show: smaller cells would be less than a pixel). Reads only what the view needs: an overview level
     (a few MB), or the blocks of a held resolution that hold the view's cells.
 
     Raises
@@ -440,9 +444,11 @@ def map_view(atlas: Any, bbox: Any = None, *, max_cells: int | None = None, res:
     limit = MAX_MAP_CELLS if max_cells is None else max_cells
     if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or not 1 <= limit <= MAX_MAP_CELLS:
         raise InvalidArgumentError(f"max_cells must be an integer from 1 to {MAX_MAP_CELLS:,}, got {max_cells!r}")
-    if res is not None and (not isinstance(res, (int, np.integer)) or isinstance(res, bool)):
-        raise InvalidArgumentError(f"res must be an integer, got {res!r}")
-    return _dataset_map(atlas, model).view(box, int(limit), None if res is None else int(res))
+    for name, value in (("res", res), ("max_res", max_res)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+            raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+    return _dataset_map(atlas, model).view(box, int(limit), None if res is None else int(res),
+                                           None if max_res is None else int(max_res))
 
 
 def map_layer(atlas: Any, res: int | None = None, model: str | None = None) -> MapLayer:

@@ -361,11 +361,14 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
                                           "max_lat (default: the globe; min_lon > max_lon crosses the antimeridian)"),
                  max_cells: int | None = Query(None, ge=1, le=1 << 31,
                                                description="most cells in the answer (default and at most "
-                                                           "Limits.max_map_cells, 300,000)")) -> Response:
+                                                           "Limits.max_map_cells, 300,000)"),
+                 max_res: int | None = Query(None, ge=0, le=MAX_RES, description="no level finer than this (the "
+                                             "finest whose cells the picture shows at a few pixels)")) -> Response:
         """The cells of a view coloured by the first three principal components of the embeddings
         (the dataset's basis), at the finest level whose cells in view fit ``max_cells``."""
         most = min(limits.max_map_cells, mapping.MAX_MAP_CELLS)
-        layer = mapping.map_view(atlas, _bbox(bbox), max_cells=min(max_cells or most, most), res=res, model=model)
+        layer = mapping.map_view(atlas, _bbox(bbox), max_cells=min(max_cells or most, most), res=res,
+                                 max_res=max_res, model=model)
         levels = [{"res": r, "source": s} for r, s in mapping.map_levels(atlas, layer.model).items()]
         return respond({"model": layer.model, "res": layer.res, "source": layer.source, "from_res": layer.from_res,
                         "bbox": list(layer.bbox), "max_cells": min(max_cells or most, most),
@@ -416,7 +419,7 @@ def _matrix(table: Any) -> list[Any]:
 
 
 _QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "exact", "land", "cell", "k", "bbox", "exclude_within_km",
-                "land_only", "max_cells"}
+                "land_only", "max_cells", "max_res"}
 
 
 def _one_value_each(request: Request) -> None:
