@@ -40,6 +40,7 @@ __all__ = ["OVERVIEW_DTYPE", "OVERVIEW_MAX_CELLS", "SAMPLE_BLOCKS", "SAMPLE_CELL
 SAMPLE_CELLS = 16_384  # embeddings the basis is fitted on
 SAMPLE_BLOCKS = 256  # ... taken from this many blocks spread over the resolution (a block is one place)
 SAMPLE_SEED = 0
+MIN_SHARE = 1e-6  # of the variance: a component with less is left out (black), not stretched
 # An overview level is stored only up to this many cells (23 MB): resolution 5 of the globe
 # (2,016,842) fits, resolution 6 (14M) does not; the map reads a finer level in place instead.
 OVERVIEW_MAX_CELLS = 2_100_000
@@ -69,10 +70,12 @@ def fit_basis(vectors: NDArray[np.floating], *, res: int | None = None) -> dict[
     order = np.argsort(values)[::-1][:3]
     values, vecs = values[order], vecs[:, order]
     vecs *= np.sign(vecs[np.abs(vecs).argmax(axis=0), np.arange(vecs.shape[1])])
-    components = np.zeros((3, x.shape[1]))
-    components[: vecs.shape[1]] = vecs.T
     total = float(np.einsum("ij,ij->", centred, centred))  # all the variance, not only the top three
     explained = [float(v / total) if total > 0 else 0.0 for v in np.pad(values, (0, 3 - len(values)))]
+    components = np.zeros((3, x.shape[1]))
+    components[: vecs.shape[1]] = vecs.T
+    # a component with next to no variance (an encoder of rank < 3) is rounding noise: dark, not speckled
+    components[[share < MIN_SHARE for share in explained]] = 0.0
     basis = {"method": "pca3", "mean": [_short(v) for v in mean],
              "components": [[_short(v) for v in row] for row in components],
              "low": [0.0] * 3, "high": [0.0] * 3, "explained": [_short(max(v, 0.0)) for v in explained],
@@ -82,16 +85,11 @@ def fit_basis(vectors: NDArray[np.floating], *, res: int | None = None) -> dict[
     return basis
 
 
-def _arrays(basis: dict[str, Any]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    components = np.asarray(basis["components"], np.float32)
-    return components, (np.asarray(basis["mean"], np.float32) @ components.T)
-
-
 def scores(vectors: NDArray[np.floating], basis: dict[str, Any]) -> NDArray[np.float32]:
     """(n, 3) float32 principal-component scores of ``vectors`` (n, dim) in ``basis``."""
-    components, shift = _arrays(basis)
-    # v @ C.T - mean @ C.T: no (n, dim) temporary of centred vectors
-    return np.asarray(vectors, np.float32) @ components.T - shift
+    components = np.asarray(basis["components"], np.float32)
+    # centred first: a small spread around a large mean keeps its float32 digits
+    return (np.asarray(vectors, np.float32) - np.asarray(basis["mean"], np.float32)) @ components.T
 
 
 def to_rgb(values: NDArray[np.floating], basis: dict[str, Any]) -> NDArray[np.uint8]:
@@ -127,16 +125,21 @@ def sample_vectors(reader: ResolutionReader, quantization: dict[str, Any] | None
     total = int(counts.sum())
     if total == 0:
         return np.empty((0, reader.dim), np.float32)
-    chosen = np.sort(rng.choice(total, size=min(blocks, total), replace=False))
+    every = total <= blocks  # a small resolution: all of its blocks, then the rows drawn among them all
+    chosen = np.arange(total) if every else np.sort(rng.choice(total, size=blocks, replace=False))
     starts = np.concatenate([[0], np.cumsum(counts)])
     per_block = -(-cells // len(chosen))
     out = []
     for flat in chosen.tolist():
         p = int(np.searchsorted(starts, flat, side="right") - 1)
         _, stored = reader.part(p).block(flat - int(starts[p]))
-        rows = rng.choice(len(stored), size=min(per_block, len(stored)), replace=False)
+        rows = np.arange(len(stored)) if every else rng.choice(len(stored), size=min(per_block, len(stored)),
+                                                                replace=False)
         out.append(_decoded(stored[np.sort(rows)], quantization))
-    return np.concatenate(out)[:cells]
+    sample = np.concatenate(out)
+    if every and len(sample) > cells:
+        sample = sample[np.sort(rng.choice(len(sample), size=cells, replace=False))]
+    return sample[:cells]
 
 
 def planned_levels(finest: int, cells: int, held: set[int] | frozenset[int] = frozenset()) -> list[int]:

@@ -276,6 +276,7 @@ class _DatasetMap:
             try:
                 for res, n in known.items():
                     self._levels[res] = _Level(_read_level(folder / f"res={res}.npy", n, res, str(folder)))
+                    self.stored[res] = {"cells": n}
                 return
             except AtlasCorruptError:
                 self._levels.clear()
@@ -289,6 +290,7 @@ class _DatasetMap:
             with atomic_path(folder / f"res={res}.npy") as tmp, open(tmp, "wb") as fh:
                 np.save(fh, table.astype(OVERVIEW_DTYPE), allow_pickle=False)
             self._levels[res] = _Level(table)
+            self.stored[res] = {"cells": len(table)}
         with atomic_path(counts) as tmp:
             tmp.write_text(json.dumps({str(r): len(t) for r, t in made.items()}))
 
@@ -351,7 +353,7 @@ class _DatasetMap:
             read = res if source == "held" else res + 1
             got = self._read(read, box, max_cells * (1 if source == "held" else 7))
             if got is None:
-                return None, f"about {_grid_cells(box, res):,.0f}"
+                return None, f"about {min(_grid_cells(box, res), self.counts.get(res, np.inf)):,.0f}"
             cells, values = got
             if source == "averaged":
                 cells, values = _means(cells, values, res)
@@ -611,7 +613,9 @@ def render_layer(layer: MapLayer, output: str | Path, *, title: str, width_px: i
     ax.set_aspect("equal" if layer.bbox == WORLD else 1 / max(np.cos(np.radians((south + north) / 2)), 0.2))
     ax.set_xlabel("longitude (degrees)")
     ax.set_ylabel("latitude (degrees)")
-    ax.set_title(title)
+    import textwrap
+
+    ax.set_title(textwrap.fill(title, max(30, width_px // 9)), fontsize=10 if width_px >= 900 else 8)
     names = ("red", "green", "blue")
     handles = [Patch(color=c, label=f"{n}: principal component {i + 1} ({layer.explained[i]:.0%} of variance)")
                for i, (n, c) in enumerate(zip(names, ("#d62728", "#2ca02c", "#1f77b4")))]
