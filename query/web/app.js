@@ -328,8 +328,10 @@ function showLegend(data) {
     const chip = document.createElement("span");
     chip.style.background = `linear-gradient(to right, rgb(0,0,0), ${["rgb(255,0,0)", "rgb(0,255,0)", "rgb(0,0,255)"][i]})`;
     row.appendChild(chip);
-    row.appendChild(document.createTextNode(
-      ` ${name}: component ${i + 1}, ${(100 * data.explained_variance[i]).toFixed(1)}% of the variance (low to high)`));
+    const share = data.explained_variance[i];
+    row.appendChild(document.createTextNode(share < 1e-6
+      ? ` ${name}: unused (the embeddings vary in fewer than ${i + 1} directions)`
+      : ` ${name}: component ${i + 1}, ${(100 * share).toFixed(1)}% of the variance (low to high)`));
     legend.appendChild(row);
   });
 }

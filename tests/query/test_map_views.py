@@ -22,6 +22,7 @@ from catalog.manifest import read_manifest, validate_dataset
 from query import mapping
 from query.mapping import map_levels, map_view, render_png
 from query.server import Limits, create_app
+from tests.query import _colours
 from tests.query.conftest import REGION
 
 CITY = (7.30, 46.85, 7.60, 47.05)  # Bern and around
@@ -29,29 +30,11 @@ CITY = (7.30, 46.85, 7.60, 47.05)  # Bern and around
 
 @pytest.fixture(scope="module")
 def reference(regional_dir):
-    """Every cell of the atlas, its principal-component scores in the manifest's basis, and colours."""
-    atlas = query.open(regional_dir)
-    table = atlas.sql("SELECT cell, embedding FROM embeddings WHERE res = 7 ORDER BY cell")
-    cells = table.column("cell").to_numpy()
-    emb = np.array(table.column("embedding").to_pylist(), dtype=np.float64)
-    basis = read_manifest(regional_dir / "toy")["colors"]
-    scores = (emb - np.asarray(basis["mean"])) @ np.asarray(basis["components"]).T
-    return cells, emb, scores, basis
+    return _colours.reference(regional_dir)
 
 
-def _rgb(scores: np.ndarray, basis: dict) -> np.ndarray:
-    lo, hi = np.asarray(basis["low"]), np.asarray(basis["high"])
-    return np.round(np.clip((scores - lo) / np.where(hi > lo, hi - lo, 1.0), 0, 1) * 255).astype(int)
-
-
-def _level_colours(reference, level: int) -> dict[int, np.ndarray]:
-    """Each cell of ``level`` with a descendant: the colour of its descendants' mean score."""
-    cells, _, scores, basis = reference
-    parents = np.array([h3.str_to_int(h3.cell_to_parent(h3.int_to_str(int(c)), level)) for c in cells], np.uint64)
-    out = {}
-    for parent in np.unique(parents):
-        out[int(parent)] = _rgb(scores[parents == parent].mean(axis=0), basis)
-    return out
+def _level_colours(ref, level: int) -> dict[int, np.ndarray]:
+    return _colours.level_colours(ref, level)
 
 
 def _assert_colours(layer, want: dict[int, np.ndarray]) -> None:
@@ -97,14 +80,14 @@ def test_views_take_the_finest_level_that_fits(regional_dir, reference) -> None:
 
     city = map_view(atlas, CITY, max_cells=5000)
     assert city.res == 7 and city.source == "held" and city.bbox == CITY
-    cells, _, scores, basis = reference
+    cells = reference[0]
     lat, lon = np.array([h3.cell_to_latlng(h3.int_to_str(int(c))) for c in city.cells]).T
     inside = (lon > CITY[0]) & (lon < CITY[2]) & (lat > CITY[1]) & (lat < CITY[3])
     centres = np.array([h3.cell_to_latlng(h3.int_to_str(int(c))) for c in cells])
     in_box = cells[(centres[:, 1] > CITY[0]) & (centres[:, 1] < CITY[2]) & (centres[:, 0] > CITY[1])
                    & (centres[:, 0] < CITY[3])]
     assert set(in_box.tolist()) == set(city.cells[inside].tolist()) and len(in_box) > 50  # and a rim beyond
-    _assert_colours(city, dict(zip(cells.tolist(), _rgb(scores, basis))))
+    _assert_colours(city, _colours.held_colours(reference))
 
     with pytest.raises(InvalidArgumentError, match="resolution 7 has about 21,036 cells in this view.*coarser ones"):
         map_view(atlas, res=7, max_cells=5000)
