@@ -248,6 +248,7 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
     )
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
     app.state.atlas, app.state.limits = atlas, limits
+    described: dict[str, tuple[Any, bytes]] = {}  # /v1/info's answer for the atlas served
 
     @app.exception_handler(HexatlasError)
     async def _domain_error(request: Request, exc: HexatlasError) -> JSONResponse:
@@ -290,12 +291,15 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
         return {"status": "ok", "models": atlas.models, "map_page": _missing_vendor() == []}
 
     @app.get("/v1/info", tags=["atlas"])
-    def info() -> dict[str, Any]:
+    def info() -> Response:
         """Per model: provenance, dimension, precision, resolutions with cell counts and index."""
-        out = atlas.info()
-        for entry in out.values():
-            entry.pop("path", None)  # the server's file system is nobody's business
-        return out
+        held = described.get("atlas")
+        if held is None or held[0] is not atlas:  # the same until the atlas is reopened: the page's first call
+            out = atlas.info()
+            for entry in out.values():
+                entry.pop("path", None)  # the server's file system is nobody's business
+            held = described["atlas"] = (atlas, orjson.dumps(out))
+        return Response(held[1], media_type="application/json")
 
     @app.get("/v1/lookup", response_model=LookupOne, tags=["lookup"], responses=_errors(400, 404, 422))
     def lookup_one(lat: float = Query(description="latitude, degrees"),

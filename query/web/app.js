@@ -6,7 +6,8 @@
 // Talks only to this server's /v1 API. The page's state is mirrored in window.hexatlasState
 // (status, model, res, source, fromRes, cells, mode, levels, selected, similar, error, requests,
 // bytes, firstPaint, paintedAt) for scripts and tests; window.hexatlasPolygons() returns the
-// cells' outlines as drawn, window.hexatlasGoTo(lon, lat, zoom) moves the view.
+// cells' outlines as drawn, window.hexatlasGoTo(lon, lat, zoom) moves the view. The view is kept
+// in the address (#map=ZOOM/LAT/LON), so a link opens where it was made.
 "use strict";
 
 const PIXELS_PER_CELL = 40; // the budget: a cell every ~6 x 6 pixels of the (padded) view
@@ -25,6 +26,7 @@ const SOURCE_TEXT = {
 const state = {
   status: "loading", model: null, res: null, source: null, fromRes: null, cells: 0, mode: "auto", levels: [],
   selected: null, similar: [], error: null, requests: 0, bytes: 0, firstPaint: null, paintedAt: null,
+  timing: {}, // of the last view, ms on the page clock: asked, answered, built (polygons), painted
 };
 window.hexatlasState = state;
 
@@ -267,6 +269,7 @@ async function requestView(force = false) {
   const mine = { controller: new AbortController(), seq: ++seq };
   pending = mine;
   state.status = cellsLayer ? "updating" : "loading";
+  state.timing = { asked: performance.now() };
   const params = new URLSearchParams({ model: state.model, bbox: want.bbox.join(","), max_cells: want.budget });
   if (state.mode !== "auto") params.set("res", state.mode);
   else params.set("max_res", want.maxRes);
@@ -283,6 +286,7 @@ async function requestView(force = false) {
   if (pending !== mine) return; // a newer view was asked for meanwhile
   pending = null;
   state.bytes = lastBytes;
+  state.timing.answered = performance.now();
   showLayer(data, want, key);
 }
 
@@ -300,6 +304,7 @@ function showLayer(data, want, key) {
     filled: true, stroked: false, extruded: false, pickable: true,
   });
   drawnPolygons = rows.map((r) => r.polygon);
+  state.timing.built = performance.now();
   fetched = { bbox: data.bbox, zoom: want.zoom, key };
   Object.assign(state, { res: data.res, source: data.source, fromRes: data.from_res, cells: data.cells.length });
   fillLevels(data.levels);
@@ -428,6 +433,18 @@ window.hexatlasProject = (lon, lat) => currentViewport().project([lon, lat]);
 function setView(next) {
   viewState = { ...viewState, ...next };
   deckgl.setProps({ viewState });
+  const { zoom, latitude, longitude } = viewState;
+  history.replaceState(null, "", `#map=${zoom.toFixed(2)}/${latitude.toFixed(4)}/${wrap(longitude).toFixed(4)}`);
+}
+
+// A view in the address (#map=ZOOM/LAT/LON, as OpenStreetMap writes it): a link opens on that view.
+function viewFromAddress() {
+  const match = /^#map=(-?[\d.]+)\/(-?[\d.]+)\/(-?[\d.]+)$/.exec(window.location.hash);
+  if (!match) return null;
+  const [zoom, latitude, longitude] = match.slice(1).map(Number);
+  if (![zoom, latitude, longitude].every(Number.isFinite)) return null;
+  return { ...viewState, zoom: Math.max(0, Math.min(17, zoom)), latitude: Math.max(-85, Math.min(85, latitude)),
+           longitude: wrap(longitude) };
 }
 
 window.hexatlasGoTo = (longitude, latitude, zoom) => {
@@ -452,7 +469,7 @@ async function main() {
   state.model = models[0];
   for (const m of models) option($("model"), m, `${m} (${info[m].dim}-d)`, m === state.model);
   option($("res"), "auto", "auto (follows the zoom)", true);
-  viewState = initialView();
+  viewState = viewFromAddress() || initialView();
   deckgl = new deck.Deck({
     parent: $("map"),
     views: new deck.MapView({ repeat: true }),
@@ -468,6 +485,7 @@ async function main() {
       if (cellsLayer && !painted && cellsLayer.isLoaded) {
         painted = true;
         state.paintedAt = performance.now();
+        state.timing.painted = state.paintedAt;
         if (state.firstPaint === null) state.firstPaint = state.paintedAt;
         if (state.status !== "searching") state.status = pending ? "updating" : "ready";
       }
