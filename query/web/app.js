@@ -175,7 +175,7 @@ function outlineLayer(id, cells, color, width) {
 
 function render() {
   const layers = cellsLayer ? [cellsLayer] : [];
-  if (land) {
+  if (land && state.firstPaint !== null) { // after the cells: their first frame compiles fewer shaders
     layers.push(new deck.GeoJsonLayer({
       id: "land", data: land, filled: false, stroked: true, wrapLongitude: true,
       getLineColor: [255, 255, 255, 140], lineWidthMinPixels: 0.8,
@@ -464,12 +464,10 @@ function initialView() {
 }
 
 async function main() {
-  info = await getJSON("v1/info");
-  const models = Object.keys(info);
-  state.model = models[0];
-  for (const m of models) option($("model"), m, `${m} (${info[m].dim}-d)`, m === state.model);
-  option($("res"), "auto", "auto (follows the zoom)", true);
-  viewState = viewFromAddress() || initialView();
+  // WebGL starts while the atlas is described: the first view is asked for as soon as it is known
+  const described = getJSON("v1/info");
+  const address = viewFromAddress();
+  if (address) viewState = address;
   deckgl = new deck.Deck({
     parent: $("map"),
     views: new deck.MapView({ repeat: true }),
@@ -486,12 +484,22 @@ async function main() {
         painted = true;
         state.paintedAt = performance.now();
         state.timing.painted = state.paintedAt;
-        if (state.firstPaint === null) state.firstPaint = state.paintedAt;
+        if (state.firstPaint === null) {
+          state.firstPaint = state.paintedAt;
+          setTimeout(render, 0); // now the land outlines
+        }
         if (state.status !== "searching") state.status = pending ? "updating" : "ready";
       }
     },
     getTooltip: ({ object }) => object && `${object.cell}\nresolution ${state.res}`,
   });
+  info = await described;
+  const models = Object.keys(info);
+  state.model = models[0];
+  for (const m of models) option($("model"), m, `${m} (${info[m].dim}-d)`, m === state.model);
+  option($("res"), "auto", "auto (follows the zoom)", true);
+  if (!address) setView(initialView());
+  const first = requestView(true);
   listenForClicks($("map"));
   $("model").onchange = (e) => {
     state.model = e.target.value;
@@ -509,7 +517,7 @@ async function main() {
     land = topojson.feature(topology, topology.objects.land);
     render();
   }).catch(() => { land = null; }); // outlines are a nicety; the cells carry the map
-  await requestView(true);
+  await first;
   await outlines;
 }
 
