@@ -134,6 +134,7 @@ def _server(atlas: Path, env: dict, workers: int, pid: list[int] | None = None) 
 
 
 # ---------------------------------------------------------------------------------------- the map
+LOADS = 3  # page loads per first-paint measurement
 GLOBE_VIEW = (1.1, 20.0, 0.0)  # zoom, lat, lon: the page's own opening view
 CITY_VIEW = (11.0, 48.8566, 2.3522)  # Paris
 PAN = [(5.0, 48.0, 2.0), (5.0, 48.0, 9.0), (5.0, 45.0, 15.0), (7.0, 45.5, 12.0), (9.0, 45.46, 9.19), (11.0, 45.46, 9.19),
@@ -177,28 +178,29 @@ def _map_rows(quick: bool, tmp: Path, env: dict) -> list[Row]:
         idle = _rss(pid[0])
         browser = pw.chromium.launch(executable_path=chromium, args=["--enable-unsafe-swiftshader",
                                                                       "--use-angle=swiftshader"])
-        answers = {}
         for name, view in (("globe", GLOBE_VIEW), ("city", CITY_VIEW)):
-            tab = browser.new_page(viewport={"width": 1280, "height": 720})
-            requests: list[str] = []
-            tab.on("request", lambda r, requests=requests: requests.append(r.url) if "/v1/map" in r.url else None)
-            tab.goto(f"{url}/#map={view[0]}/{view[1]}/{view[2]}")
-            painted = _drawn(tab, 0.0)  # the page clock starts when the page is opened
-            state = tab.evaluate("window.hexatlasState")
-            answers[name] = state
+            paints = []
+            for attempt in range(LOADS):  # the first in a fresh browser (no cache), then as a user reloads
+                tab = browser.new_page(viewport={"width": 1280, "height": 720})
+                requests: list[str] = []
+                tab.on("request", lambda r, requests=requests: requests.append(r.url) if "/v1/map" in r.url else None)
+                tab.goto(f"{url}/#map={view[0]}/{view[1]}/{view[2]}")
+                paints.append(_drawn(tab, 0.0))  # the page clock starts when the page is opened
+                state = tab.evaluate("window.hexatlasState")
+                if attempt < LOADS - 1 or name == "globe":
+                    tab.close()
+            pan_tab = tab
             with httpx.Client(timeout=60) as http:  # the same answer again, timed at the server's door
                 start = time.perf_counter()
                 body = http.get(requests[-1]).content
                 server_ms = (time.perf_counter() - start) * 1e3
             what = f"res {state['res']} ({state['source']}), {state['cells']:,} cells"
-            rows.append(Row("serve map", f"first paint of the {name} (page opened to cells drawn), {label}: {what}",
-                            painted, "ms", "its /v1/map answer", server_ms, "< 2,000 ms" if name == "globe" else ""))
+            rows.append(Row("serve map", f"first paint of the {name} (page opened to cells drawn), {label}: {what}; "
+                                         f"median of {LOADS} loads, the first {paints[0]:,.0f} ms",
+                            float(np.median(paints)), "ms", "its /v1/map answer", server_ms,
+                            "< 2,000 ms" if name == "globe" else ""))
             rows.append(Row("serve map", f"bytes of the {name}'s /v1/map answer: {what}", len(body), "B",
                             "11 B a cell (an overview file's cell + RGB)", 11 * max(state["cells"], 1)))
-            if name == "city":
-                pan_tab = tab
-            else:
-                tab.close()
         times, sizes, peak = [], [], idle
         for zoom, lat, lon in PAN:
             before, asked = pan_tab.evaluate("[performance.now(), window.hexatlasState.requests]")
