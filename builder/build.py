@@ -38,7 +38,7 @@ from builder import encode, write
 from builder._timing import Timer, progress_bar, timed
 from builder.encode import Quantizer
 from builder.fidelity import measure_written
-from builder.finish import finish_resolution, finishing, train_index
+from builder.finish import finish_map, finish_resolution, finishing, train_index
 from builder.grid import Shard, cell_count, plan_shards
 from builder.plan import (
     EXECUTORS,
@@ -289,6 +289,8 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
                                                           land_flags=not config.land_only, land_cells=flags.get(res))
         cells[res] = res_info[str(res)]["cells"]
         files += res_files
+    colors, overview, map_files = finish_map(job, state, res_info, files, encoder.dim, timer, progress)
+    files += map_files
     with timer("fidelity"):  # read back from the written parts: what a reader of the atlas gets
         measured = measure_written(dataset, res_info, files, encoder.dim, config.precision,
                                    quantizer.to_dict() if quantizer else None, encoder, config.land_only,
@@ -296,7 +298,8 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
     for res, fidelity in measured.items():
         res_info[res]["fidelity"] = fidelity
     files, onnx = _export_encoder(dataset, encoder, files, timer, generation)
-    write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, generation, encoder_onnx=onnx)
+    write_manifest(dataset, config, encoder, quantizer, res_info, files, timer, generation, encoder_onnx=onnx,
+                   colors=colors, overview=overview)
     where = dataset.root if isinstance(dataset, LocalStore) else dataset.uri
     return BuildSummary(where, cells, sum(f["bytes"] for f in files), dict(timer.seconds), resumed)
 

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from builder.encoders._base import Encoder
     from catalog.blocks import ResolutionReader
 
-__all__ = ["Finisher", "ShardSource", "ZarrRows", "finish_index", "finish_resolution", "finishing", "train_index"]
+__all__ = ["Finisher", "ShardSource", "ZarrRows", "finish_index", "finish_map", "finish_resolution", "finishing",
+           "train_index"]
 
 log = logging.getLogger(__name__)
 
@@ -446,3 +447,44 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
         info["land"] = {"path": land["file"]["path"], "cells": land["cells"]}
         files.append(land["file"])
     return info, files
+
+
+def finish_map(job: ShardJob, state: BuildState, resolutions: dict[str, Any], files: list[dict[str, Any]],
+               dim: int, timer: Timer, progress: bool | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None,
+                                                                        list[dict[str, Any]]]:
+    """The map's colouring, once every resolution is written (:mod:`catalog.colors`): the
+    principal-component basis fitted on a seeded sample of the finest resolution's stored
+    embeddings, and the overview levels coarser than it that the dataset does not hold, made by
+    streaming its part files once. Returns the manifest's ``colors`` and ``overview`` entries
+    and the levels' file records (reused from an earlier run when it finished this step)."""
+    from catalog.blocks import ResolutionReader, part_infos
+    from catalog.colors import fit_basis, overview_levels, planned_levels, sample_vectors
+
+    step = "map"
+    done = state.done(step)
+    if done is not None and all(job.dataset.exists(f["path"]) for f in done["files"]):
+        return done["colors"], done["overview"], done["files"]
+    finest = max(int(r) for r in resolutions)
+    info = resolutions[str(finest)]
+    if not info["cells"]:
+        return None, None, []
+    records = {f["path"]: f for f in files}
+    reader = ResolutionReader(job.dataset, part_infos(info, records), dim, job.precision, str(job.dataset),
+                              cache_bytes=64 << 20)
+    quantization = job.quantization
+    with timer("map"):
+        colors = fit_basis(sample_vectors(reader, quantization), res=finest)
+        levels = planned_levels(finest, info["cells"], {int(r) for r in resolutions})
+        with progress_bar(progress, info["cells"] if levels else 0, f"map overview from res {finest}") as bar:
+            made = overview_levels(reader, colors, levels, quantization, bar.update)
+        entries, level_files = {}, []
+        for level, table in made.items():
+            rel = fmt.overview_relpath(level, job.generation)
+            with job.dataset.staged(rel) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, table, allow_pickle=False)
+                level_files.append(fmt.file_record(Path(), rel, local=tmp))
+            entries[str(level)] = {"path": rel, "cells": len(table)}
+    overview = {"from_res": finest, "levels": entries}
+    state.mark(step, {"colors": colors, "overview": overview, "files": level_files})
+    return colors, overview, level_files

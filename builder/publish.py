@@ -136,10 +136,12 @@ def versions() -> dict[str, str]:
 
 def write_manifest(dataset: Store, config: BuildConfig, encoder: Encoder, quantizer: Quantizer | None,
                    resolutions: dict[str, Any], files: list[dict[str, Any]], timer: Timer,
-                   generation: int = 0, encoder_onnx: dict[str, Any] | None = None) -> None:
+                   generation: int = 0, encoder_onnx: dict[str, Any] | None = None,
+                   colors: dict[str, Any] | None = None, overview: dict[str, Any] | None = None) -> None:
     """Publish a finished dataset: the manifest (atomic: the publish step), then its STAC
     collection, the files of the generation it replaces deleted, and the resume state.
-    ``encoder_onnx``: the exported encoder's entry (:mod:`builder.export`)."""
+    ``encoder_onnx``: the exported encoder's entry (:mod:`builder.export`); ``colors`` and
+    ``overview``: the map's basis and coarse levels (:func:`builder.finish.finish_map`)."""
     manifest = {
         "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "dataset": dataset.name,
         "generation": generation,
@@ -153,7 +155,7 @@ def write_manifest(dataset: Store, config: BuildConfig, encoder: Encoder, quanti
                   "ray_address": None,  # where it ran is not part of the dataset
                   "land_mask": land_mask_description() if config.land_only else None,
                   "device": str(encoder.device), "compute_dtype": str(encoder.dtype).removeprefix("torch.")},
-        "encoder_onnx": encoder_onnx,
+        "encoder_onnx": encoder_onnx, "colors": colors, "overview": overview,
         "software": versions(), "timings_s": {k: round(v, 3) for k, v in timer.seconds.items()},
     }
     dataset.write_json(fmt.MANIFEST, manifest)  # the publish step: atomic (a rename; one PUT)

@@ -33,7 +33,7 @@ from typing import Any
 from catalog.errors import AtlasCorruptError
 from catalog.paths import safe_relpath
 
-__all__ = ["MAX_DIM", "MAX_MANIFEST_BYTES", "check_manifest", "h3_cells"]
+__all__ = ["MAX_DIM", "MAX_MANIFEST_BYTES", "check_colors", "check_manifest", "h3_cells"]
 
 MAX_MANIFEST_BYTES = 64 << 20  # a resolution-8 manifest of 842 parts is ~0.5 MB
 MAX_DIM = 8192  # SatCLIP 256, GeoCLIP 512: room for larger encoders, not for a hostile allocation
@@ -155,6 +155,9 @@ def check_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
             raise c.fail("resolutions", key, f"is not an H3 resolution (0 to {MAX_RES})")
         _check_resolution(c, int(key), c.dict(info, f"resolutions.{key}"), files, dim, value_bytes, precision)
     _check_encoder(c, manifest, files, dim)
+    if manifest.get("colors") is not None:
+        _check_colors(c, manifest["colors"], dim)
+    _check_overview(c, manifest, files)
     return manifest
 
 
@@ -281,6 +284,55 @@ def _check_encoder(c: _Check, manifest: dict[str, Any], files: dict[str, int], d
     shape = c.list(output.get("shape"), "encoder_onnx.output.shape", 2)
     if len(shape) != 2 or shape[1] != dim:
         raise c.fail("encoder_onnx.output.shape", shape, f"is not (n, {dim})")
+
+
+def check_colors(basis: Any, dim: int, where: str) -> dict[str, Any]:
+    """A colour basis (:mod:`catalog.colors`) read from a manifest or the cache, checked; returns it."""
+    _check_colors(_Check(where), basis, dim)
+    return basis
+
+
+def _check_colors(c: _Check, basis: Any, dim: int) -> None:
+    """``colors``: the map's principal-component basis, numbers of the dataset's dimension."""
+    basis = c.dict(basis, "colors")
+    if basis.get("method") != "pca3":
+        raise c.fail("colors.method", basis.get("method"), "is not 'pca3'")
+    rows = c.list(basis.get("components"), "colors.components", 3)
+    if len(rows) != 3:
+        raise c.fail("colors.components", f"<{len(rows)} rows>", "are not 3 rows")
+    vectors = [("mean", basis.get("mean"), dim), *((f"components[{i}]", row, dim) for i, row in enumerate(rows)),
+               ("low", basis.get("low"), 3), ("high", basis.get("high"), 3), ("explained", basis.get("explained"), 3)]
+    for field, values, size in vectors:
+        if len(c.list(values, f"colors.{field}", size)) != size:
+            raise c.fail(f"colors.{field}", f"<{len(values)} numbers>", f"does not hold {size} numbers")
+        for v in values:
+            c.number(v, f"colors.{field}[]")
+    sample = c.dict(basis.get("sample"), "colors.sample", optional=True)
+    if sample:
+        c.int(sample.get("cells"), "colors.sample.cells", 0, 1 << 40)
+
+
+def _check_overview(c: _Check, manifest: dict[str, Any], files: dict[str, int]) -> None:
+    """``overview``: the map's coarse levels, each a file of at most its level's cells (11 bytes each)."""
+    from catalog.colors import OVERVIEW_DTYPE, OVERVIEW_MAX_CELLS
+
+    overview = c.dict(manifest.get("overview"), "overview", optional=True)
+    if not overview:
+        return
+    finest = c.int(overview.get("from_res"), "overview.from_res", 0, MAX_RES)
+    if str(finest) not in manifest["resolutions"]:
+        raise c.fail("overview.from_res", finest, "is not a resolution of the dataset")
+    most = manifest["resolutions"][str(finest)]["cells"]
+    levels = c.dict(overview.get("levels"), "overview.levels")
+    for key, level in levels.items():
+        if not isinstance(key, str) or not key.isdigit() or str(int(key)) != key or int(key) >= finest:
+            raise c.fail("overview.levels", key, f"is not a resolution coarser than {finest}")
+        level = c.dict(level, f"overview.levels.{key}")
+        cells = c.int(level.get("cells"), f"overview.levels.{key}.cells", 0,
+                      min(h3_cells(int(key)), most, OVERVIEW_MAX_CELLS))
+        path = safe_relpath(level.get("path"), field=f"overview.levels.{key}.path", where=c.where, kind="overview")
+        _listed(c, files, path, f"overview.levels.{key}.path", OVERVIEW_DTYPE.itemsize * cells + 4096,
+                OVERVIEW_DTYPE.itemsize * cells)
 
 
 def _sha_of(manifest: dict[str, Any], path: str) -> str | None:

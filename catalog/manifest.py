@@ -12,6 +12,7 @@ An atlas is a directory holding one dataset per model::
         index/res=<r>.faiss                 # cosine index (IVF-PQ, memory-mapped; flat when small), ids = cells
         land/res=<r>.npy                    # global atlases: the sorted cells that touch land
         encoder/model.onnx                  # the encoder, exported: exact embeddings without torch
+        overview/res=<r>.npy                # the map's coarse levels: cell + RGB, from the finest resolution
         _build/                             # resume state while a build runs; removed at the end
 
 The dataset may also live under an ``s3://`` prefix (see :mod:`catalog.storage`); reading,
@@ -112,6 +113,11 @@ def lists_relpath(res: int, generation: int = 0) -> str:
 
 def land_relpath(res: int, generation: int = 0) -> str:
     return f"land/res={res}{_g(generation)}.npy"
+
+
+def overview_relpath(res: int, generation: int = 0) -> str:
+    """One overview level of the map (:mod:`catalog.colors`); ``manifest["overview"]`` lists them."""
+    return f"overview/res={res}{_g(generation)}.npy"
 
 
 def encoder_relpath(generation: int = 0) -> str:
@@ -329,7 +335,35 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
                         read_list_directory(store.read_bytes(lists, limit=listed[lists]["bytes"]), layout, lists)
                 except AtlasCorruptError as exc:
                     problems.append(str(exc))
-    return problems
+    return problems + _check_overview_files(store, manifest, present, problems)
+
+
+def _npy_header(store: Store, rel: str) -> tuple[Any, Any]:
+    """(shape, dtype) from a .npy file's header, or (the error, None)."""
+    with store.open_input(rel) as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+        except ValueError as exc:
+            return str(exc), None
+    return shape, dtype
+
+
+def _check_overview_files(store: Store, manifest: dict[str, Any], present: dict[str, int],
+                          problems: list[str]) -> list[str]:
+    """Each overview level's file holds the cells (and colours) its manifest entry says."""
+    from catalog.colors import OVERVIEW_DTYPE
+
+    found = []
+    for level, entry in sorted((manifest.get("overview") or {}).get("levels", {}).items(), key=lambda kv: int(kv[0])):
+        rel = entry["path"]
+        if rel in present and not any(rel in p for p in problems):
+            shape, dtype = _npy_header(store, rel)
+            if dtype != OVERVIEW_DTYPE or shape != (entry["cells"],):
+                found.append(f"{rel}: not the {entry['cells']:,} cells and colours of overview level {level} its "
+                             f"manifest says ({dtype}, {shape})")
+    return found
 
 
 def stac_collection(manifest: dict[str, Any]) -> dict[str, Any]:

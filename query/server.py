@@ -71,9 +71,10 @@ class Limits:
     max_points: int = 10_000
     max_k: int = 1_000
     max_connections: int = 256
+    max_map_cells: int = 300_000  # cells in one /v1/map answer (query.mapping.MAX_MAP_CELLS at most)
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_points", "max_k", "max_connections"):
+        for name in ("max_body_bytes", "max_points", "max_k", "max_connections", "max_map_cells"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise InvalidArgumentError(f"Limits.{name} must be a positive integer, got {getattr(self, name)!r}")
 
@@ -207,18 +208,29 @@ class SimilarResult(BaseModel):
     results: list[Neighbour]
 
 
+class MapLevel(BaseModel):
+    res: int
+    source: str = Field(description="held (the atlas's cells), overview (stored coarse level) or averaged "
+                                    "(the mean of held children, read in view)")
+
+
 class MapData(BaseModel):
     model: str
-    res: int
+    res: int = Field(description="the level drawn: the finest whose cells in view fit max_cells, or the one asked for")
+    source: str = Field(description="held, overview or averaged (see levels)")
+    from_res: int | None = Field(description="overview and averaged levels: the resolution whose cells they average")
+    bbox: list[float] = Field(description="the view: min_lon, min_lat, max_lon, max_lat")
+    max_cells: int = Field(description="the budget the answer was chosen for")
     cells: list[str]
     colors: list[int] = Field(description="r, g, b per cell, flattened, 0..255")
     explained_variance: list[float]
+    levels: list[MapLevel] = Field(description="every level this dataset's map draws, finest first")
 
 
 def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
     """The FastAPI application serving ``atlas`` (an :class:`query.Atlas` or a path)."""
     import query
-    from query.mapping import map_layer
+    from query import mapping
 
     if not isinstance(atlas, query.Atlas):
         atlas = query.open(atlas)
@@ -236,7 +248,7 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
     )
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
     app.state.atlas, app.state.limits = atlas, limits
-    layers: dict[tuple[str, int], Any] = {}
+    described: dict[str, tuple[Any, bytes]] = {}  # /v1/info's answer for the atlas served
 
     @app.exception_handler(HexatlasError)
     async def _domain_error(request: Request, exc: HexatlasError) -> JSONResponse:
@@ -244,7 +256,6 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
         if isinstance(exc, AtlasChangedError):  # rebuilt under the server: serve the new one from now on
             with contextlib.suppress(HexatlasError, OSError):
                 atlas = app.state.atlas = atlas.reopen()
-                layers.clear()
             return JSONResponse({"detail": "the atlas was rebuilt while this request read it; send it again",
                                  "error": type(exc).__name__}, status_code=503, headers={"Retry-After": "0"})
         return JSONResponse({"detail": _clip(str(exc), MAX_DETAIL), "error": type(exc).__name__},
@@ -280,12 +291,15 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
         return {"status": "ok", "models": atlas.models, "map_page": _missing_vendor() == []}
 
     @app.get("/v1/info", tags=["atlas"])
-    def info() -> dict[str, Any]:
+    def info() -> Response:
         """Per model: provenance, dimension, precision, resolutions with cell counts and index."""
-        out = atlas.info()
-        for entry in out.values():
-            entry.pop("path", None)  # the server's file system is nobody's business
-        return out
+        held = described.get("atlas")
+        if held is None or held[0] is not atlas:  # the same until the atlas is reopened: the page's first call
+            out = atlas.info()
+            for entry in out.values():
+                entry.pop("path", None)  # the server's file system is nobody's business
+            held = described["atlas"] = (atlas, orjson.dumps(out))
+        return Response(held[1], media_type="application/json")
 
     @app.get("/v1/lookup", response_model=LookupOne, tags=["lookup"], responses=_errors(400, 404, 422))
     def lookup_one(lat: float = Query(description="latitude, degrees"),
@@ -344,15 +358,26 @@ def create_app(atlas: Any, *, limits: Limits | None = None) -> Any:
         return respond({"model": name, "res": r, "results": rows})
 
     @app.get("/v1/map", response_model=MapData, tags=["map"], responses=_errors(400, 404, 422))
-    def map_data(res: int | None = res_query, model: str | None = model_query) -> Response:
-        """One resolution's cells coloured by the first three principal components of the embeddings."""
-        name = atlas._name(model)
-        key = (name, atlas._res(res, name))
-        if key not in layers:
-            layers[key] = map_layer(atlas, key[1], name)
-        layer = layers[key]
-        return respond({"model": layer.model, "res": layer.res, "cells": [cell_to_hex(c) for c in layer.cells.tolist()],
-                        "colors": layer.rgb.ravel(), "explained_variance": list(layer.explained)})
+    def map_data(res: int | None = Query(None, ge=0, le=MAX_RES, description="this level only (default: the finest "
+                                                                             "whose cells in view fit max_cells)"),
+                 model: str | None = model_query,
+                 bbox: str | None = Query(None, max_length=128, description="the view, min_lon,min_lat,max_lon,"
+                                          "max_lat (default: the globe; min_lon > max_lon crosses the antimeridian)"),
+                 max_cells: int | None = Query(None, ge=1, le=1 << 31,
+                                               description="most cells in the answer (default and at most "
+                                                           "Limits.max_map_cells, 300,000)"),
+                 max_res: int | None = Query(None, ge=0, le=MAX_RES, description="no level finer than this (the "
+                                             "finest whose cells the picture shows at a few pixels)")) -> Response:
+        """The cells of a view coloured by the first three principal components of the embeddings
+        (the dataset's basis), at the finest level whose cells in view fit ``max_cells``."""
+        most = min(limits.max_map_cells, mapping.MAX_MAP_CELLS)
+        layer = mapping.map_view(atlas, _bbox(bbox), max_cells=min(max_cells or most, most), res=res,
+                                 max_res=max_res, model=model)
+        levels = [{"res": r, "source": s} for r, s in mapping.map_levels(atlas, layer.model).items()]
+        return respond({"model": layer.model, "res": layer.res, "source": layer.source, "from_res": layer.from_res,
+                        "bbox": list(layer.bbox), "max_cells": min(max_cells or most, most),
+                        "cells": [cell_to_hex(c) for c in layer.cells.tolist()], "colors": layer.rgb.ravel(),
+                        "explained_variance": list(layer.explained), "levels": levels})
 
     @app.get("/", include_in_schema=False)
     def page() -> Response:
@@ -397,7 +422,8 @@ def _matrix(table: Any) -> list[Any]:
     return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
 
 
-_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "exact", "land", "cell", "k", "bbox", "exclude_within_km", "land_only"}
+_QUERY_NAMES = {"lat", "lon", "res", "model", "interpolate", "exact", "land", "cell", "k", "bbox", "exclude_within_km",
+                "land_only", "max_cells", "max_res"}
 
 
 def _one_value_each(request: Request) -> None:
@@ -517,6 +543,8 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-points", type=int, default=Limits.max_points, help="most points per POST /v1/lookup")
+    parser.add_argument("--max-map-cells", type=int, default=Limits.max_map_cells,
+                        help="most cells in one /v1/map answer (default 300,000)")
     parser.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
 
 
@@ -543,5 +571,5 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"serving {atlas!r} at http://{shown}:{args.port}/ (API under /v1, OpenAPI at /openapi.json)"
           f"{f' with {args.workers} worker processes' if args.workers > 1 else ''}; Ctrl-C stops", file=sys.stderr)
     serve(atlas if args.workers == 1 else args.atlas, host=args.host, port=args.port,
-          limits=Limits(max_points=args.max_points), workers=args.workers)
+          limits=Limits(max_points=args.max_points, max_map_cells=args.max_map_cells), workers=args.workers)
     return 0

@@ -139,7 +139,7 @@ def test_map_layer_colours_every_cell(client, atlas, monkeypatch) -> None:
 
     monkeypatch.setattr(query.mapping, "MAX_MAP_CELLS", 1000)
     too_big = TestClient(create_app(atlas)).get("/v1/map", params={"res": 2, "model": MODEL})
-    assert too_big.status_code == 400 and "coarser one: 0, 1" in too_big.json()["detail"]
+    assert too_big.status_code == 400 and "coarser ones: 0, 1" in too_big.json()["detail"]
 
 
 def test_page_and_static_files(client, monkeypatch, tmp_path) -> None:
