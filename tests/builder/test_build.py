@@ -205,7 +205,7 @@ def test_overwrite_keeps_the_old_dataset_readable_until_the_new_one_is_complete(
     assert list(manifest["resolutions"]) == ["2"] and manifest["dataset"] == "toy"
     assert validate_dataset(dataset) == []
     assert sorted(p.name for p in dataset.iterdir()) == ["_build.lock", "blocks", "collection.json", "data", "encoder", "index", "land",
-                                                         "manifest.json"]
+                                                         "manifest.json", "overview"]
     assert [p.name for p in (dataset / "data").iterdir()] == ["res=2"]  # no empty res=0, res=1 left
 
 
