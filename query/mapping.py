@@ -617,7 +617,8 @@ def render_layer(layer: MapLayer, output: str | Path, *, title: str, width_px: i
 
     ax.set_title(textwrap.fill(title, max(30, width_px // 9)), fontsize=10 if width_px >= 900 else 8)
     names = ("red", "green", "blue")
-    handles = [Patch(color=c, label=f"{n}: principal component {i + 1} ({layer.explained[i]:.0%} of variance)")
+    handles = [Patch(color=c, label=f"{n}: principal component {i + 1} ({layer.explained[i]:.1%} of variance)"
+                     if layer.explained[i] >= 1e-6 else f"{n}: unused (no variance in a component {i + 1})")
                for i, (n, c) in enumerate(zip(names, ("#d62728", "#2ca02c", "#1f77b4")))]
     ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85)
     fig.tight_layout()

@@ -259,14 +259,15 @@ function scheduleView(delay = DEBOUNCE_MS) {
 }
 
 async function requestView(force = false) {
-  if (!deckgl) return;
+  keepAddress();
   const want = viewRequest();
   const key = `${state.model}|${state.mode}`;
   // the drawn layer still covers the view, at about this zoom: nothing to ask
-  if (!force && fetched && fetched.key === key && Math.abs(fetched.zoom - want.zoom) < 0.5
-      && contains(fetched.bbox, visibleBox())) return;
+  const covers = (had) => had && had.key === key && Math.abs(had.zoom - want.zoom) < 0.5
+    && contains(had.bbox, visibleBox());
+  if (!force && (covers(fetched) || covers(pending))) return; // drawn, or on its way
   if (pending) pending.controller.abort();
-  const mine = { controller: new AbortController(), seq: ++seq };
+  const mine = { controller: new AbortController(), seq: ++seq, key, bbox: want.bbox, zoom: want.zoom };
   pending = mine;
   state.status = cellsLayer ? "updating" : "loading";
   state.timing = { asked: performance.now() };
@@ -433,6 +434,10 @@ window.hexatlasProject = (lon, lat) => currentViewport().project([lon, lat]);
 function setView(next) {
   viewState = { ...viewState, ...next };
   deckgl.setProps({ viewState });
+}
+
+// The view into the address, once it settles (browsers throttle a replaceState every frame).
+function keepAddress() {
   const { zoom, latitude, longitude } = viewState;
   history.replaceState(null, "", `#map=${zoom.toFixed(2)}/${latitude.toFixed(4)}/${wrap(longitude).toFixed(4)}`);
 }
@@ -501,6 +506,13 @@ async function main() {
   if (!address) setView(initialView());
   const first = requestView(true);
   listenForClicks($("map"));
+  window.addEventListener("hashchange", () => { // an address typed or pasted: go there
+    const typed = viewFromAddress();
+    if (typed) {
+      setView(typed);
+      scheduleView(0);
+    }
+  });
   $("model").onchange = (e) => {
     state.model = e.target.value;
     state.mode = "auto";

@@ -263,3 +263,16 @@ def test_the_png_budget_follows_its_width(regional_dir, monkeypatch) -> None:
     render_png(atlas, "a.png", width_px=400)  # 400 x 224 pixels: a few thousand cells at most
     render_png(atlas, "b.png", width_px=3000, bbox=REGION)
     assert seen[0] == 2240 and seen[1].res == 5 and seen[2] > 21_036 and seen[3].res == 7  # 3,093 cells at 6
+
+
+def test_an_int8_atlas_is_coloured_from_its_dequantised_embeddings(tmp_path) -> None:
+    from builder.build import build
+
+    build("tests.data.toy_encoder:load", resolutions="3", output=tmp_path, device="cpu", precision="int8",
+          progress=False)
+    ref = _colours.reference(tmp_path, res=3)  # SQL dequantises: what a reader gets
+    assert ref[0].size == 2 + 120 * 7**3
+    atlas = query.open(tmp_path)
+    assert map_levels(atlas) == {3: "held", 2: "overview", 1: "overview", 0: "overview"}
+    _assert_colours(map_view(atlas, max_cells=6000), _level_colours(ref, 2))
+    _assert_colours(map_view(atlas, (0.0, 40.0, 20.0, 50.0), max_cells=6000), _colours.held_colours(ref))

@@ -53,14 +53,15 @@ def browser():
 
 
 @contextlib.contextmanager
-def _page(browser, atlas) -> Iterator[tuple[object, list[str]]]:
-    """The map page of ``atlas``, served with a map limit of LIMIT cells, loaded and drawn."""
+def _page(browser, atlas, address: str = "") -> Iterator[tuple[object, list[str]]]:
+    """The map page of ``atlas`` (at ``address``: ``#map=...``), served with a map limit of LIMIT
+    cells, loaded and drawn."""
     with running(create_app(atlas, limits=Limits(max_map_cells=LIMIT))) as url:
         tab = browser.new_page(viewport={"width": 1000, "height": 600})
         errors: list[str] = []
         tab.on("pageerror", lambda exc: errors.append(str(exc)))
         try:
-            tab.goto(f"{url}/")
+            tab.goto(f"{url}/{address}")
             tab.wait_for_function("window.hexatlasState.status === 'ready'", timeout=60_000)
             yield tab, errors
         finally:
@@ -198,3 +199,15 @@ def test_a_remote_atlas_on_the_page(browser, regional_dir, reference, tmp_path, 
         state = _go(tab, CITY)
         assert (state["res"], state["source"]) == (7, "held") and not errors
         _check_picture(tab, _colours.held_colours(reference), least=300_000, share=0.8)
+
+
+def test_a_link_opens_on_its_view_and_the_view_is_kept_in_the_address(browser, regional_dir, page) -> None:
+    tab, _ = page
+    _go(tab, CITY)
+    assert tab.evaluate("window.location.hash") == "#map=11.00/46.9500/7.4500"
+    with _page(browser, query.open(regional_dir), "#map=11/46.95/7.45") as (linked, errors):
+        state = linked.evaluate("window.hexatlasState")
+        assert (state["res"], state["source"], state["requests"]) == (7, "held", 1) and not errors
+        linked.evaluate("window.location.hash = '#map=1.1/20/0'")  # typed in the address bar
+        linked.wait_for_function("window.hexatlasState.res <= 3 && window.hexatlasState.status === 'ready'",
+                                 timeout=30_000)
