@@ -68,18 +68,6 @@ def read_list_directory(data: bytes, layout: IndexLayout, where: str) -> NDArray
     return table
 
 
-class _Prefix:
-    """Reads of a file served from its first bytes, fetched once, where they fall inside them."""
-
-    def __init__(self, read_at: ReadAt, head: bytes) -> None:
-        self.read_at, self.head = read_at, head
-
-    def __call__(self, offset: int, size: int) -> bytes:
-        if offset + size <= len(self.head):
-            return self.head[offset:offset + size]
-        return self.read_at(offset, size)
-
-
 class InPlaceIndex:
     """An IVF-PQ index searched from its file in place (see the module's docstring).
 
@@ -118,7 +106,9 @@ class InPlaceIndex:
             raise AtlasCorruptError(f"{where}: its first {int(info['head_bytes']):,} bytes (the trained centroids, "
                                     "codebooks and list sizes) do not match their sha256 (read twice); run "
                                     "'hexatlas validate' and rebuild or re-download the dataset")
-        read = _Prefix(read_at, head)
+        def read(offset: int, size: int) -> bytes:  # the parse reads nothing past the head (else: a short read)
+            return head[offset:offset + size]
+
         self.layout = layout = check_index_file(read, size, info, dim, cells, where)
         self.directory = read_list_directory(directory, layout, f"{where[:-len('.faiss')]}.lists")
         self.where, self.read_at = where, read_at
@@ -131,6 +121,7 @@ class InPlaceIndex:
         index.by_residual = layout.by_residual
         index.is_trained = True
         index.nprobe = int(info["nprobe"])
+        index.ntotal = cells  # the lists are added as searches probe them; FAISS needs only the count
         self.index, self.nprobe, self.ntotal, self.d = index, int(info["nprobe"]), cells, dim
         self._faiss = faiss
         self._loaded: OrderedDict[int, int] = OrderedDict()  # list -> bytes, least recently used first
@@ -148,7 +139,6 @@ class InPlaceIndex:
             for i in wanted:
                 self._loaded.move_to_end(i)
             self._evict(keep=set(wanted))
-            self.index.ntotal = self.ntotal
             return self.index.search(queries, k)
 
     def _load(self, lists: list[int]) -> None:

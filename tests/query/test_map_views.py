@@ -216,10 +216,8 @@ def test_server_answers_are_bounded_in_bytes_and_time(regional_dir, reference) -
 
 
 def test_a_remote_atlas_is_mapped_in_place(regional_dir, tmp_path, monkeypatch) -> None:
-    from tests.data.http_server import nginx, nginx_binary
+    from tests.data.http_server import nginx
 
-    if nginx_binary() is None:
-        pytest.skip("no nginx (Debian: apt-get install nginx-light)")
     from catalog.manifest import write_atlas_index
 
     root = tmp_path / "served"

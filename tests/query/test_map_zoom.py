@@ -186,10 +186,8 @@ def test_a_level_chosen_by_hand_and_one_refused(page) -> None:
 
 def test_a_remote_atlas_on_the_page(browser, regional_dir, reference, tmp_path, monkeypatch) -> None:
     from catalog.manifest import write_atlas_index
-    from tests.data.http_server import nginx, nginx_binary
+    from tests.data.http_server import nginx
 
-    if nginx_binary() is None:
-        pytest.skip("no nginx (Debian: apt-get install nginx-light)")
     root = tmp_path / "served"
     shutil.copytree(regional_dir, root)
     write_atlas_index(root)
