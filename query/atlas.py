@@ -713,7 +713,12 @@ class Atlas:
         DuckDB's httpfs reads in place (row groups by range) when ``httpfs``; else they are
         downloaded into the cache first, with a warning saying what to install."""
         store, manifest = self._datasets[name]
-        rels = [p["path"] for info in manifest["resolutions"].values() for p in info["parts"]]
+        parts = [p for info in manifest["resolutions"].values() for p in info["parts"]]
+        if not store.is_local and httpfs:
+            # DuckDB sizes a scan of many files from the first one: the largest first, so a
+            # join builds its hash table on the points, not on the atlas's parts
+            parts.sort(key=lambda p: -p["rows"])
+        rels = [p["path"] for p in parts]
         if not store.is_local and httpfs:
             from catalog.storage import HttpStore
 

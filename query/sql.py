@@ -21,6 +21,12 @@ __all__ = ["QueryError", "View", "connect", "httpfs_extension", "run_sql"]
 
 REMOTE_SQL_INSTALL = "pip install 'hexatlas[remote-sql]'"
 
+# A join's build side with up to this many distinct keys is pushed into the remote part scans
+# as an IN list, which prunes row groups by their cell statistics: a join of points clustered
+# in one country reads that country's row groups. DuckDB's default (50) falls back to one
+# min..max range, and a range that spans a few H3 base cells spans many row groups.
+REMOTE_JOIN_IN_LIST = 100_000
+
 # (lat, lon, res, model) -> (n, dim) float32 embeddings, NaN rows where there is none
 Lookup = Callable[[np.ndarray, np.ndarray, int, "str | None"], np.ndarray]
 # (cells, res, model) -> bool (n,): whether each cell touches land
@@ -229,6 +235,7 @@ def connect(views: list[View], lookup: Lookup, land: LandFlags | None = None, ht
     con.execute("SET enable_progress_bar = false")
     if httpfs is not None:
         _load_httpfs(con, httpfs)
+        con.execute(f"SET dynamic_or_filter_threshold = {REMOTE_JOIN_IN_LIST}")
     _register_functions(con)
     con.create_function("_hexatlas_embedding", _embedding_function(views, lookup), [DOUBLE, DOUBLE, BIGINT, VARCHAR],
                         duckdb.list_type(FLOAT), type="arrow", null_handling="special")

@@ -33,7 +33,7 @@ def local(tmp_path_factory):
     from builder.build import build
 
     root = tmp_path_factory.mktemp("sql-served")
-    build(TOY, resolutions="0-3", output=root, device="cpu", progress=False)
+    build(TOY, resolutions="0-4", output=root, device="cpu", progress=False)
     write_atlas_index(root)
     return root
 
@@ -63,6 +63,32 @@ def test_sql_over_https_reads_row_groups_in_place(local, server) -> None:
         assert all(e[2] for e in proxy.log if ".parquet" in e[1] and e[0] == "GET")  # ranges only
         assert _points_sql(far, JOIN) == _points_sql(near, JOIN)
     assert not (far._mirrors["toy"] / "data").exists()  # nothing downloaded
+
+
+def test_a_view_join_of_clustered_points_reads_only_their_row_groups(local, server) -> None:
+    """2,000 points in France fall in ~300 cells of resolution 4: the join pushes them into the
+    scan as an IN list (not one min..max range) and builds its hash table on the points (the
+    largest part is listed first), so it reads their row groups: ~2% of the parts, where
+    DuckDB's defaults read 6% (a range) or 42% (a hash table built on the parts)."""
+    _httpfs()
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    points = {"id": list(range(2000)), "lat": rng.uniform(43, 50, 2000).tolist(), "lon": rng.uniform(-1, 7, 2000).tolist()}
+    join = ("SELECT p.id, e.cell FROM pts p JOIN embeddings e ON e.res = 4 AND e.cell = h3_latlng_to_cell(p.lat, p.lon, 4) "
+            "ORDER BY p.id")
+    answers = []
+    with FaultProxy(server) as proxy:
+        for atlas in (query.open(local), query.open(f"{proxy.url}/atlas")):
+            con = atlas.connect()
+            con.execute("CREATE TABLE pts AS SELECT unnest($1) AS id, unnest($2) AS lat, unnest($3) AS lon",
+                        [points["id"], points["lat"], points["lon"]])
+            proxy.log.clear()
+            answers.append(con.sql(join).fetchall())
+        parts = sum(p.stat().st_size for p in local.glob("toy/data/res=*/*.parquet"))
+        read = sum(e[4] for e in proxy.log if ".parquet" in e[1])
+    assert answers[0] == answers[1] and len(answers[0]) == 2000
+    assert read < 0.03 * parts, f"{read / parts:.1%} of the parts read"
 
 
 def test_sql_on_the_hub_reads_the_pinned_commit(local, server, monkeypatch) -> None:
