@@ -129,17 +129,24 @@ class InPlaceIndex:
         self._lock = threading.Lock()
         self.lists_read = 0  # lists fetched (a list read again after eviction counts again)
 
-    def search(self, queries: NDArray[np.float32], k: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-        """FAISS's ``search``: (scores, ids) of shape (q, k), ids -1 past the candidates."""
+    @property
+    def nlist(self) -> int:
+        return int(self.index.nlist)
+
+    def search(self, queries: NDArray[np.float32], k: int, params: Any = None) -> tuple[
+            NDArray[np.float32], NDArray[np.int64]]:
+        """FAISS's ``search``: (scores, ids) of shape (q, k), ids -1 past the candidates;
+        ``params`` (``faiss.SearchParametersIVF``) may set another nprobe."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        nprobe = self.nprobe if params is None else int(params.nprobe)
         with self._lock:
-            _, probed = self._quantizer.search(queries, self.nprobe)
+            _, probed = self._quantizer.search(queries, nprobe)
             wanted = np.unique(probed[probed >= 0]).tolist()
             self._load([i for i in wanted if i not in self._loaded])
             for i in wanted:
                 self._loaded.move_to_end(i)
             self._evict(keep=set(wanted))
-            return self.index.search(queries, k)
+            return self.index.search(queries, k, params=params)
 
     def _load(self, lists: list[int]) -> None:
         sizes, m = self.layout.list_sizes, self.layout.code_size

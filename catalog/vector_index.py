@@ -99,6 +99,21 @@ VectorsOf = Callable[[NDArray[np.int64]], tuple[NDArray[np.int64], NDArray[np.fl
 # most of the best cells expanded (a filtered search asks for many more than it returns).
 EXPAND_ROUNDS = 64
 EXPAND_WIDTH = 1000
+# Where a walk starts besides the index's best candidates: the best candidate of each of up to
+# SEED_REGIONS regions (the cells under one parent SEED_SPAN resolutions coarser) among the
+# index's SEED_POOL best, each climbing on its own. PQ codes tie thousands of neighbouring
+# cells, so the index's top candidates can all lie on one hill that is not the highest.
+SEED_POOL = 1000
+SEED_REGIONS = 16
+SEED_SPAN = 3
+# A filtered search widens its pool of candidates (8x, then nprobe 4x) until enough pass, up
+# to this many candidates and every list.
+MAX_CANDIDATES = 100_000
+# A filtered search's best cells are often on other hills than the query's own, of nearly
+# equal height: it probes this many times more lists and starts from as many more regions.
+FILTERED_WIDEN = 4
+
+Keep = Callable[[NDArray[np.int64]], NDArray[np.bool_]]  # which cells a filtered search may return
 
 
 def reranked_search(
@@ -109,16 +124,26 @@ def reranked_search(
     *,
     rerank: int = 1,
     expand: bool = False,
+    seeds: list[NDArray[np.int64]] | None = None,
+    keep: Keep | None = None,
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Search ``index`` for ``rerank * k`` candidates, re-rank them exactly and, with
-    ``expand``, climb the H3 grid from them.
+    ``expand``, climb the H3 grid from them and from other regions' seeds.
 
     Location embeddings change smoothly from cell to cell, so at fine resolutions thousands
     of neighbouring cells share nearly one PQ code: the index finds the right places, but not
-    which of their cells are best. With ``expand``, the ring of cells around each of the
-    current ``k`` best (at most :data:`EXPAND_WIDTH`) is scored exactly too, round after round, until every one of the best
-    has been expanded (at most :data:`EXPAND_ROUNDS` rounds): a walk up the similarity
-    surface along the grid, from wherever the index landed.
+    which of their cells are best, and its best candidates can all come from one place. With
+    ``expand`` the walk starts from three kinds of seed: the ``rerank * k`` candidates, the
+    best candidate of each of up to :data:`SEED_REGIONS` regions among the index's
+    :data:`SEED_POOL` best, and ``seeds[i]`` (a cell query's own cell). Each round scores
+    exactly the ring around every unexpanded cell among the current ``k`` best (at most
+    :data:`EXPAND_WIDTH`) and around each seed's own best cell (every cell belongs to the
+    seed whose ring found it), so that a seed below the current best still climbs its hill;
+    the walk stops when none is left to expand, or after :data:`EXPAND_ROUNDS` rounds.
+
+    With ``keep``, only the cells it accepts are results, candidates and region seeds; the
+    index is asked for more candidates (then probes more lists) until ``rerank * k`` pass or
+    :data:`MAX_CANDIDATES` and every list have been searched.
 
     Parameters
     ----------
@@ -129,43 +154,123 @@ def reranked_search(
     vectors_of : callable
         Maps cell ids (1-D int64) to those of them the atlas holds and their normalised stored
         vectors: ``(ids, float32 (n, dim))``.
+    seeds : list of int64 arrays, optional
+        Per query, cells the walk also starts from (those the atlas lacks are ignored).
+    keep : callable, optional
+        Maps cell ids (1-D int64) to whether each may be returned.
 
     Returns
     -------
-    (scores, ids) : float32 and int64 arrays of shape (q, k), best first; id -1 where the
-        index had fewer candidates.
+    (scores, ids) : float32 and int64 arrays of shape (q, k), best first; id -1 where fewer
+        cells were found (or passed ``keep``).
 
     Raises
     ------
     AtlasCorruptError
         When the index proposes a cell the atlas lacks.
     """
-    from catalog.cells import neighbours
     from catalog.errors import AtlasCorruptError
 
-    _, cand = index.search(queries, max(k, k * rerank))
+    top = max(k, k * rerank)
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for i, row in enumerate(cand):
-        row = row[row >= 0]
+    for i, query in enumerate(queries):
+        row = _candidates(index, query, max(top, SEED_POOL) if expand else top,
+                          max(top, SEED_POOL) if expand else top, keep)
         if row.size == 0:
             continue
-        found, vectors = vectors_of(row)
-        if len(found) != len(np.unique(row)):
+        start = np.unique(row[:top])
+        found, vectors = vectors_of(start)
+        if len(found) != len(start):
             raise AtlasCorruptError("the index names cells the atlas's embeddings lack; run 'hexatlas validate'")
-        cells, exact = found, vectors @ queries[i]
-        seen, expanded = set(row.tolist()), set()
-        for _ in range(EXPAND_ROUNDS if expand else 0):
-            best = cells[np.argsort(-exact, kind="stable")[:min(k, EXPAND_WIDTH)]]
-            frontier = [c for c in best.tolist() if c not in expanded]
-            if not frontier:
-                break
-            expanded.update(frontier)
-            ring = [c for c in neighbours(np.array(frontier, np.uint64)).astype(np.int64).tolist() if c not in seen]
-            seen.update(ring)
-            if ring:
-                more, vectors = vectors_of(np.array(ring, np.int64))
-                cells, exact = np.concatenate([cells, more]), np.concatenate([exact, vectors @ queries[i]])
-        order = np.argsort(-exact, kind="stable")[:k]
+        cells, exact = found, vectors @ query
+        passing = np.ones(len(cells), bool)
+        if expand:
+            others = _region_seeds(row, set(start.tolist()), SEED_REGIONS * (1 if keep is None else FILTERED_WIDEN))
+            if seeds is not None:
+                own = np.setdiff1d(np.asarray(seeds[i], np.int64), start)
+                others = np.concatenate([others, own[keep(own)] if keep is not None else own])
+            more, vectors = vectors_of(np.unique(others))
+            cells, exact, passing = _walk(np.concatenate([cells, more]), np.concatenate([exact, vectors @ query]),
+                                          len(cells), query, k, vectors_of, keep)
+        order = np.flatnonzero(passing)[np.argsort(-exact[passing], kind="stable")[:k]]
         scores[i, : order.size], ids[i, : order.size] = exact[order], cells[order]
     return scores, ids
+
+
+def _candidates(index: Any, query: NDArray[np.float32], want: int, top: int, keep: Keep | None) -> NDArray[np.int64]:
+    """The index's best ``want`` candidates for ``query`` (those ``keep`` accepts), widened
+    until ``top`` of them pass (see :func:`reranked_search`)."""
+    nprobe = base = getattr(index, "nprobe", None)
+    nlist = getattr(index, "nlist", None)
+    if keep is not None and nprobe is not None and nlist is not None:
+        nprobe = min(nlist, nprobe * FILTERED_WIDEN)
+    while True:
+        params = {}
+        if nprobe != base:
+            params["params"] = require_faiss().SearchParametersIVF(nprobe=nprobe)
+        _, found = index.search(query[None, :], want, **params)
+        row = found[0][found[0] >= 0]
+        if keep is None:
+            return row
+        row = row[keep(row)]
+        if len(row) >= top:
+            return row
+        if (found[0] < 0).any():  # every candidate of the probed lists: probe more
+            if nprobe is None or nlist is None or nprobe >= nlist:
+                return row
+            nprobe = min(nlist, nprobe * 4)
+        elif want >= MAX_CANDIDATES:
+            return row
+        else:
+            want = min(MAX_CANDIDATES, want * 8)
+
+
+def _region_seeds(candidates: NDArray[np.int64], taken: set[int], regions: int) -> NDArray[np.int64]:
+    """The best of ``candidates`` (index order) in each of the first ``regions`` regions they
+    fall in, but those already ``taken``."""
+    from catalog.cells import cells_to_parent
+
+    if candidates.size == 0 or regions <= 0:
+        return np.empty(0, np.int64)
+    res = (int(candidates[0]) >> 52) & 0xF  # an H3 index's resolution bits
+    parents = cells_to_parent(candidates.astype(np.uint64), max(0, res - SEED_SPAN))
+    _, first = np.unique(parents, return_index=True)
+    chosen = candidates[np.sort(first)[:regions]]
+    return np.array([c for c in chosen.tolist() if c not in taken], np.int64)
+
+
+def _walk(cells: NDArray[np.int64], exact: NDArray[np.float32], n_index: int, query: NDArray[np.float32], k: int,
+          vectors_of: VectorsOf, keep: Keep | None) -> tuple[NDArray[np.int64], NDArray[np.float32], NDArray[np.bool_]]:
+    """Climb the grid from ``cells`` (the first ``n_index``, the index's candidates, one
+    seed; each later one a seed of its own), as :func:`reranked_search` describes; returns
+    every cell scored, its score and whether ``keep`` accepts it."""
+    import h3.api.numpy_int as h3i
+
+    seed = np.concatenate([np.zeros(n_index, np.int64), np.arange(1, len(cells) - n_index + 1)])
+    passing = keep(cells) if keep is not None else np.ones(len(cells), bool)
+    seen, expanded = set(cells.tolist()), set()
+    for _ in range(EXPAND_ROUNDS):
+        order = np.argsort(-exact, kind="stable")
+        order = order[passing[order]]  # a filtered walk climbs only where it may return cells
+        _, first = np.unique(seed[order], return_index=True)  # each seed's best cell
+        best = order[:min(k, EXPAND_WIDTH)]
+        frontier = [c for c in dict.fromkeys(np.concatenate([cells[best], cells[order[first]]]).tolist())
+                    if c not in expanded]
+        if not frontier:
+            break
+        expanded.update(frontier)
+        owner = dict(zip(cells.tolist(), seed.tolist(), strict=True))
+        found: dict[int, int] = {}  # a new cell -> the seed whose ring found it
+        for c in frontier:
+            for r in h3i.grid_disk(c, 1).astype(np.int64).tolist():
+                if r not in seen:
+                    seen.add(r)
+                    found[r] = owner[c]
+        if found:
+            more, vectors = vectors_of(np.fromiter(found, np.int64, len(found)))
+            cells = np.concatenate([cells, more])
+            exact = np.concatenate([exact, vectors @ query])
+            seed = np.concatenate([seed, np.array([found[c] for c in more.tolist()], np.int64)])
+            passing = np.concatenate([passing, keep(more) if keep is not None else np.ones(len(more), bool)])
+    return cells, exact, passing

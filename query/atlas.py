@@ -610,7 +610,7 @@ class Atlas:
             raise InvalidArgumentError(f"give exactly one of lat= and lon=, cell= or vector=; got {', '.join(given) or 'none'}")
         res = self._res(res, model)
         data = self._data(model, res)
-        origin = None
+        origin, own = None, np.empty(0, np.int64)  # own: the query's cell, where the walk also starts
         if vector is not None:
             try:
                 query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
@@ -625,11 +625,13 @@ class Atlas:
             if np.isnan(query[0, 0]):
                 raise InvalidArgumentError(f"cell {cid:x} is not in this atlas at resolution {res}")
             origin = tuple(x[0] for x in cells_to_latlng(np.array([cid], dtype=np.uint64)))
+            own = np.array([cid], np.int64)
         else:
             if lat is None or lon is None:
                 raise InvalidArgumentError("give both lat= and lon=")
             query = self.lookup([lat], [lon], res=res, model=model)
             origin = (float(lat), float(lon))
+            own = latlng_to_cells(np.array([origin[0]]), np.array([origin[1]]), res).astype(np.int64)
         if exclude_within_km is not None and origin is None:
             raise InvalidArgumentError("exclude_within_km needs a place (lat/lon or cell), not a vector")
         if exclude_within_km is not None and not (np.isfinite(exclude_within_km) and exclude_within_km >= 0):
@@ -655,7 +657,7 @@ class Atlas:
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            return _filtered_search(index, info, query, k, exact, data.cells_count, keep, res)
+            return _filtered_search(index, info, query, k, exact, keep, res, own)
         finally:
             faiss.omp_set_num_threads(threads)
 
@@ -776,7 +778,6 @@ def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: N
 
 MAX_K = 1000
 BBOX_EXACT_CELLS = 200_000  # a box with at most about this many cells is searched exactly, cell by cell
-MAX_CANDIDATES = 100_000  # filters are applied to at most this many of the most similar cells
 
 
 def _check_bbox(bbox: Any) -> tuple[float, float, float, float]:
@@ -808,6 +809,10 @@ class _Filters:
             ok &= in_sorted(self.land, cells)
         return ok
 
+    @property
+    def active(self) -> bool:
+        return self.bbox is not None or self.exclude_km is not None or self.land is not None
+
     def describe(self) -> str:
         parts = [f"bbox {self.bbox}" if self.bbox is not None else "",
                  f"exclude_within_km={self.exclude_km:g}" if self.exclude_km is not None else "",
@@ -821,32 +826,31 @@ def _result(cells: NDArray[np.uint64], lat: Any, lon: Any, scores: Any) -> pa.Ta
 
 
 def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32], k: int, exact: Any,
-                     n: int, keep: _Filters, res: int) -> pa.Table:
-    """The index's re-ranked results, fetching 8x more each round until ``k`` pass ``keep``."""
-    from catalog.vector_index import reranked_search
+                     keep: _Filters, res: int, own: NDArray[np.int64]) -> pa.Table:
+    """The index's re-ranked results that pass ``keep`` (see
+    :func:`catalog.vector_index.reranked_search`); the walk along the grid also starts from
+    ``own`` (the query's cell, if any)."""
+    from catalog.vector_index import MAX_CANDIDATES, reranked_search
 
-    fetch = k
-    while True:
-        fetch = min(fetch, n, MAX_CANDIDATES)
-        try:
-            scores, ids = reranked_search(index, query, fetch, exact, rerank=info["rerank"],
-                                          expand=info.get("expand", False))
-        except AtlasCorruptError as exc:
-            raise AtlasCorruptError(f"resolution {res}: {exc}") from None
-        found = ids[0] >= 0
-        cells, scores = ids[0][found].astype(np.uint64), scores[0][found]
-        lat, lon = cells_to_latlng(cells)
-        ok = np.flatnonzero(keep(cells, lat, lon))[:k]
-        if len(ok) == k or fetch >= min(n, MAX_CANDIDATES) or len(cells) < fetch:
-            break
-        fetch *= 8
-    if len(ok) < k:
-        if not len(ok):
-            raise InvalidArgumentError(f"no cell among the {len(cells):,} most similar passes the filters "
+    def passing(ids: NDArray[np.int64]) -> NDArray[np.bool_]:
+        cells = ids.astype(np.uint64)
+        return keep(cells, *cells_to_latlng(cells))
+
+    try:
+        scores, ids = reranked_search(index, query, k, exact, rerank=info["rerank"], expand=info.get("expand", False),
+                                      seeds=[own], keep=passing if keep.active else None)
+    except AtlasCorruptError as exc:
+        raise AtlasCorruptError(f"resolution {res}: {exc}") from None
+    found = ids[0] >= 0
+    cells, scores = ids[0][found].astype(np.uint64), scores[0][found]
+    if len(cells) < k and keep.active:
+        if not len(cells):
+            raise InvalidArgumentError(f"no cell among the {MAX_CANDIDATES:,} most similar passes the filters "
                                        f"({keep.describe()}); widen them")
-        warnings.warn(f"only {len(ok)} of the {len(cells):,} most similar cells pass the filters "
-                      f"({keep.describe()}); returning {len(ok)}, not {k}", stacklevel=3)
-    return _result(cells[ok], lat[ok], lon[ok], scores[ok])
+        warnings.warn(f"only {len(cells)} of the most similar cells pass the filters ({keep.describe()}; up to "
+                      f"{MAX_CANDIDATES:,} searched); returning {len(cells)}, not {k}", stacklevel=3)
+    lat, lon = cells_to_latlng(cells)
+    return _result(cells, lat, lon, scores)
 
 
 def _cells_in_box(bbox: tuple[float, float, float, float], res: int) -> float:
