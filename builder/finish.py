@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from builder import encode, index
+from builder import encode, index, probes
 from builder._timing import Timer, progress_bar
 from builder.grid import cell_centers
 from builder.plan import BuildState, shard_step
@@ -261,7 +261,8 @@ def train_index(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray
         return None
     step = f"index-train-res={res}"
     done = state.done(step)
-    if done is None or not all(job.dataset.exists(done[k]["path"]) for k in ("trained", "queries")):
+    if done is None or done["queries"]["path"] != index.queries_relpath(res) or \
+            not all(job.dataset.exists(done[k]["path"]) for k in ("trained", "queries")):
         quantizer = job.quantizer()
 
         def vectors_of(cells: NDArray[np.uint64]) -> NDArray[np.float32]:
@@ -302,27 +303,35 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
         else:
             empty, queries = index.load_trained(dataset, res, trained["trained"]["sha256"])
             lists = [index.ShardLists(p) for p in _shard_lists(res, source, job, state, trained, Path(fetched))]
-            kth = index.merged_kth([s.top for s in lists])
+            top = index.merged_top([s.top for s in lists])
             written = index.merge(tmp, empty, lists)
             del lists  # their maps
             if written != n:
                 raise AtlasCorruptError(f"resolution {res}'s shards hold {written:,} cells in their index lists, "
                                         f"expected {n:,}; rebuild with --overwrite")
             ivf_index = faiss.read_index(str(tmp), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-            tuned, recall = index.tune(ivf_index, queries, kth, source.gather_cells)
+            tuned, by_kind = index.tune(ivf_index, queries, top, source.gather_cells)
             del ivf_index
+            recall = by_kind["uniform"]["at_10"]
             params = {"type": trained["type"], "exact": False, "nlist": trained["nlist"],
                       "nprobe": tuned["nprobe"], "rerank": tuned["rerank"], "expand": True,
-                      "recall_lower_bound": tuned["recall_lower_bound"],
+                      "recall_lower_bound": tuned["recall_lower_bound"], "recall": by_kind,
+                      "recall_epsilon": probes.EPSILON,
                       "train_points": trained["train_points"], "recall_queries": len(queries)}
-            if not tuned["met"] and n * dim * 4 > index.FLAT_MAX_BYTES:
+            short = [f"{k} {m['at_10_lower_bound']:.3f}" for k, m in by_kind.items()
+                     if k not in probes.FILTERED and m["at_10_lower_bound"] < index.RECALL_TARGET]
+            if short:
+                log.warning("res %d: recall@10 lower bound below %.2f at the best setting found for %s", res,
+                            index.RECALL_TARGET, ", ".join(short))
+            # uniform queries decide whether an exact index replaces it, as before kinds were measured
+            uniform = by_kind["uniform"]["at_10_lower_bound"]
+            if uniform < index.RECALL_TARGET and n * dim * 4 > index.FLAT_MAX_BYTES:
                 log.warning("%s reached recall@%d %.3f (lower bound %.3f) < %.2f at res %d; an exact index would "
-                            "not fit, keeping the best setting", trained["type"], index.RECALL_K, recall,
-                            tuned["recall_lower_bound"], index.RECALL_TARGET, res)
-            elif not tuned["met"]:
-                log.warning("%s reached recall@%d %.3f (lower bound %.3f) < %.2f at res %d; keeping an exact index",
-                            trained["type"], index.RECALL_K, recall, tuned["recall_lower_bound"],
+                            "not fit, keeping the best setting", trained["type"], index.RECALL_K, recall, uniform,
                             index.RECALL_TARGET, res)
+            elif uniform < index.RECALL_TARGET:
+                log.warning("%s reached recall@%d %.3f (lower bound %.3f) < %.2f at res %d; keeping an exact index",
+                            trained["type"], index.RECALL_K, recall, uniform, index.RECALL_TARGET, res)
                 params, recall = _write_flat(tmp, source, dim), 1.0
         file = fmt.file_record(Path(), rel, local=tmp)
         directory = None if params["exact"] else _list_directory(tmp, params, n, dim)

@@ -5,18 +5,19 @@ an ``IVF<nlist>,PQ<m>`` index over unit vectors, ids = cells:
 
 1. **train** (:func:`train`, once, before the resolution's shards): the coarse centroids and
    product quantiser are trained on :func:`ivf_sample` cells encoded for the purpose, and
-   saved in ``_build/index/res=<r>/`` with the unit vectors of :data:`RECALL_QUERIES`
-   held-out query cells (not trained on);
+   saved in ``_build/index/res=<r>/`` with the query set of :mod:`builder.probes` (its
+   uniform kind: :data:`RECALL_QUERIES` held-out cells, not trained on);
 2. **add** (:func:`add_shard`, wherever a shard is encoded: a local writer thread or a Ray
    task): the shard's vectors are encoded into a copy of the trained index, and its inverted
-   lists are saved beside it (:class:`ShardLists`) with the exact top-10 scores of the held-out
+   lists are saved beside it (:class:`ShardLists`) with the exact top-100 scores of the
    queries over the shard;
 3. **merge** (:func:`merge`, on the driver): the shards' lists are streamed, list by list, into
    ``index/res=<r>.faiss`` in FAISS's own layout, which the query layer memory-maps: no process
    holds the resolution's codes;
-4. **tune** (:func:`tune`): the cheapest re-rank depth and nprobe whose recall@10 (candidates
-   re-ranked exactly, as the query layer searches) reaches 0.95 against exact search over the
-   whole resolution (the shards' top-10s merged).
+4. **tune** (:func:`tune`): the cheapest re-rank depth and nprobe whose recall@10 (searched
+   as the query layer searches) reaches 0.95 (lower bound) for every unfiltered kind of query
+   against exact search over the whole resolution (the shards' top-100s merged); then every
+   kind's recall@10 and @100 at that setting.
 
 Exact resolutions get a flat index written from the part files (small by definition).
 """
@@ -24,7 +25,6 @@ Exact resolutions get a flat index written from the part files (small by definit
 from __future__ import annotations
 
 import logging
-import math
 import struct
 import threading
 import time
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from builder import probes
 from catalog import manifest as fmt
 from catalog import vector_index
 from catalog.errors import AtlasCorruptError
@@ -45,13 +46,14 @@ if TYPE_CHECKING:
     from catalog.storage import Store
 
 __all__ = ["INDEX_BATCH", "RECALL_QUERIES", "RERANKS", "ShardLists", "TopK", "TrainedIndex", "add_shard",
-           "ivf_sample", "load_trained", "merge", "merged_kth", "pq_subquantizers", "train", "tune", "unit_vectors"]
+           "ivf_sample", "load_trained", "merge", "merged_kth", "merged_top", "pq_subquantizers", "train", "tune", "unit_vectors"]
 
 log = logging.getLogger(__name__)
 
 INDEX_BATCH = 65536  # cells per add: the unit vectors' buffer is this many rows
 RECALL_TARGET = 0.95
 RECALL_K = 10
+TOP_K = 100  # each query's exact top scores kept: recall is measured at 10 and at 100
 RECALL_QUERIES = 200
 RERANKS = (1, 4, 16)  # candidates per result re-ranked exactly, tried in this order
 NPROBES = (4, 8, 16, 32, 64, 128, 256)
@@ -138,7 +140,7 @@ def train_relpath(res: int) -> str:
 
 
 def queries_relpath(res: int) -> str:
-    return f"{fmt.BUILD_DIR}/index/res={res}/queries.npy"
+    return f"{fmt.BUILD_DIR}/index/res={res}/queries.npz"
 
 
 def lists_relpath(res: int, key: str) -> str:
@@ -158,7 +160,9 @@ def train(dataset: Store, res: int, n: int, dim: int, stored_bytes: int, vectors
     m = pq_subquantizers(dim, stored_bytes)
     train_cells, query_cells = ivf_sample(res, min(max(n - RECALL_QUERIES, 1), max(40 * nlist, PQ_TRAIN_POINTS)),
                                           keep)
-    vectors = vectors_of(np.concatenate([train_cells, query_cells]))
+    kinds = probes.probe_cells(res, query_cells, keep)
+    vectors = vectors_of(np.concatenate([train_cells, *kinds.values()]))
+    queries = probes.make_probes(kinds, vectors[len(train_cells):], res)
     index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.do_polysemous_training = False  # Hamming-filtered search is not used: it would double the training
@@ -174,11 +178,11 @@ def train(dataset: Store, res: int, n: int, dim: int, stored_bytes: int, vectors
         faiss.write_index(index, str(tmp))
         trained = fmt.file_record(Path(), train_relpath(res), local=tmp)
     with dataset.staged(queries_relpath(res)) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, vectors[len(train_cells):])
-        queries = fmt.file_record(Path(), queries_relpath(res), local=tmp)
-    return {"type": f"IVF{nlist},PQ{m}", "nlist": nlist, "trained": trained, "queries": queries,
-            "query_cells": [int(c) for c in query_cells], "train_points": len(train_cells),
+        tmp.write_bytes(queries.to_bytes())
+        saved = fmt.file_record(Path(), queries_relpath(res), local=tmp)
+    return {"type": f"IVF{nlist},PQ{m}", "nlist": nlist, "trained": trained, "queries": saved,
+            "query_kinds": {kind: int((queries.kinds == kind).sum()) for kind in probes.KINDS},
+            "train_points": len(train_cells),
             "train_s": round(time.perf_counter() - start, 2)}
 
 
@@ -190,12 +194,12 @@ class TrainedIndex:
     sha256: str  # of trained.faiss: lists are only merged into the index they were encoded by
 
 
-_TRAINED: dict[tuple[str, int, str], tuple[Any, NDArray[np.float32]]] = {}  # this process's, by place
+_TRAINED: dict[tuple[str, int, str], tuple[Any, probes.Probes]] = {}  # this process's, by place
 _TRAINED_LOCK = threading.Lock()
 
 
-def load_trained(dataset: Store, res: int, sha256: str) -> tuple[Any, NDArray[np.float32]]:
-    """The trained (empty) index and the held-out queries' unit vectors, read once a process."""
+def load_trained(dataset: Store, res: int, sha256: str) -> tuple[Any, probes.Probes]:
+    """The trained (empty) index and the query set, read once a process."""
     key = (str(dataset), res, sha256)
     with _TRAINED_LOCK:
         if key not in _TRAINED:
@@ -209,9 +213,8 @@ def _gpus(faiss: Any) -> int:
     return getattr(faiss, "get_num_gpus", lambda: 0)()
 
 
-def _read_trained(dataset: Store, res: int, sha256: str) -> tuple[Any, NDArray[np.float32]]:
+def _read_trained(dataset: Store, res: int, sha256: str) -> tuple[Any, probes.Probes]:
     import hashlib
-    import io
 
     faiss = vector_index.require_faiss()
     data = dataset.read_bytes(train_relpath(res))
@@ -219,14 +222,13 @@ def _read_trained(dataset: Store, res: int, sha256: str) -> tuple[Any, NDArray[n
         raise AtlasCorruptError(f"{train_relpath(res)} in {dataset} changed during the build; "
                                 "run the build again with --overwrite")
     index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
-    queries = np.load(io.BytesIO(dataset.read_bytes(queries_relpath(res))))
-    return index, np.ascontiguousarray(queries, np.float32)
+    return index, probes.Probes.from_bytes(dataset.read_bytes(queries_relpath(res)))
 
 
 def add_shard(dataset: Store, trained: TrainedIndex, key: str, cells: NDArray[np.uint64],
               stored: NDArray[Any], quantizer: Quantizer | None) -> dict[str, Any]:
     """Encode one shard's rows into the trained index and save its inverted lists and the
-    held-out queries' exact top-10 scores over them; returns what the shard's done record keeps."""
+    queries' exact top-100 scores over them; returns what the shard's done record keeps."""
     faiss = vector_index.require_faiss()
     empty, queries = load_trained(dataset, trained.res, trained.sha256)
     index = faiss.clone_index(empty)
@@ -235,13 +237,14 @@ def add_shard(dataset: Store, trained: TrainedIndex, key: str, cells: NDArray[np
         options = faiss.GpuMultipleClonerOptions()
         options.useFloat16 = True  # lookup tables for searching only; the codes are the same
         index = faiss.index_cpu_to_all_gpus(index, options)
-    top = TopK(queries, RECALL_K)
+    top = TopK(queries.vectors, TOP_K, queries.exclusions())
     buffer = np.empty((min(len(cells), INDEX_BATCH), stored.shape[1]), np.float32)
     for start in range(0, len(cells), INDEX_BATCH):
         values = stored[start:start + INDEX_BATCH]
         unit = unit_vectors(values, quantizer, buffer[:len(values)])
-        index.add_with_ids(unit, cells[start:start + INDEX_BATCH].astype(np.int64))  # H3 indexes < 2**63
-        top.update(unit)
+        batch = cells[start:start + INDEX_BATCH]
+        index.add_with_ids(unit, batch.astype(np.int64))  # H3 indexes < 2**63
+        top.update(unit, batch)
     if on_gpus:
         index = faiss.index_gpu_to_cpu(index)
     rel = lists_relpath(trained.res, key)
@@ -255,20 +258,31 @@ class TopK:
     """The exact k best inner products of each query over blocks of vectors seen so far.
 
     Per block, one matrix product and one comparison with the current k-th best: after the
-    first blocks few scores beat it, and only those rows are merged.
+    first blocks few scores beat it, and only those rows are merged. ``exclude`` (as
+    :meth:`builder.probes.Probes.exclusions` gives it): the rows whose search excludes
+    the cells within a radius of their own, which are left out of their best.
     """
 
-    def __init__(self, queries: NDArray[np.float32], k: int) -> None:
-        self.queries, self.k = queries, k
+    def __init__(self, queries: NDArray[np.float32], k: int,
+                 exclude: tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]] | None = None) -> None:
+        self.queries, self.k, self.exclude = queries, k, exclude
         self.best = np.full((len(queries), k), -np.inf, dtype=np.float32)  # ascending: column 0 is the k-th
         self._scores = np.empty(0, np.float32)
 
-    def update(self, vectors: NDArray[np.float32]) -> None:
+    def update(self, vectors: NDArray[np.float32], cells: NDArray[np.uint64] | None = None) -> None:
         size = len(self.queries) * len(vectors)
         if self._scores.size < size:
             self._scores = np.empty(size, np.float32)
         scores = self._scores[:size].reshape(len(self.queries), len(vectors))
         np.matmul(self.queries, vectors.T, out=scores)
+        if self.exclude is not None:
+            from catalog.cells import cells_to_latlng
+
+            if cells is None:
+                raise ValueError("a query set with exclusions needs the vectors' cells")
+            rows, origins, limits = self.exclude
+            near = origins @ probes.unit_xyz(*cells_to_latlng(cells)).T > limits[:, None]
+            scores[rows] = np.where(near, -np.inf, scores[rows])
         better = scores > self.best[:, :1]
         for i in np.flatnonzero(better.any(axis=1)):
             row = np.concatenate([self.best[i], scores[i, better[i]]])
@@ -367,32 +381,30 @@ def _header_with(trained: Any, ntotal: int) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def merged_kth(shard_tops: list[NDArray[np.float32]]) -> NDArray[np.float32]:
-    """The exact k-th best score of each query over all shards, from each shard's top k."""
-    tops = np.concatenate(shard_tops, axis=1)
-    return np.sort(tops, axis=1)[:, -RECALL_K]
+def merged_top(shard_tops: list[NDArray[np.float32]]) -> NDArray[np.float32]:
+    """Each query's exact :data:`TOP_K` best scores over all shards (best last), from each
+    shard's top scores."""
+    return np.sort(np.concatenate(shard_tops, axis=1), axis=1)[:, -TOP_K:]
 
 
-def recall_bound(recall: float, queries: int) -> float:
-    """A lower bound (two standard errors) on the recall of queries like the measured ones.
-
-    Misses come a query at a time (a search lands in the wrong place and misses most of its
-    10), so the sample is the queries, not their results: at resolution 7 a setting measured
-    at 0.97 on the 200 held-out cells gave 0.936 on 200 others. Tuning asks the bound, not
-    the measurement, to reach the target: 0.98 measured on 200 queries is a bound of 0.96.
-    """
-    return recall - 2.0 * math.sqrt(max(recall * (1.0 - recall), 0.0) / max(queries, 1))
+def merged_kth(shard_tops: list[NDArray[np.float32]], k: int = RECALL_K) -> NDArray[np.float32]:
+    """The exact k-th best score of each query over all shards."""
+    return merged_top(shard_tops)[:, -k]
 
 
-def tune(index: Any, queries: NDArray[np.float32], kth: NDArray[np.float32], vectors_of: vector_index.VectorsOf,
-         expand: bool = True) -> tuple[dict[str, Any], float]:
-    """The cheapest (rerank, nprobe) whose recall's lower bound (:func:`recall_bound`) reaches
-    the target, else the best found.
+def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_of: vector_index.VectorsOf,
+         expand: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The cheapest (rerank, nprobe) whose recall@10 reaches the target (lower bound,
+    :func:`builder.probes.wilson_bound`) for every unfiltered kind of query, else the one
+    whose worst kind is best; and every kind's recall at that setting.
 
     Searched as the query layer searches: candidates re-ranked exactly, then (``expand``)
-    refined along the grid (:func:`catalog.vector_index.reranked_search`). ``vectors_of``
-    gives the stored unit vectors of the cells the atlas holds; each is read once. Returns
-    the parameters (``met`` says whether the target was reached) and the recall.
+    refined along the grid from them, from other regions and from a cell query's own cell
+    (:func:`catalog.vector_index.reranked_search`). ``top``: each query's exact best scores
+    over the resolution, best last (as :func:`merged_kth` sorts them); ``vectors_of`` gives
+    the stored unit vectors of the cells the atlas holds, each read once. Returns the
+    parameters (``met`` says whether the target was reached, ``recall_lower_bound`` is the
+    worst kind's) and :func:`builder.probes.summary`.
     """
     faiss = vector_index.require_faiss()
     known: dict[int, NDArray[np.float32] | None] = {}  # None: a cell the atlas lacks
@@ -405,22 +417,57 @@ def tune(index: Any, queries: NDArray[np.float32], kth: NDArray[np.float32], vec
             known.update(zip(found.tolist(), vectors, strict=True))
         held = [c for c in ids.tolist() if known[c] is not None]
         return np.array(held, np.int64), np.stack([known[c] for c in held]) if held else \
-            np.empty((0, queries.shape[1]), np.float32)
+            np.empty((0, queries.vectors.shape[1]), np.float32)
+
+    def found(rows: NDArray[np.int64], k: int, rerank: int) -> NDArray[np.float64]:
+        scores = np.full((len(rows), k), -np.inf, np.float32)
+        for j, i in enumerate(rows.tolist()):
+            own = [np.array([queries.cells[i]], np.int64)] if queries.cells[i] else None
+            keep = _outside(queries.cells[i], queries.exclude_km[i]) if queries.exclude_km[i] else None
+            scores[j] = vector_index.reranked_search(index, queries.vectors[i:i + 1], k, cached, rerank=rerank,
+                                                     expand=expand, seeds=own, keep=keep)[0][0]
+        return probes.found_share(scores, top[rows, -k] if top.shape[1] >= k else np.full(len(rows), -np.inf))
 
     ivf = faiss.extract_index_ivf(index)
+    tuned = np.flatnonzero(~np.isin(queries.kinds, probes.FILTERED))
+    kinds = queries.kinds[tuned]
     best: tuple[float, dict[str, Any]] = (-1.0, {})
     for rerank in RERANKS:
+        stale = 0
         for nprobe in NPROBES:
-            if nprobe > ivf.nlist:
+            if nprobe > ivf.nlist or stale >= 2:  # probing more lists stopped helping: re-rank more
                 break
             ivf.nprobe = nprobe
-            found, _ = vector_index.reranked_search(index, queries, RECALL_K, cached, rerank=rerank, expand=expand)
-            # a hit is a result whose exact score reaches the true k-th score: ties are not misses
-            recall = float(np.mean(found >= kth[:, None] - 1e-6))
-            params = {"nprobe": nprobe, "rerank": rerank, "recall_lower_bound": round(recall_bound(recall, len(queries)), 4)}
-            params["met"] = params["recall_lower_bound"] >= RECALL_TARGET
-            if recall > best[0]:
-                best = (recall, params)
+            share = found(tuned, RECALL_K, rerank)
+            bounds = {kind: probes.wilson_bound(float(share[kinds == kind].mean()), int((kinds == kind).sum()))
+                      for kind in np.unique(kinds).tolist()}
+            worst = min(bounds.values())
+            log.debug("nprobe %d, re-rank x%d: recall@10 lower bounds %s", nprobe, rerank,
+                      ", ".join(f"{kind} {b:.3f}" for kind, b in bounds.items()))
+            params = {"nprobe": nprobe, "rerank": rerank, "recall_lower_bound": round(worst, 4),
+                      "met": worst >= RECALL_TARGET}
+            stale = 0 if worst > best[0] + 0.002 else stale + 1
+            if worst > best[0]:
+                best = (worst, params)
             if params["met"]:
-                return params, recall
-    return best[1], best[0]
+                break
+        if best[1].get("met"):
+            break
+    params = best[1]
+    ivf.nprobe = params["nprobe"]
+    every = np.arange(len(queries))
+    at_10, at_100 = found(every, RECALL_K, params["rerank"]), found(every, TOP_K, params["rerank"])
+    return params, probes.summary(queries.kinds, at_10, at_100)
+
+
+def _outside(cell: int, km: float) -> vector_index.Keep:
+    """Whether cells lie at least ``km`` from ``cell``'s centre (``exclude_within_km``)."""
+    from catalog.cells import cells_to_latlng
+    from catalog.interpolation import haversine_km
+
+    lat0, lon0 = (float(v[0]) for v in cells_to_latlng(np.array([cell], np.uint64)))
+
+    def keep(ids: NDArray[np.int64]) -> NDArray[np.bool_]:
+        return haversine_km(*cells_to_latlng(ids.astype(np.uint64)), lat0, lon0) >= km
+
+    return keep

@@ -41,6 +41,7 @@ MAX_RES = 15
 MAX_FILES = 1 << 22
 MAX_NLIST = 1 << 20
 MAX_RERANK = 1024
+MAX_RECALL_KINDS = 32  # kinds of query an index records its recall for
 MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit on one message
 STORED_ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -230,9 +231,19 @@ def _check_resolution(c: _Check, res: int, info: dict[str, Any], files: dict[str
         c.int(index.get("nprobe"), f"{field}.index.nprobe", 1, nlist)
     c.int(index.get("rerank", 1), f"{field}.index.rerank", 1, MAX_RERANK)
     c.number(index.get("recall_at_10"), f"{field}.index.recall_at_10")
-    for key in ("recall_lower_bound", "bytes_per_cell", "share_of_embeddings", "build_s"):
+    for key in ("recall_lower_bound", "recall_epsilon", "bytes_per_cell", "share_of_embeddings", "build_s"):
         if key in index:
             c.number(index[key], f"{field}.index.{key}")
+    kinds = c.dict(index.get("recall"), f"{field}.index.recall", optional=True)
+    if len(kinds) > MAX_RECALL_KINDS:
+        raise c.fail(f"{field}.index.recall", f"<{len(kinds)} kinds>", f"has more than {MAX_RECALL_KINDS} kinds")
+    for kind, measured in kinds.items():
+        where = f"{field}.index.recall.{kind}"
+        if not re.fullmatch(r"[a-z0-9_]{1,40}", kind):
+            raise c.fail(f"{field}.index.recall", kind, "names a kind of query that is not a short lowercase name")
+        c.int(c.dict(measured, where).get("queries"), f"{where}.queries", 1, 1 << 20)
+        for key in ("at_10", "at_10_lower_bound", "at_100"):
+            c.number(measured.get(key), f"{where}.{key}")
     _listed(c, files, path, f"{field}.index.path", cells * (4 * dim + 8) + nlist * (4 * dim + 16) + 1024 * dim
             + (1 << 16))
     if ivf and index.get("lists") is not None:

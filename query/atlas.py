@@ -34,6 +34,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from catalog.blocks import ResolutionReader, part_infos
 from catalog.cells import cells_to_latlng, hex_to_cell, in_sorted, latlng_to_cells
+from catalog.checks import MAX_MANIFEST_BYTES
 from catalog.coords import as_coordinates, invalid_mask
 from catalog.errors import (
     AtlasChangedError,
@@ -46,7 +47,6 @@ from catalog.errors import (
 )
 from catalog.interpolation import EARTH_RADIUS_KM, haversine_km
 from catalog.interpolation import interpolate as interpolate_cells
-from catalog.checks import MAX_MANIFEST_BYTES
 from catalog.manifest import BUILD_DIR, MANIFEST, dataset_name, list_datasets, read_manifest
 from catalog.paths import inside
 from catalog.storage import LocalStore, Store, is_remote, open_store
@@ -648,7 +648,12 @@ class Atlas:
             return ids[held], normalize(vectors[held])
 
         if bbox is not None and _cells_in_box(bbox, res) <= BBOX_EXACT_CELLS:
-            return _box_search(data, query[0], k, bbox, res, keep)
+            import h3
+
+            try:
+                return _box_search(data, query[0], k, bbox, res, keep)
+            except h3.H3FailedError:  # h3 cannot fill some boxes at a pole: the index search filters them too
+                pass
         index, info = self._index(model, res)
         # One query split over OpenMP threads runs 2-2.5x slower than on one thread (measured on
         # 2 cores, flat and IVF). The setting is per calling thread, so it is restored here and
@@ -756,8 +761,8 @@ def _region_summary(region: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _index_detail(index: dict[str, Any]) -> dict[str, Any]:
     """What ``info`` shows of a resolution's index: its parameters, size and measured recall."""
-    keys = ("type", "exact", "nlist", "nprobe", "rerank", "recall_at_10", "recall_lower_bound", "recall_queries", "bytes",
-            "bytes_per_cell", "share_of_embeddings", "build_s")
+    keys = ("type", "exact", "nlist", "nprobe", "rerank", "recall_at_10", "recall_lower_bound", "recall_queries",
+            "recall", "recall_epsilon", "bytes", "bytes_per_cell", "share_of_embeddings", "build_s")
     return {key: index[key] for key in keys if key in index}
 
 

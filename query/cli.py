@@ -73,6 +73,10 @@ def run_info(args: argparse.Namespace) -> int:
             probe = f", nprobe {ix['nprobe']}, re-rank x{ix['rerank']}" if not ix.get("exact", True) else ""
             print(f"  res {r}: {ri['cells']:,} cells in {ri['parts']} part{'s' * (ri['parts'] != 1)}{zarr}, "
                   f"index {ri['index']} (recall@10 {ri['recall_at_10']}{probe}{size}){_fidelity_text(ri.get('fidelity'))}")
+            if ix.get("recall"):
+                print("    recall@10 (lower bound) / @100 by query kind: " + ", ".join(
+                    f"{kind} {m['at_10']:.3f} ({m['at_10_lower_bound']:.3f}) / {m['at_100']:.3f}"
+                    for kind, m in ix["recall"].items()))
     return 0
 
 

@@ -17,6 +17,7 @@ from builder.build import build
 from builder.finish import ShardSource
 from builder.grid import Shard, cell_centers, shard_cells
 from builder.index import ShardLists, TopK, TrainedIndex, ivf_sample, pq_subquantizers
+from builder.probes import Probes
 from catalog import vector_index
 from catalog.errors import AtlasCorruptError
 from catalog.manifest import file_record, read_manifest
@@ -166,8 +167,8 @@ def test_merged_shard_lists_are_the_index_faiss_would_write(tmp_path) -> None:
     store = open_store(tmp_path)
     with store.staged(index.train_relpath(1)) as tmp:
         faiss.write_index(trained, str(tmp))
-    with store.staged(index.queries_relpath(1)) as tmp, open(tmp, "wb") as f:
-        np.save(f, vectors[:5])
+    with store.staged(index.queries_relpath(1)) as tmp:
+        tmp.write_bytes(Probes(vectors[:5], np.full(5, "noisy"), np.zeros(5, np.uint64), np.zeros(5)).to_bytes())
     sha = file_record(tmp_path, index.train_relpath(1))["sha256"]
     lists = []
     for key, (a, b) in enumerate([(0, 2500), (2500, 2600), (2600, 6000)]):
@@ -201,7 +202,12 @@ def test_large_resolutions_get_a_product_quantised_index_with_measured_recall(tm
     vectors = _smooth(ids, 64)
     params, record = _write_index(tmp_path, _source(tmp_path, vectors, ids), 3, len(ids), 64, monkeypatch)
     assert not params["exact"] and params["type"] == f"IVF{ivf_lists(len(ids))},PQ{pq_subquantizers(64, 128)}"
-    assert params["recall_at_10"] >= 0.95 and params["recall_queries"] == 200 and params["cells"] == len(ids)
+    assert params["recall_at_10"] >= 0.95 and params["recall_queries"] == 500 and params["cells"] == len(ids)
+    recall = params["recall"]  # a global atlas has no parts' islands or edges to draw
+    assert {kind: m["queries"] for kind, m in recall.items()} == {"uniform": 200, "mean_of_two": 100, "noisy": 100,
+                                                                "exclude_1000km": 100}
+    assert all(recall[kind]["at_10_lower_bound"] >= 0.95 for kind in ("uniform", "mean_of_two", "noisy"))
+    assert params["recall_lower_bound"] == min(recall[k]["at_10_lower_bound"] for k in ("uniform", "mean_of_two", "noisy"))
     assert params["rerank"] in index.RERANKS and params["bytes"] == record["bytes"]
     m = pq_subquantizers(64, 128)  # 4: codes and ids within a tenth of 64 float16s, beside the centroids
     assert 0 < params["bytes"] - len(ids) * (m + 8) < 100_000
@@ -274,6 +280,7 @@ def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatc
     monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
+    monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 200 queries' lower bound
     build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False)
     info = read_manifest(tmp_path / "toy")["resolutions"]["2"]["index"]
     assert info["exact"] and info["recall_at_10"] == 1.0
@@ -285,10 +292,11 @@ def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_sett
     monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
+    monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 200 queries' lower bound
     monkeypatch.setattr(index, "FLAT_MAX_BYTES", 0)  # as at resolution 7, where a flat index would not fit
     build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False)
     info = read_manifest(tmp_path / "toy")["resolutions"]["2"]["index"]
-    assert not info["exact"] and 0 < info["recall_at_10"] < 0.95 and "met" not in info
+    assert not info["exact"] and 0 < info["recall"]["uniform"]["at_10_lower_bound"] < 0.999 and "met" not in info
     assert "an exact index would not fit, keeping the best setting" in caplog.text
     assert len(open_atlas(tmp_path).similar(lat=10.0, lon=20.0, k=5)) == 5  # still searchable
 
