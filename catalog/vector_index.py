@@ -7,6 +7,7 @@ cosine similarity against the stored embeddings, and (for IVF-PQ) refined along 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -280,10 +281,10 @@ def _walk(cells: NDArray[np.int64], exact: NDArray[np.float32], n_index: int, qu
 def _steps(h3i: Any, cell: int) -> list[int]:
     """Where a walk looks from ``cell``: its ring, and six cells in the ring at each distance
     of :data:`STRIDES` (a climb moves up to the longest stride a round, not one cell)."""
+    import h3
+
     out = h3i.grid_disk(cell, 1).astype(np.int64).tolist()
     for d in STRIDES:
-        try:
+        with contextlib.suppress(h3.H3FailedError):  # a ring across a pentagon's distortion is not walked
             out += h3i.grid_ring(cell, d)[::d].astype(np.int64).tolist()
-        except Exception:  # noqa: BLE001 - rings that cross a pentagon's distortion are not walked
-            pass
     return out
