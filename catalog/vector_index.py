@@ -98,7 +98,7 @@ VectorsOf = Callable[[NDArray[np.int64]], tuple[NDArray[np.int64], NDArray[np.fl
 # The most rounds of neighbour expansion a search makes (each adds the ring around the
 # current best cells not yet expanded; a search stops as soon as all of them are), and the
 # most of the best cells expanded (a filtered search asks for many more than it returns).
-EXPAND_ROUNDS = 64
+EXPAND_ROUNDS = 32
 EXPAND_WIDTH = 1000
 STRIDES = (8,)  # measured at resolution 7: the same recall as single steps, p50 25 -> 17 ms
 # Where a walk starts besides the index's best candidates: the best candidate of each of up to
@@ -177,8 +177,7 @@ def reranked_search(
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
     for i, query in enumerate(queries):
-        row = _candidates(index, query, max(top, SEED_POOL) if expand else top,
-                          max(top, SEED_POOL) if expand else top, keep)
+        row = _candidates(index, query, max(top, SEED_POOL) if expand else top, keep)
         if row.size == 0:
             continue
         start = np.unique(row[:top])
@@ -200,32 +199,33 @@ def reranked_search(
     return scores, ids
 
 
-def _candidates(index: Any, query: NDArray[np.float32], want: int, top: int, keep: Keep | None) -> NDArray[np.int64]:
-    """The index's best ``want`` candidates for ``query`` (those ``keep`` accepts), widened
-    until ``top`` of them pass (see :func:`reranked_search`)."""
+def _candidates(index: Any, query: NDArray[np.float32], want: int, keep: Keep | None) -> NDArray[np.int64]:
+    """The index's best ``want`` candidates for ``query``; with ``keep``, those it accepts,
+    the search widened until ``want`` pass or it can widen no more (see :func:`reranked_search`)."""
     nprobe = base = getattr(index, "nprobe", None)
     nlist = getattr(index, "nlist", None)
     if keep is not None and nprobe is not None and nlist is not None:
         nprobe = min(nlist, nprobe * FILTERED_WIDEN)
+    pool = want
     while True:
         params = {}
         if nprobe != base:
             params["params"] = require_faiss().SearchParametersIVF(nprobe=nprobe)
-        _, found = index.search(query[None, :], want, **params)
+        _, found = index.search(query[None, :], pool, **params)
         row = found[0][found[0] >= 0]
         if keep is None:
             return row
-        row = row[keep(row)]
-        if len(row) >= top:
-            return row
-        if (found[0] < 0).any():  # every candidate of the probed lists: probe more
+        passing = row[keep(row)]
+        if len(passing) >= want:
+            return passing
+        if len(row) < pool:  # every candidate of the probed lists: probe more
             if nprobe is None or nlist is None or nprobe >= nlist:
-                return row
+                return passing
             nprobe = min(nlist, nprobe * 4)
-        elif want >= MAX_CANDIDATES:
-            return row
+        elif pool >= MAX_CANDIDATES:
+            return passing
         else:
-            want = min(MAX_CANDIDATES, want * 8)
+            pool = min(MAX_CANDIDATES, pool * 8)
 
 
 def _region_seeds(candidates: NDArray[np.int64], taken: set[int], regions: int) -> NDArray[np.int64]:
