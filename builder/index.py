@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from catalog.storage import Store
 
 __all__ = ["INDEX_BATCH", "RECALL_QUERIES", "RERANKS", "ShardLists", "TopK", "TrainedIndex", "add_shard",
-           "ivf_sample", "load_trained", "merge", "merged_kth", "merged_top", "pq_subquantizers", "train", "tune", "unit_vectors"]
+           "ivf_sample", "load_trained", "merge", "merged_top", "pq_subquantizers", "train", "tune", "unit_vectors"]
 
 log = logging.getLogger(__name__)
 
@@ -387,10 +387,6 @@ def merged_top(shard_tops: list[NDArray[np.float32]]) -> NDArray[np.float32]:
     return np.sort(np.concatenate(shard_tops, axis=1), axis=1)[:, -TOP_K:]
 
 
-def merged_kth(shard_tops: list[NDArray[np.float32]], k: int = RECALL_K) -> NDArray[np.float32]:
-    """The exact k-th best score of each query over all shards."""
-    return merged_top(shard_tops)[:, -k]
-
 
 def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_of: vector_index.VectorsOf,
          expand: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -401,7 +397,7 @@ def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_o
     Searched as the query layer searches: candidates re-ranked exactly, then (``expand``)
     refined along the grid from them, from other regions and from a cell query's own cell
     (:func:`catalog.vector_index.reranked_search`). ``top``: each query's exact best scores
-    over the resolution, best last (as :func:`merged_kth` sorts them); ``vectors_of`` gives
+    over the resolution, best last (as :func:`merged_top` gives them); ``vectors_of`` gives
     the stored unit vectors of the cells the atlas holds, each read once. Returns the
     parameters (``met`` says whether the target was reached, ``recall_lower_bound`` is the
     worst kind's) and :func:`builder.probes.summary`.

@@ -68,7 +68,7 @@ def test_top_k_over_blocks_and_merged_over_shards_equals_a_full_sort() -> None:
         top = TopK(queries, 10)
         top.update(vectors[start:start + 1700])
         shards.append(top.best)
-    np.testing.assert_allclose(index.merged_kth(shards), full[:, 9], rtol=1e-6)
+    np.testing.assert_allclose(index.merged_top(shards)[:, -10], full[:, 9], rtol=1e-6)
 
 
 def _source(tmp_path, vectors, ids, shard_rows=7000):
@@ -154,6 +154,26 @@ def _smooth(ids, dim, seed=0):
     xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
     rng = np.random.default_rng(seed)
     return normalize(np.sin(xyz @ rng.normal(scale=3.0, size=(3, dim)) + rng.uniform(0, 2 * np.pi, dim)))
+
+
+def test_top_k_leaves_out_the_cells_a_filtered_query_excludes() -> None:
+    from catalog.cells import cells_to_latlng
+    from catalog.interpolation import haversine_km
+
+    cells = shard_cells(Shard(2))
+    vectors = _smooth(cells.astype(np.int64), 8)
+    probes = Probes(vectors[:3].copy(), np.array(["uniform", "exclude_1000km", "exclude_1000km"]), cells[:3],
+                    np.array([0.0, 1000.0, 3000.0]))
+    top = TopK(probes.vectors, 10, probes.exclusions())
+    for start in range(0, len(cells), 1000):
+        top.update(vectors[start:start + 1000], cells[start:start + 1000])
+    lat, lon = cells_to_latlng(cells)
+    for i, km in enumerate(probes.exclude_km):
+        scores = vectors @ probes.vectors[i]
+        olat, olon = cells_to_latlng(cells[i:i + 1])
+        scores[haversine_km(lat, lon, olat[0], olon[0]) < km] = -np.inf
+        np.testing.assert_allclose(top.scores()[i], np.sort(scores)[-10], rtol=1e-6)
+    assert top.scores()[0] > top.scores()[1] > top.scores()[2]  # the query's own hill left out, then more
 
 
 def test_merged_shard_lists_are_the_index_faiss_would_write(tmp_path) -> None:
