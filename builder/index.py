@@ -429,7 +429,7 @@ def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_o
     kinds = queries.kinds[tuned]
     best: tuple[float, dict[str, Any]] = (-1.0, {})
     for rerank in RERANKS:
-        stale = 0
+        stale, ladder = 0, -1.0  # this re-rank depth's best so far
         for nprobe in NPROBES:
             if nprobe > ivf.nlist or stale >= 2:  # probing more lists stopped helping: re-rank more
                 break
@@ -442,7 +442,8 @@ def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_o
                       ", ".join(f"{kind} {b:.3f}" for kind, b in bounds.items()))
             params = {"nprobe": nprobe, "rerank": rerank, "recall_lower_bound": round(worst, 4),
                       "met": worst >= RECALL_TARGET}
-            stale = 0 if worst > best[0] + 0.002 else stale + 1
+            stale = 0 if worst > ladder + 0.002 else stale + 1
+            ladder = max(ladder, worst)
             if worst > best[0]:
                 best = (worst, params)
             if params["met"]:
