@@ -114,6 +114,7 @@ MAX_CANDIDATES = 100_000
 # A filtered search's best cells are often on other hills than the query's own, of nearly
 # equal height: it probes this many times more lists and starts from as many more regions.
 FILTERED_WIDEN = 4
+FILTERED_EXACT_SEEDS = 1
 
 Keep = Callable[[NDArray[np.int64]], NDArray[np.bool_]]  # which cells a filtered search may return
 
@@ -177,7 +178,8 @@ def reranked_search(
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
     for i, query in enumerate(queries):
-        row = _candidates(index, query, max(top, SEED_POOL) if expand else top, keep)
+        want = max(top, SEED_POOL) if expand else top
+        row = _candidates(index, query, want, keep)[:want]
         if row.size == 0:
             continue
         start = np.unique(row[:top])
@@ -187,7 +189,11 @@ def reranked_search(
         cells, exact = found, vectors @ query
         passing = np.ones(len(cells), bool)
         if expand:
-            others = _region_seeds(row, set(start.tolist()), SEED_REGIONS * (1 if keep is None else FILTERED_WIDEN))
+            ranked = row
+            if keep is not None and FILTERED_EXACT_SEEDS:  # regions' seeds by exact score: the PQ
+                pool, vectors = vectors_of(np.unique(row))  # order is noise among far hills of one height
+                ranked = pool[np.argsort(-(vectors @ query), kind="stable")]
+            others = _region_seeds(ranked, set(start.tolist()), SEED_REGIONS * (1 if keep is None else FILTERED_WIDEN))
             if seeds is not None:
                 own = np.setdiff1d(np.asarray(seeds[i], np.int64), start)
                 others = np.concatenate([others, own[keep(own)] if keep is not None else own])
