@@ -123,10 +123,7 @@ def test_every_kind_of_query_finds_its_exact_top_10(atlas, stored) -> None:
     assert not index["exact"]
     recalls = {kind: _recall(opened, qs, stored, 10) for kind, qs in _queries(atlas, stored).items()}
     assert all(len(qs) >= PER_KIND // 2 for qs in _queries(atlas, stored).values())
-    # a filtered search's best cells lie on other hills of nearly the same height (random
-    # SatCLIP's field has many): 0.91 measured here, below the target (docs/benchmarks.md)
-    floors = {kind: 0.85 if kind == "exclude_1000km" else 0.95 for kind in recalls}
-    assert all(recalls[kind] >= floors[kind] for kind in recalls), recalls
+    assert min(recalls.values()) >= 0.95, recalls  # measured: 0.98 (mean of two) to 1.0
 
 
 def test_without_its_seeds_the_search_misses_vector_queries(atlas, stored, monkeypatch) -> None:
