@@ -216,7 +216,7 @@ def run(quick: bool = False) -> list[Row]:
     for path, res in atlases:
         m = json.loads(next(path.glob("*/manifest.json")).read_text())
         info = m["resolutions"][str(res)]
-        label = (f"{m['model']} {'land' if m['build']['land_only'] else 'global'} res {res} "
+        label = (f"{m['dataset']} {'land' if m['build']['land_only'] else 'global'} res {res} "
                  f"({info['cells']:,} cells, {info['index']['type']}, nprobe {info['index'].get('nprobe', '-')}, "
                  f"re-rank x{info['index'].get('rerank', 1)})")
         rows += measure(path, res, label, 30 if quick else PER_KIND)
