@@ -129,6 +129,7 @@ def reranked_search(
     expand: bool = False,
     seeds: list[NDArray[np.int64]] | None = None,
     keep: Keep | None = None,
+    fallback: list[NDArray[np.int64]] | None = None,
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Search ``index`` for ``rerank * k`` candidates, re-rank them exactly and, with
     ``expand``, climb the H3 grid from them and from other regions' seeds.
@@ -161,6 +162,9 @@ def reranked_search(
         Per query, cells the walk also starts from (those the atlas lacks are ignored).
     keep : callable, optional
         Maps cell ids (1-D int64) to whether each may be returned.
+    fallback : list of int64 arrays, optional
+        Per query, cells that pass ``keep`` wherever the index's best do not (the edge of an
+        excluded circle, points of a box): seeds too when fewer candidates pass than wanted.
 
     Returns
     -------
@@ -180,6 +184,10 @@ def reranked_search(
     for i, query in enumerate(queries):
         want = max(top, SEED_POOL) if expand else top
         row = _candidates(index, query, want, keep)[:want]
+        if len(row) < want and fallback is not None and len(fallback[i]):
+            extra = np.setdiff1d(np.asarray(fallback[i], np.int64), row)
+            extra, _ = vectors_of(extra[keep(extra)] if keep is not None else extra)  # those the atlas holds
+            row = np.concatenate([row, extra])
         if row.size == 0:
             continue
         start = np.unique(row[:top])

@@ -782,6 +782,7 @@ def _raise_if_missing(emb: NDArray[np.float32], lat: NDArray[np.float64], lon: N
 
 
 MAX_K = 1000
+FALLBACK_POINTS = 64  # where a filtered search also looks when the most similar cells do not pass
 BBOX_EXACT_CELLS = 20_000  # a box with at most about this many cells is searched exactly, cell by cell (~0.2 s)
 
 
@@ -814,6 +815,28 @@ class _Filters:
             ok &= in_sorted(self.land, cells)
         return ok
 
+    def inside(self, res: int) -> NDArray[np.int64]:
+        """Cells of resolution ``res`` that may pass, wherever the most similar do not: points
+        just outside the excluded circle, a grid of points in the box (see ``fallback`` in
+        :func:`catalog.vector_index.reranked_search`)."""
+        import h3
+
+        lat, lon = np.empty(0), np.empty(0)
+        if self.exclude_km is not None:
+            lat0, lon0 = np.radians(self.origin)
+            d = min(self.exclude_km + 2 * h3.average_hexagon_edge_length(res, unit="km"),
+                    np.pi * EARTH_RADIUS_KM * 0.999) / EARTH_RADIUS_KM
+            bearing = np.linspace(0, 2 * np.pi, FALLBACK_POINTS, endpoint=False)
+            lat = np.arcsin(np.sin(lat0) * np.cos(d) + np.cos(lat0) * np.sin(d) * np.cos(bearing))
+            lon = lon0 + np.arctan2(np.sin(bearing) * np.sin(d) * np.cos(lat0), np.cos(d) - np.sin(lat0) * np.sin(lat))
+            lat, lon = np.degrees(lat), (np.degrees(lon) + 540) % 360 - 180
+        if self.bbox is not None:
+            side = int(np.sqrt(FALLBACK_POINTS))
+            b = self.bbox
+            gx, gy = np.meshgrid(np.linspace(b[0], b[2], side), np.linspace(b[1], b[3], side))
+            lat, lon = np.concatenate([lat, gy.ravel()]), np.concatenate([lon, gx.ravel()])
+        return np.unique(latlng_to_cells(lat, lon, res)).astype(np.int64) if len(lat) else np.empty(0, np.int64)
+
     @property
     def active(self) -> bool:
         return self.bbox is not None or self.exclude_km is not None or self.land is not None
@@ -843,7 +866,8 @@ def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32
 
     try:
         scores, ids = reranked_search(index, query, k, exact, rerank=info["rerank"], expand=info.get("expand", False),
-                                      seeds=[own], keep=passing if keep.active else None)
+                                      seeds=[own], keep=passing if keep.active else None,
+                                      fallback=[keep.inside(res)] if keep.active else None)
     except AtlasCorruptError as exc:
         raise AtlasCorruptError(f"resolution {res}: {exc}") from None
     found = ids[0] >= 0

@@ -30,7 +30,7 @@ def atlas(tmp_path_factory):
     """SatCLIP L=40 (random weights), land only, resolution 4 (~85,000 cells) with an IVF-PQ
     index (not the exact one its size would get) in parts of ~20,000 cells: islands, coasts
     and sparse parts as a resolution-7 land atlas has them, at a test's size."""
-    from builder import grid
+    from builder import grid, index
     from builder.build import build
     from catalog import vector_index
     from tests.data.satclip_checkpoint import make_checkpoint
@@ -41,6 +41,8 @@ def atlas(tmp_path_factory):
         patch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
         patch.setattr(grid, "SINGLE_SHARD_MAX_RES", 2)
         patch.setattr(grid, "SHARD_CELLS", 20_000)
+        patch.setattr(index, "NPROBES", (4, 16, 64))  # a shorter ladder: the tuning is most of the build
+        patch.setattr(index, "RERANKS", (1, 4))
         build(MODEL, checkpoint=str(ckpt), resolutions=str(RES), land_only=True, output=root / "atlas", device="cpu",
               progress=False)
     return root / "atlas"
