@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["cell_to_hex", "cells_to_latlng", "cells_to_parent", "hex_to_cell", "in_sorted", "latlng_to_cells", "neighbours"]
+__all__ = ["cell_to_hex", "cells_to_latlng", "cells_to_parent", "hex_to_cell", "in_sorted", "latlng_to_cells"]
 
 
 def latlng_to_cells(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int) -> NDArray[np.uint64]:
@@ -38,14 +38,6 @@ def cells_to_parent(cells: NDArray[np.uint64], res: int) -> NDArray[np.uint64]:
     cells = np.asarray(cells, np.uint64)
     unused = np.uint64((1 << (3 * (15 - int(res)))) - 1)
     return (cells & ~np.uint64(0xF << 52)) | np.uint64(int(res) << 52) | unused
-
-
-def neighbours(cells: NDArray[np.uint64]) -> NDArray[np.uint64]:
-    """The distinct cells one step from any of ``cells`` (the cells themselves included)."""
-    import h3.api.numpy_int as h3i
-
-    rings = [h3i.grid_disk(c, 1) for c in np.asarray(cells, np.uint64).tolist()]
-    return np.unique(np.concatenate(rings)).astype(np.uint64) if rings else np.empty(0, np.uint64)
 
 
 def in_sorted(sorted_cells: NDArray[np.uint64], cells: NDArray[np.uint64]) -> NDArray[np.bool_]:

@@ -114,7 +114,6 @@ MAX_CANDIDATES = 100_000
 # A filtered search's best cells are often on other hills than the query's own, of nearly
 # equal height: it probes this many times more lists and starts from as many more regions.
 FILTERED_WIDEN = 4
-FILTERED_EXACT_SEEDS = 1
 
 Keep = Callable[[NDArray[np.int64]], NDArray[np.bool_]]  # which cells a filtered search may return
 
@@ -145,9 +144,11 @@ def reranked_search(
     seed whose ring found it), so that a seed below the current best still climbs its hill;
     the walk stops when none is left to expand, or after :data:`EXPAND_ROUNDS` rounds.
 
-    With ``keep``, only the cells it accepts are results, candidates and region seeds; the
-    index is asked for more candidates (then probes more lists) until ``rerank * k`` pass or
-    :data:`MAX_CANDIDATES` and every list have been searched.
+    With ``keep``, only the cells it accepts are results, candidates and region seeds (4x as
+    many regions, chosen by exact score); the index probes 4x the lists and is asked for more
+    candidates (then probes more lists) until :data:`SEED_POOL` pass or
+    :data:`MAX_CANDIDATES` and every list have been searched; ``fallback`` cells join them
+    when fewer pass.
 
     Parameters
     ----------
@@ -198,8 +199,8 @@ def reranked_search(
         passing = np.ones(len(cells), bool)
         if expand:
             ranked = row
-            if keep is not None and FILTERED_EXACT_SEEDS:  # regions' seeds by exact score: the PQ
-                pool, vectors = vectors_of(np.unique(row))  # order is noise among far hills of one height
+            if keep is not None:  # regions' seeds by exact score: the PQ order is noise among far
+                pool, vectors = vectors_of(np.unique(row))  # hills of nearly one height
                 ranked = pool[np.argsort(-(vectors @ query), kind="stable")]
             others = _region_seeds(ranked, set(start.tolist()), SEED_REGIONS * (1 if keep is None else FILTERED_WIDEN))
             if seeds is not None:
