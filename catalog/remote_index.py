@@ -23,7 +23,6 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from numpy.typing import NDArray
 
 from catalog.errors import AtlasCorruptError
 from catalog.index_file import PQ_NBITS, IndexLayout, check_index_file
+from catalog.pools import map_in_pool
 
 __all__ = ["LIST_DIRECTORY_DTYPE", "InPlaceIndex", "list_directory", "read_list_directory"]
 
@@ -158,8 +158,7 @@ class InPlaceIndex:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        with ThreadPoolExecutor(min(FETCH_THREADS, max(len(groups), 1)), thread_name_prefix="list-read") as pool:
-            fetched = list(pool.map(self._fetch, groups))
+        fetched = map_in_pool("list-read", FETCH_THREADS, self._fetch, groups)
         ptr = self._faiss.swig_ptr
         for group, chunks in zip(groups, fetched):
             for i, data in zip(group, chunks):

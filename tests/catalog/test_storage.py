@@ -124,7 +124,7 @@ def test_query_open_s3_matches_the_local_atlas(built, tmp_path) -> None:
         patch.setattr(blocks._RemoteBytes, "read", lambda self, offset, size: reads.append(size) or real(self, offset, size))
         one = query.open(URI).lookup([48.85], [2.35], res=1)
     np.testing.assert_array_equal(one, near.lookup([48.85], [2.35], res=1))
-    assert len(reads) == 2 and sum(reads) <= blocks.BLOCK_BYTES + 8 * blocks.MAX_BLOCK_ROWS  # one block's two runs
+    assert len(reads) == 1 and sum(reads) <= blocks.BLOCK_BYTES + 8 * blocks.MAX_BLOCK_ROWS  # a block: one read
     counts = remote.sql("SELECT res, count(*) AS n FROM embeddings GROUP BY res ORDER BY res").to_pydict()
     assert counts == {"res": [0, 1], "n": [122, 842]}
     assert remote.similar(lat=10.0, lon=20.0, k=5).equals(near.similar(lat=10.0, lon=20.0, k=5))

@@ -7,7 +7,8 @@ the body with one byte changed. Which requests get which fault is drawn from the
 request (method, path, range) and how many times it was asked before, so a run is the same
 whatever order threads send in; a request is faulted on at most its first ``max_faults``
 tries (transient faults), or on every try with ``max_faults=None``. ``corrupt`` names paths
-whose bodies are always changed: bytes damaged where they are stored, not on the way. It counts requests and the body bytes it
+whose bodies always have their first byte changed: bytes damaged where they are stored, not on
+the way (a range's first byte is one the reader uses: a block's range may span bytes it skips). It counts requests and the body bytes it
 sent, so the tests and benchmarks measure what a lookup costs on the wire.
 """
 
@@ -145,7 +146,7 @@ class FaultProxy:
         status, out_headers, body = self._forward(method, path, headers)
         if method == "GET" and body and (fault == "flip" or any(c in path for c in self.corrupt)):
             data = bytearray(body)
-            at = random.Random(f"{self.seed}|{path}").randrange(len(data)) if fault == "flip" else len(data) // 2
+            at = random.Random(f"{self.seed}|{path}").randrange(len(data)) if fault == "flip" else 0
             data[at] ^= 0x5A
             body = bytes(data)
             fault = fault or "corrupt"

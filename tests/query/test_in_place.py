@@ -161,7 +161,7 @@ def test_concurrent_readers_get_what_one_reader_gets(toy, monkeypatch) -> None:
     threads at once must still answer every query exactly."""
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr(blocks, "INDEX_AFTER_ROWS", 50)  # parts switch to their cell index mid-run
+    monkeypatch.setattr(blocks, "CELL_INDEX_BYTES", 4 * 8 * 4096)  # cell runs replaced in the slab mid-run
     rng = np.random.default_rng(11)
     queries = [(np.degrees(np.arcsin(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n))
                for n in rng.integers(1, 400, 64)]
@@ -187,20 +187,23 @@ def test_a_land_only_atlas_has_no_answer_at_sea(tmp_path) -> None:
 
 
 def test_cell_ids_kept_in_memory_stay_within_their_budget(tmp_path, monkeypatch) -> None:
+    """The cell runs a resolution keeps fill a slab of at most CELL_INDEX_BYTES; a batch that
+    needs more blocks is located in pieces, and every answer equals that of an unbounded reader."""
     import builder.grid
 
     monkeypatch.setattr(builder.grid, "SHARD_CELLS", 7**3)  # resolution 5 in many parts
     build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False)
-    monkeypatch.setattr(blocks, "INDEX_AFTER_ROWS", 10)
-    monkeypatch.setattr(blocks, "CELL_INDEX_BYTES", 3 * 8 * 7**3)  # the cell ids of three parts
-    atlas, plain = query.open(tmp_path), query.open(tmp_path)
-    monkeypatch.setattr(blocks, "INDEX_AFTER_ROWS", 10**9)
     lat, lon = np.degrees(np.arcsin(np.random.default_rng(5).uniform(-1, 1, 20_000))), \
         np.random.default_rng(6).uniform(-180, 180, 20_000)
-    expected = plain.lookup(lat, lon)  # every part searched block by block
-    monkeypatch.setattr(blocks, "INDEX_AFTER_ROWS", 10)
+    expected = query.open(tmp_path).lookup(lat, lon)  # the default budget holds every run
+    width = query.open(tmp_path)._data("toy", 5).reader.block_size
+    monkeypatch.setattr(blocks, "CELL_INDEX_BYTES", 3 * 8 * width)  # three blocks' runs
+    atlas = query.open(tmp_path)
     for _ in range(2):
         np.testing.assert_array_equal(atlas.lookup(lat, lon), expected)
+    for n in (1, 7, 500):  # small batches after big ones: rows reused, answers still exact
+        np.testing.assert_array_equal(atlas.lookup(lat[:n], lon[:n]), expected[:n])
     reader = atlas._data("toy", 5).reader
-    held = [p for p in reader._parts.values() if p.cells is not None]
-    assert len(reader.infos) > 100 and 0 < len(held) <= 3
+    directory = reader._directory
+    assert len(reader.infos) > 100 and directory.slab.nbytes <= 3 * 8 * width
+    assert (directory.slot > 0).sum() <= 3

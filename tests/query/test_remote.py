@@ -95,7 +95,7 @@ def test_bytes_on_the_wire_stay_within_the_formats_bound(local, server) -> None:
         lat, lon = np.array([48.85]), np.array([2.35])
         np.testing.assert_array_equal(atlas.lookup(lat, lon, res=3), query.open(local).lookup(lat, lon, res=3, model="toy"))
         ranges = [e for e in proxy.log if e[2] and e[2] != "bytes=0-0"]  # not the one-byte size probes
-        assert len(ranges) == 2 and sum(e[4] for e in ranges) <= RUN_BOUND  # one block: its cell ids, its values
+        assert len(ranges) == 1 and ranges[0][4] <= RUN_BOUND  # one block: its cell ids and values, one request
         blocks_table = (local / "toy" / "blocks" / "res=3" / "part-all.blocks").stat().st_size
         assert proxy.bytes <= RUN_BOUND + blocks_table  # plus the part's block table, read once
         for n, seed in ((100, 5), (1000, 6)):
@@ -107,9 +107,11 @@ def test_bytes_on_the_wire_stay_within_the_formats_bound(local, server) -> None:
             from catalog.cells import latlng_to_cells
 
             hit = np.unique(np.searchsorted(table["first_cell"], latlng_to_cells(lat, lon, 3), side="right") - 1)
-            expected = int(sum(table["rows"][hit] * 8 + table["rows"][hit] * 4 * 2))  # cell ids + float16 x 4
+            # a block's cell ids, the page header between its runs, its values (float16 x 4): one request
+            entry = table[hit]
+            expected = int(sum(entry["values_offset"] + entry["rows"] * 4 * 2 - entry["cells_offset"]))
             ranges = [e for e in proxy.log if e[2] and e[2] != "bytes=0-0"]  # not the one-byte size probes
-            assert len(ranges) == 2 * len(hit) and sum(e[4] for e in ranges) == expected
+            assert len(ranges) == len(hit) and sum(e[4] for e in ranges) == expected
             assert expected <= len(hit) * RUN_BOUND
 
 
@@ -119,7 +121,7 @@ def test_reader_threads_share_kept_alive_connections(local, server) -> None:
         lat, lon = _points(2000, 9)
         for model in ("toy", "toy-copy"):  # each reads all 11 blocks of res 3 with a pool of reader threads
             atlas.lookup(lat, lon, res=3, model=model)
-        assert proxy.requests > 50 and proxy.connections <= 12, (proxy.requests, proxy.connections)
+        assert proxy.requests > 25 and proxy.connections <= 12, (proxy.requests, proxy.connections)
 
 
 def test_the_hub_layout_pins_the_commit_it_first_read(local, server, monkeypatch) -> None:
@@ -152,7 +154,7 @@ def test_transient_faults_are_retried_and_answers_stay_exact(local, server) -> N
     lat, lon = _points(400, 3)
     near = query.open(local)
     rates = {"reset": 0.1, "503": 0.1, "429": 0.1, "truncate": 0.1, "flip": 0.1}
-    with FaultProxy(server, rates=rates, seed=1) as proxy:
+    with FaultProxy(server, rates=rates, seed=5) as proxy:  # a seed under which every fault occurs
         atlas = query.open(f"{proxy.url}/atlas")
         for res in (1, 2, 3):
             np.testing.assert_array_equal(atlas.lookup(lat, lon, res=res, model="toy"),
