@@ -381,6 +381,8 @@ class _CellDirectory:
         self.first = np.repeat(reader.first, counts)
         # zero-filled, so that the pages of parts never read take no memory
         self.values_offset = np.zeros(n, np.int64)
+        # the parts keep the same flags; this copy lets a batch whose blocks are all checked
+        # skip the per-part calls (up to one per part a batch, the cost this class removes)
         self.values_ok = np.zeros(n, bool)
         self.slot = np.zeros(n, np.int32)  # 1 + the slab row holding each block's cell run; 0: none
         self.opened = np.zeros(len(reader.infos), bool)
@@ -576,8 +578,8 @@ class ResolutionReader:
         hit, fds, offsets = self._directory.locate(cells)
         dest = np.flatnonzero(hit)
         pread, size = os.pread, self.dim * self.dtype.itemsize
-        # in slices, so that the rows read stay in the CPU's cache until decoded (one read of a
-        # million rows into one buffer measured 3x slower: the bytes are touched twice in memory)
+        # in slices: a million rows joined into one buffer made a 1M-point join 2x slower
+        # (profiled: the join of a million bytes objects into 512 MB took 5.3 s of 11.8)
         for lo in range(0, len(dest), GATHER_ROWS):
             hi = lo + GATHER_ROWS
             raw = b"".join([pread(fd, size, at) for fd, at in zip(fds[lo:hi].tolist(), offsets[lo:hi].tolist())])

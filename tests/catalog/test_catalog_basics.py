@@ -113,3 +113,22 @@ def test_a_list_of_numbers_starting_negative_is_an_options_value() -> None:
         "similar", "atlas", "--bbox=-10,35,30,60", "--lat", "-33.9", "-k", "5"]
     assert _negative_lists(["--region", "-1.5,48.6,2.8,49.1"]) == ["--region=-1.5,48.6,2.8,49.1"]
     assert _negative_lists(["--flag", "-v"]) == ["--flag", "-v"]  # an option stays an option
+
+
+def test_remote_reads_share_one_pool_per_kind() -> None:
+    import threading
+
+    from catalog.pools import map_in_pool
+
+    def who(x: int) -> tuple[int, threading.Thread]:
+        return x * x, threading.current_thread()
+
+    first = map_in_pool("test-pool", 4, who, range(40))
+    assert [v for v, _ in first] == [x * x for x in range(40)]  # in order
+    again = map_in_pool("test-pool", 4, who, range(40))
+    threads = {t for _, t in first + again}
+    # the same threads serve both calls and stay for the next (a pool per call would join its own)
+    assert len(threads) <= 4 and all(t.is_alive() and t.name.startswith("test-pool") for t in threads)
+    assert map_in_pool("test-pool", 4, who, [3]) == [(9, threading.current_thread())]  # one item: inline
+    with pytest.raises(ZeroDivisionError):
+        map_in_pool("test-pool", 4, lambda x: 1 // x, [1, 0])
