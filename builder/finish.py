@@ -70,10 +70,17 @@ class ShardSource:
 
     def table(self, record: dict[str, Any]) -> pa.Table:
         """One shard's part file, whole."""
+        return self.read(record, ["cell", "embedding"])
+
+    def read(self, record: dict[str, Any], columns: list[str]) -> pa.Table:
+        """These columns of one shard's part file."""
         import pyarrow.parquet as pq
 
         fs, root = self.dataset.filesystem()
-        return pq.read_table(f"{root}/{record['path']}", columns=["cell", "embedding"], filesystem=fs)
+        return pq.read_table(f"{root}/{record['path']}", columns=columns, filesystem=fs)
+
+    def column(self, record: dict[str, Any], name: str) -> NDArray[Any]:
+        return self.read(record, [name]).column(name).to_numpy(zero_copy_only=False)
 
     def tables(self) -> Iterator[pa.Table]:
         return map(self.table, self.records)
@@ -398,26 +405,45 @@ def _shard_lists(res: int, source: ShardSource, job: ShardJob, state: BuildState
             yield local
 
 
-def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer,
+def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer, source: ShardSource,
                 cells: NDArray[np.uint64] | None = None) -> dict[str, Any]:
     """A resolution's land flags: ``land/res=<r>.npy``, the sorted cells (uint64) of the atlas
     that touch land by the build's land mask (:mod:`builder.landmask`): ``cells`` when the
-    build listed them (:func:`builder.plan.land_flag_cells`), else all of the resolution's;
-    returns its done record."""
-    from builder.landmask import land_cells
-
+    build listed them (:func:`builder.plan.land_flag_cells`), else read from the parts' land
+    columns, one part at a time; returns its done record."""
     step = f"land-res={res}"
     done = state.done(step)
     if done is None or not job.dataset.exists(done["file"]["path"]):
         with timer("land"):
-            cells = land_cells(res) if cells is None else cells
             rel = fmt.land_relpath(res, job.generation)
             with job.dataset.staged(rel) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, cells.astype(np.uint64))
-                done = {"cells": len(cells), "file": fmt.file_record(Path(), rel, local=tmp)}
+                n = _write_land(tmp, source, cells)
+                done = {"cells": n, "file": fmt.file_record(Path(), rel, local=tmp)}
         state.mark(step, done)
     return done
+
+
+def _write_land(path: Path, source: ShardSource, cells: NDArray[np.uint64] | None) -> int:
+    """``land/res=<r>.npy`` at ``path``: ``cells``, or the parts' cells flagged land, in
+    cell order (two passes: the count for the header, then the cells)."""
+    if cells is not None:
+        with open(path, "wb") as f:
+            np.save(f, np.asarray(cells, np.uint64))
+        return len(cells)
+    n = sum(int(source.column(record, "land").sum()) for record in source.records)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint64, shape=(n,))
+    at = 0
+    for record in source.records:
+        table = source.read(record, ["cell", "land"])
+        flagged = table.column("cell").to_numpy()[table.column("land").to_numpy(zero_copy_only=False)]
+        out[at:at + len(flagged)] = flagged
+        at += len(flagged)
+    if at != n:
+        raise AtlasCorruptError(f"the parts' land flags changed while they were read ({at:,} then {n:,}); "
+                                "run the build again")
+    out.flush()
+    del out
+    return n
 
 
 def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder, job: ShardJob,
@@ -452,7 +478,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
     if index_done.get("lists_file"):
         files.append(index_done["lists_file"])
     if land_flags:
-        land = finish_land(res, job, state, timer, land_cells)
+        land = finish_land(res, job, state, timer, source, land_cells)
         info["land"] = {"path": land["file"]["path"], "cells": land["cells"]}
         files.append(land["file"])
     return info, files

@@ -208,7 +208,7 @@ def _summed_area() -> NDArray[np.int32]:
     return table
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=len(_POOLS))  # a fine search walks 7 pools at once (res 0-8): ~300 MB
 def _ocean_blocks(pool: int) -> NDArray[np.bool_]:
     """Blocks of ``pool`` x ``pool`` pixels that hold no land, (21600/pool, 43200/pool) bool."""
     ocean, _, _ = _mask()

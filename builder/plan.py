@@ -165,16 +165,17 @@ def land_cells_of(config: BuildConfig) -> dict[int, NDArray[np.uint64]]:
 
 
 def land_flag_cells(config: BuildConfig, kept: dict[int, NDArray[np.uint64]]) -> dict[int, NDArray[np.uint64]]:
-    """The sorted cells touching land per resolution, for the land flags of an atlas that is
-    not land-only (listed once, before the shards: each shard's land column and
-    ``land/res=<r>.npy`` come from them); empty for a land-only build, where all cells do."""
-    from builder.landmask import land_cells, touches_land
+    """The sorted cells touching land per resolution of a regional atlas that is not
+    land-only (its kept cells are listed already; each shard's land column and
+    ``land/res=<r>.npy`` come from them). Empty for a land-only build, where all cells do,
+    and for a global one, whose shards test their own cells as they are written
+    (:func:`builder.write.land_flags`): a list of the globe's land cells would be O(cells)
+    in one process (1.6 GB at resolution 8)."""
+    from builder.landmask import touches_land
 
-    if config.land_only:
+    if config.land_only or config.region is None:
         return {}
-    if config.region is not None:
-        return {res: kept[res][touches_land(kept[res], res)] for res in config.resolutions}
-    return {res: land_cells(res) for res in config.resolutions}
+    return {res: kept[res][touches_land(kept[res], res)] for res in config.resolutions}
 
 
 def land_mask_description() -> str:

@@ -120,9 +120,9 @@ def shard_table(cells: NDArray[np.uint64], stored: NDArray[Any]) -> pa.Table:
 def land_flags(res: int, cells: NDArray[np.uint64], land_only: bool,
                land_cells: NDArray[np.uint64] | None = None) -> NDArray[np.bool_]:
     """Whether each of a shard's cells touches land by the build's land mask: all do in a
-    land-only build; else membership in ``land_cells`` (the resolution's sorted land cells,
-    listed once per build), or, without them, :func:`builder.landmask.touches_land` on the
-    shard's cells (the same answer, slower)."""
+    land-only build; else membership in ``land_cells`` (a regional build's sorted land cells,
+    listed once), or, without them (a global build), :func:`builder.landmask.touches_land`
+    on the shard's cells: the same answer, from the ancestors of the shard's cells only."""
     if land_only or not len(cells):
         return np.ones(len(cells), bool)
     if land_cells is not None:

@@ -354,6 +354,34 @@ def test_land_only_keeps_exactly_the_land_cells(tmp_path) -> None:
         assert summary.cells[res] == len(land_cells(res)) < cell_count(res)
     manifest = read_manifest(tmp_path / "toy")
     assert manifest["build"]["land_only"] and "global-land-mask" in manifest["build"]["land_mask"]
+
+def test_a_global_build_flags_land_shard_by_shard(tmp_path, monkeypatch) -> None:
+    """Without listing the globe's land cells (O(cells) in one process): each shard tests its
+    own, and ``land/res=<r>.npy`` is read back from the parts; both equal the list."""
+    pytest.importorskip("global_land_mask")
+    import builder.grid
+    import builder.landmask
+    from builder.landmask import land_cells
+
+    expected = {res: np.array(land_cells(res)) for res in (2, 3)}  # listed before the build is watched
+    monkeypatch.setattr(builder.grid, "SINGLE_SHARD_MAX_RES", 1)
+    monkeypatch.setattr(builder.grid, "SHARD_CELLS", 2_000)  # resolution 3 in about 20 parts
+
+    def refused(res):
+        raise AssertionError(f"the build listed every land cell of resolution {res}")
+
+    monkeypatch.setattr(builder.landmask, "land_cells", refused)
+    build(TOY, resolutions="2-3", output=tmp_path, device="cpu", progress=False)
+    manifest = read_manifest(tmp_path / "toy")
+    assert len(manifest["resolutions"]["3"]["parts"]) > 10
+    for res, land in expected.items():
+        table = pq.read_table(tmp_path / "toy" / "data" / f"res={res}", columns=["cell", "land"])
+        cells, flags = table.column("cell").to_numpy(), table.column("land").to_numpy(zero_copy_only=False)
+        np.testing.assert_array_equal(flags, np.isin(cells, land))
+        np.testing.assert_array_equal(np.load(tmp_path / "toy" / f"land/res={res}.npy"), land)
+        assert manifest["resolutions"][str(res)]["land"]["cells"] == len(land)
+    assert validate_dataset(tmp_path / "toy") == []
+
     assert validate_dataset(tmp_path / "toy") == []
 
 

@@ -254,3 +254,23 @@ def test_missing_package_names_the_install_line() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout
     assert "pip install 'hexatlas[build]'" in out and "global-land-mask" in out
+
+
+def test_touches_land_is_the_list_without_listing() -> None:
+    """The same answer as :func:`land_cells` for any cells, from their ancestors only; a
+    second batch at a fine resolution reuses the pooled mask of every level (a shard of a
+    global build is tested like this, and re-pooling a level costs seconds)."""
+    from builder.landmask import touches_land
+
+    rng = np.random.default_rng(4)
+    for res in (3, 4):
+        every = np.sort(np.asarray(h3i.uncompact_cells(h3i.get_res0_cells(), res), np.uint64))
+        cells = every[rng.choice(len(every), 20_000, replace=False)]
+        np.testing.assert_array_equal(touches_land(cells, res), np.isin(cells, land_cells(res)))
+    coast = h3i.latlng_to_cell(43.30, 5.37, 6)  # Marseille: land, sea and islands
+    fine = np.sort(np.asarray(h3i.cell_to_children(coast, 8), np.uint64))
+    first = touches_land(fine, 8)
+    assert 0 < first.mean() < 1
+    misses = landmask._ocean_blocks.cache_info().misses
+    np.testing.assert_array_equal(touches_land(fine[::-1], 8), first[::-1])
+    assert landmask._ocean_blocks.cache_info().misses == misses
