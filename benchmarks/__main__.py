@@ -9,7 +9,7 @@ import sys
 from benchmarks._common import machine, markdown
 
 SUITES = ["encoders", "builder", "query", "serve", "layout", "scale", "similar", "similar_kinds", "fidelity", "remote", "remote_search",
-          "xarray_open", "join", "sql_join", "ray_nodes"]
+          "xarray_open", "join", "sql_join", "ray_nodes", "planet"]
 DEFAULT = ["encoders", "builder", "query", "serve", "layout"]  # the scale group (scale, similar: an hour or so, tens of GB) runs only when asked for
 
 
