@@ -79,9 +79,6 @@ class ShardSource:
         fs, root = self.dataset.filesystem()
         return pq.read_table(f"{root}/{record['path']}", columns=columns, filesystem=fs)
 
-    def column(self, record: dict[str, Any], name: str) -> NDArray[Any]:
-        return self.read(record, [name]).column(name).to_numpy(zero_copy_only=False)
-
     def tables(self) -> Iterator[pa.Table]:
         return map(self.table, self.records)
 
@@ -430,7 +427,9 @@ def _write_land(path: Path, source: ShardSource, cells: NDArray[np.uint64] | Non
         with open(path, "wb") as f:
             np.save(f, np.asarray(cells, np.uint64))
         return len(cells)
-    n = sum(int(source.column(record, "land").sum()) for record in source.records)
+    import pyarrow.compute as pc
+
+    n = sum(pc.sum(source.read(record, ["land"]).column("land")).as_py() or 0 for record in source.records)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint64, shape=(n,))
     at = 0
     for record in source.records:
