@@ -307,7 +307,8 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
         else:
             empty, queries = index.load_trained(dataset, res, trained["trained"]["sha256"])
             lists = [index.ShardLists(p) for p in _shard_lists(res, source, job, state, trained, Path(fetched))]
-            top = index.merged_top([s.top for s in lists])
+            top = index.complete_top(index.merged_top([s.top for s in lists]), queries, source.tables,
+                                     source.unit_vectors)
             written = index.merge(tmp, empty, lists)
             del lists  # their maps
             if written != n:

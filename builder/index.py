@@ -6,17 +6,19 @@ an ``IVF<nlist>,PQ<m>`` index over unit vectors, ids = cells:
 1. **train** (:func:`train`, once, before the resolution's shards): the coarse centroids and
    product quantiser are trained on :func:`ivf_sample` cells encoded for the purpose, and
    saved in ``_build/index/res=<r>/`` with the query set of :mod:`builder.probes` (its
-   uniform kind: :data:`RECALL_QUERIES` held-out cells, not trained on);
+   uniform kind: :data:`RECALL_QUERIES` held-out cells, not trained on) and each query's
+   floor (:func:`score_floor`: a score its exact top-100 beats, from the training sample);
 2. **add** (:func:`add_shard`, wherever a shard is encoded: a local writer thread or a Ray
-   task): the shard's vectors are encoded into a copy of the trained index, and its inverted
-   lists are saved beside it (:class:`ShardLists`) with the exact top-100 scores of the
-   queries over the shard;
+   task): the shard's vectors are encoded (:mod:`builder.ivfpq` on CPUs, FAISS on GPUs), and
+   its inverted lists are saved (:class:`ShardLists`) with the exact top-100 scores above
+   their floors of the queries over the shard (most shards hold none);
 3. **merge** (:func:`merge`, on the driver): the shards' lists are streamed, list by list, into
    ``index/res=<r>.faiss`` in FAISS's own layout, which the query layer memory-maps: no process
    holds the resolution's codes;
 4. **tune** (:func:`tune`): the cheapest re-rank depth and nprobe whose recall@10 (searched
    as the query layer searches) reaches 0.95 (lower bound) for every unfiltered kind of query
-   against exact search over the whole resolution (the shards' top-100s merged); then every
+   against exact search over the whole resolution (the shards' top-100s merged, any query a
+   floor left short found again: :func:`complete_top`); then every
    kind's recall@10 and @100 at that setting.
 
 Exact resolutions get a flat index written from the part files (small by definition).
@@ -29,14 +31,14 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from builder import probes
+from builder import ivfpq, probes
 from catalog import manifest as fmt
 from catalog import vector_index
 from catalog.errors import AtlasCorruptError
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
     from catalog.storage import Store
 
 __all__ = ["INDEX_BATCH", "RECALL_QUERIES", "RERANKS", "ShardLists", "TopK", "TrainedIndex", "add_shard",
-           "ivf_sample", "load_trained", "merge", "merged_top", "pq_subquantizers", "train", "tune", "unit_vectors"]
+           "complete_top", "ivf_sample", "load_trained", "merge", "merged_top", "pq_subquantizers", "score_floor", "train",
+           "tune", "unit_vectors"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,9 @@ NPROBES = (4, 8, 16, 32, 64, 128, 256)
 PQ_TRAIN_POINTS = 39 * 256  # PQ trains 256 centroids per sub-vector: faiss wants 39 points each
 # The index (codes and 8-byte ids) stays within this share of the stored embeddings' bytes.
 INDEX_SHARE = 0.10
+# The recall queries' floors lie this far below their k-th best over the training sample: the
+# shards encode those cells again, and their stored values may round apart (float16: ~1e-3).
+FLOOR_MARGIN = 0.05
 # An index that misses the recall target is replaced by an exact one only up to this size.
 FLAT_MAX_BYTES = 2 << 30
 
@@ -163,6 +169,7 @@ def train(dataset: Store, res: int, n: int, dim: int, stored_bytes: int, vectors
     kinds = probes.probe_cells(res, query_cells, keep)
     vectors = vectors_of(np.concatenate([train_cells, *kinds.values()]))
     queries = probes.make_probes(kinds, vectors[len(train_cells):], res)
+    queries = replace(queries, floor=score_floor(queries, train_cells, vectors[:len(train_cells)]))
     index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.do_polysemous_training = False  # Hamming-filtered search is not used: it would double the training
@@ -184,6 +191,36 @@ def train(dataset: Store, res: int, n: int, dim: int, stored_bytes: int, vectors
             "query_kinds": {kind: int((queries.kinds == kind).sum()) for kind in probes.KINDS},
             "train_points": len(train_cells),
             "train_s": round(time.perf_counter() - start, 2)}
+
+
+def score_floor(queries: probes.Probes, cells: NDArray[np.uint64], vectors: NDArray[np.float32]) -> NDArray[np.float32]:
+    """A score below each query's exact top :data:`TOP_K` over the resolution, from a sample
+    of its cells (sorted, with their unit vectors as stored): the sample's k-th best, less
+    :data:`FLOOR_MARGIN`; -inf where the sample has fewer cells."""
+    top = TopK(queries.vectors, TOP_K, queries.exclusions())
+    for start in range(0, len(cells), INDEX_BATCH):
+        top.update(vectors[start:start + INDEX_BATCH], cells[start:start + INDEX_BATCH])
+    return top.scores() - np.float32(FLOOR_MARGIN)
+
+
+def complete_top(top: NDArray[np.float32], queries: probes.Probes,
+                 tables: Callable[[], Any], unit_vectors_of: Callable[[Any], NDArray[np.float32]]) -> NDArray[np.float32]:
+    """The shards' merged top scores (:func:`merged_top`), with those of any query whose
+    floor kept fewer than :data:`TOP_K` (the sample's cells stored a rounding further apart
+    than :data:`FLOOR_MARGIN`) found again by one exact pass over ``tables()`` (a
+    resolution's part tables in cell order; ``unit_vectors_of`` a table's unit vectors)."""
+    short = np.flatnonzero(np.isneginf(top[:, 0]) & np.isfinite(queries.floors()))
+    if not short.size:
+        return top
+    log.warning("%d recall queries kept fewer than %d scores above their floor; finding them exactly "
+                "in one pass over the part files", len(short), TOP_K)
+    some = probes.Probes(queries.vectors[short], queries.kinds[short], queries.cells[short], queries.exclude_km[short])
+    exact = TopK(some.vectors, TOP_K, some.exclusions())
+    for table in tables():
+        exact.update(unit_vectors_of(table), table.column("cell").to_numpy())
+    top = top.copy()
+    top[short] = exact.best
+    return top
 
 
 @dataclass(frozen=True)
@@ -228,69 +265,148 @@ def _read_trained(dataset: Store, res: int, sha256: str) -> tuple[Any, probes.Pr
 def add_shard(dataset: Store, trained: TrainedIndex, key: str, cells: NDArray[np.uint64],
               stored: NDArray[Any], quantizer: Quantizer | None) -> dict[str, Any]:
     """Encode one shard's rows into the trained index and save its inverted lists and the
-    queries' exact top-100 scores over them; returns what the shard's done record keeps."""
+    queries' exact top-100 scores over them; returns what the shard's done record keeps.
+
+    On GPUs FAISS adds the rows; on CPUs :mod:`builder.ivfpq` encodes them (the same lists,
+    with the coarse assignment bounded block by block)."""
     faiss = vector_index.require_faiss()
     empty, queries = load_trained(dataset, trained.res, trained.sha256)
-    index = faiss.clone_index(empty)
-    on_gpus = _gpus(faiss) > 0
-    if on_gpus:  # the coarse assignment (n x nlist dot products) is most of an add: on the GPUs
-        options = faiss.GpuMultipleClonerOptions()
-        options.useFloat16 = True  # lookup tables for searching only; the codes are the same
-        index = faiss.index_cpu_to_all_gpus(index, options)
-    top = TopK(queries.vectors, TOP_K, queries.exclusions())
+    gpu = faiss.index_cpu_to_all_gpus(faiss.clone_index(empty), _gpu_options(faiss)) if _gpus(faiss) else None
+    book = ivfpq.Codebook.of(empty)
+    top = TopK(queries.vectors, TOP_K, queries.exclusions(), queries.floor)
     buffer = np.empty((min(len(cells), INDEX_BATCH), stored.shape[1]), np.float32)
+    lists, codes = np.empty(len(cells), np.int64), np.empty((len(cells), book.code_size), np.uint8)
     for start in range(0, len(cells), INDEX_BATCH):
         values = stored[start:start + INDEX_BATCH]
         unit = unit_vectors(values, quantizer, buffer[:len(values)])
         batch = cells[start:start + INDEX_BATCH]
-        index.add_with_ids(unit, batch.astype(np.int64))  # H3 indexes < 2**63
-        top.update(unit, batch)
-    if on_gpus:
-        index = faiss.index_gpu_to_cpu(index)
+        balls = ivfpq.balls(unit)
+        if gpu is not None:  # the coarse assignment (n x nlist dot products) is most of an add: on the GPUs
+            gpu.add_with_ids(unit, batch.astype(np.int64))  # H3 indexes < 2**63
+        else:
+            lists[start:start + len(batch)], codes[start:start + len(batch)] = ivfpq.encode(book, unit, *balls)
+        top.update(unit, batch, balls)
+    if gpu is not None:
+        sizes, codes, ids = _lists_of(faiss.extract_index_ivf(faiss.index_gpu_to_cpu(gpu)).invlists)
+    else:
+        order = np.argsort(lists, kind="stable")  # each list in row order, as FAISS appends
+        sizes, codes, ids = np.bincount(lists, minlength=book.nlist), codes[order], cells[order].astype(np.int64)
     rel = lists_relpath(trained.res, key)
     with dataset.staged(rel) as tmp:
-        ShardLists.write(tmp, faiss.extract_index_ivf(index).invlists, top.best)
+        ShardLists.write(tmp, sizes, codes, ids, top.best)
         record = fmt.file_record(Path(), rel, local=tmp)
     return {**record, "trained": trained.sha256}
+
+
+def _gpu_options(faiss: Any) -> Any:
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = True  # lookup tables for searching only; the codes are the same
+    return options
+
+
+def _lists_of(invlists: Any) -> tuple[NDArray[np.int64], NDArray[np.uint8], NDArray[np.int64]]:
+    """FAISS inverted lists as arrays: every list's size, then the codes and ids, list after list."""
+    import faiss
+
+    sizes = np.array([invlists.list_size(i) for i in range(invlists.nlist)], np.int64)
+    full = np.flatnonzero(sizes).tolist()  # rev_swig_ptr counts elements: code bytes, int64 ids
+    cs = invlists.code_size
+    codes = [faiss.rev_swig_ptr(invlists.get_codes(i), int(sizes[i]) * cs) for i in full]
+    ids = [faiss.rev_swig_ptr(invlists.get_ids(i), int(sizes[i])) for i in full]
+    return (sizes, np.concatenate(codes).reshape(-1, cs) if codes else np.empty((0, cs), np.uint8),
+            np.concatenate(ids) if ids else np.empty(0, np.int64))
 
 
 class TopK:
     """The exact k best inner products of each query over blocks of vectors seen so far.
 
-    Per block, one matrix product and one comparison with the current k-th best: after the
-    first blocks few scores beat it, and only those rows are merged. ``exclude`` (as
-    :meth:`builder.probes.Probes.exclusions` gives it): the rows whose search excludes
-    the cells within a radius of their own, which are left out of their best.
+    The vectors come in cell order, in blocks bounded by balls (:func:`builder.ivfpq.balls`):
+    a query scores at most ``q . m + r |q|`` over a block of centre ``m`` and radius ``r``,
+    so only the blocks that can beat the query's current k-th best are scored, and only
+    those rows merged. While most blocks can (the first vectors seen), all are scored in one
+    matrix product. ``exclude`` (as :meth:`builder.probes.Probes.exclusions` gives it): the
+    rows whose search excludes the cells within a radius of their own, which are left out
+    of their best. ``floor``: scores no better than it are not kept (a bound below each
+    query's k-th best over all shards: a shard far from a query's best scores nothing).
     """
 
     def __init__(self, queries: NDArray[np.float32], k: int,
-                 exclude: tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]] | None = None) -> None:
+                 exclude: tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]] | None = None,
+                 floor: NDArray[np.float32] | None = None) -> None:
         self.queries, self.k, self.exclude = queries, k, exclude
         self.best = np.full((len(queries), k), -np.inf, dtype=np.float32)  # ascending: column 0 is the k-th
-        self._scores = np.empty(0, np.float32)
+        self.floor = np.full(len(queries), -np.inf, np.float32) if floor is None else floor
+        self._norms = np.linalg.norm(queries, axis=1).astype(np.float32)
+        self._excluded = {} if exclude is None else {int(r): j for j, r in enumerate(exclude[0])}
 
-    def update(self, vectors: NDArray[np.float32], cells: NDArray[np.uint64] | None = None) -> None:
-        size = len(self.queries) * len(vectors)
-        if self._scores.size < size:
-            self._scores = np.empty(size, np.float32)
-        scores = self._scores[:size].reshape(len(self.queries), len(vectors))
-        np.matmul(self.queries, vectors.T, out=scores)
+    def update(self, vectors: NDArray[np.float32], cells: NDArray[np.uint64] | None = None,
+               balls: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None) -> None:
+        """Merge the scores of ``vectors`` (rows in cell order, of ``cells``; ``balls``: their
+        blocks' as :func:`builder.ivfpq.balls` gives them, when the caller has them)."""
+        if self.exclude is not None and cells is None:
+            raise ValueError("a query set with exclusions needs the vectors' cells")
+        centres, radii = ivfpq.balls(vectors) if balls is None else balls
+        reach = self.queries @ centres.T + radii[None, :] * self._norms[:, None] + ivfpq.slack(vectors.shape[1])
+        hit = reach > self._kth()[:, None]
+        if hit.mean() > ivfpq.DENSE:
+            self._update_all(vectors, cells)
+            return
+        near = _Near(self.exclude, cells) if self.exclude is not None else None
+        steps = np.arange(ivfpq.BLOCK)
+        for i in np.flatnonzero(hit.any(axis=1)).tolist():
+            rows = (np.flatnonzero(hit[i])[:, None] * ivfpq.BLOCK + steps).ravel()
+            rows = rows[rows < len(vectors)]
+            scores = vectors[rows] @ self.queries[i]
+            if near is not None and i in self._excluded:
+                scores[near.of(self._excluded[i], rows)] = -np.inf
+            self._merge(i, scores)
+
+    def _update_all(self, vectors: NDArray[np.float32], cells: NDArray[np.uint64] | None) -> None:
+        scores = self.queries @ vectors.T
         if self.exclude is not None:
-            from catalog.cells import cells_to_latlng
+            rows, _, _ = self.exclude
+            near = _Near(self.exclude, cells)
+            scores[rows] = np.where(near.all(), -np.inf, scores[rows])
+        for i in np.flatnonzero((scores > self._kth()[:, None]).any(axis=1)).tolist():
+            self._merge(i, scores[i])
 
-            if cells is None:
-                raise ValueError("a query set with exclusions needs the vectors' cells")
-            rows, origins, limits = self.exclude
-            near = origins @ probes.unit_xyz(*cells_to_latlng(cells)).T > limits[:, None]
-            scores[rows] = np.where(near, -np.inf, scores[rows])
-        better = scores > self.best[:, :1]
-        for i in np.flatnonzero(better.any(axis=1)):
-            row = np.concatenate([self.best[i], scores[i, better[i]]])
+    def _kth(self) -> NDArray[np.float32]:
+        return np.maximum(self.best[:, 0], self.floor)
+
+    def _merge(self, i: int, scores: NDArray[np.float32]) -> None:
+        better = scores[scores > max(self.best[i, 0], self.floor[i])]
+        if better.size:
+            row = np.concatenate([self.best[i], better])
             self.best[i] = np.sort(np.partition(row, row.size - self.k)[-self.k:])
 
     def scores(self) -> NDArray[np.float32]:
-        """The k-th best score of each query."""
+        """The k-th best score of each query (-inf where fewer than k beat its floor)."""
         return self.best[:, 0]
+
+
+class _Near:
+    """Which of a batch's cells lie within the excluded radius of a query's own cell (their
+    positions worked out on first use)."""
+
+    def __init__(self, exclude: tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]],
+                 cells: NDArray[np.uint64]) -> None:
+        _, self.origins, self.limits = exclude
+        self.cells = cells
+        self._xyz: NDArray[np.float64] | None = None
+
+    @property
+    def xyz(self) -> NDArray[np.float64]:
+        if self._xyz is None:
+            from catalog.cells import cells_to_latlng
+
+            self._xyz = probes.unit_xyz(*cells_to_latlng(self.cells))
+        return self._xyz
+
+    def all(self) -> NDArray[np.bool_]:
+        return self.origins @ self.xyz.T > self.limits[:, None]
+
+    def of(self, j: int, rows: NDArray[np.int64]) -> NDArray[np.bool_]:
+        return self.xyz[rows] @ self.origins[j] > self.limits[j]
 
 
 class ShardLists:
@@ -324,18 +440,16 @@ class ShardLists:
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
 
     @classmethod
-    def write(cls, path: Path, invlists: Any, top: NDArray[np.float32]) -> None:
-        import faiss
-
-        nlist, cs = invlists.nlist, invlists.code_size
-        sizes = np.array([invlists.list_size(i) for i in range(nlist)], np.int64)
+    def write(cls, path: Path, sizes: NDArray[np.int64], codes: NDArray[np.uint8], ids: NDArray[np.int64],
+              top: NDArray[np.float32]) -> None:
+        """Save lists given as their sizes and the codes (rows x code size) and ids of every
+        list, list after list."""
         with open(path, "wb") as f:
-            f.write(cls.HEAD.pack(cls.MAGIC, nlist, cs, int(sizes.sum()), *top.shape))
-            f.write(sizes.tobytes())
+            f.write(cls.HEAD.pack(cls.MAGIC, len(sizes), codes.shape[1], int(sizes.sum()), *top.shape))
+            f.write(np.asarray(sizes, "<i8").tobytes())
             f.write(np.ascontiguousarray(top, np.float32).tobytes())
-            full = [int(i) for i in np.flatnonzero(sizes)]  # rev_swig_ptr counts elements: code bytes, int64 ids
-            f.writelines(faiss.rev_swig_ptr(invlists.get_codes(i), int(sizes[i]) * cs).tobytes() for i in full)
-            f.writelines(faiss.rev_swig_ptr(invlists.get_ids(i), int(sizes[i])).tobytes() for i in full)
+            f.write(np.ascontiguousarray(codes, np.uint8).tobytes())
+            f.write(np.asarray(ids, "<i8").tobytes())
 
     def list(self, i: int) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
         a, b = self.starts[i], self.starts[i + 1]

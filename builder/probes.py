@@ -47,26 +47,34 @@ FILTERED = ("exclude_1000km",)
 @dataclass(frozen=True)
 class Probes:
     """The query set: unit vectors, each one's kind, cell (0 for a vector query) and the
-    radius its search excludes around that cell (0: none)."""
+    radius its search excludes around that cell (0: none); ``floor``: a score each query's
+    exact k-th best over the resolution is known to exceed (see :func:`builder.index.train`),
+    -inf where none is known."""
 
     vectors: NDArray[np.float32]
     kinds: NDArray[np.str_]
     cells: NDArray[np.uint64]
     exclude_km: NDArray[np.float64]
+    floor: NDArray[np.float32] | None = None
 
     def __len__(self) -> int:
         return len(self.vectors)
 
+    def floors(self) -> NDArray[np.float32]:
+        return np.full(len(self), -np.inf, np.float32) if self.floor is None else self.floor
+
     def to_bytes(self) -> bytes:
         out = io.BytesIO()
-        np.savez(out, vectors=self.vectors, kinds=self.kinds, cells=self.cells, exclude_km=self.exclude_km)
+        np.savez(out, vectors=self.vectors, kinds=self.kinds, cells=self.cells, exclude_km=self.exclude_km,
+                 floor=self.floors())
         return out.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Probes:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             return cls(np.ascontiguousarray(f["vectors"], np.float32), f["kinds"].astype(str),
-                       f["cells"].astype(np.uint64), f["exclude_km"].astype(np.float64))
+                       f["cells"].astype(np.uint64), f["exclude_km"].astype(np.float64),
+                       f["floor"].astype(np.float32) if "floor" in f.files else None)
 
     def exclusions(self) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]] | None:
         """(rows, unit xyz of their cells' centres, cosine of each radius), or None."""

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import xarray as xr
 
-from builder import finish, index, write
+from builder import finish, index, ivfpq, write
 from builder.build import build
 from builder.finish import ShardSource
 from builder.grid import Shard, cell_centers, shard_cells
@@ -156,10 +156,13 @@ def _smooth(ids, dim, seed=0):
     return normalize(np.sin(xyz @ rng.normal(scale=3.0, size=(3, dim)) + rng.uniform(0, 2 * np.pi, dim)))
 
 
-def test_top_k_leaves_out_the_cells_a_filtered_query_excludes() -> None:
+@pytest.mark.parametrize("bounded", [False, True], ids=["as-it-comes", "every-block-bounded"])
+def test_top_k_leaves_out_the_cells_a_filtered_query_excludes(bounded, monkeypatch) -> None:
     from catalog.cells import cells_to_latlng
     from catalog.interpolation import haversine_km
 
+    if bounded:  # never score every block at once: each block only where its ball says it may win
+        monkeypatch.setattr(ivfpq, "DENSE", 1.0)
     cells = shard_cells(Shard(2))
     vectors = _smooth(cells.astype(np.int64), 8)
     probes = Probes(vectors[:3].copy(), np.array(["uniform", "exclude_1000km", "exclude_1000km"]), cells[:3],
@@ -344,3 +347,67 @@ def test_a_search_climbs_the_grid_from_wherever_the_index_lands() -> None:
     assert found[0].tolist() == truth.tolist() and scores[0, 0] == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(AtlasCorruptError, match="names cells"):  # a cell the atlas lacks is named
         vector_index.reranked_search(lost, query, 10, lambda ids: vectors_of(ids[:0]))
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["as-it-comes", "every-block-bounded"])
+@pytest.mark.parametrize(("dim", "m", "field"), [(4, 4, "smooth"), (16, 4, "smooth"), (16, 8, "rough")])
+def test_shard_rows_encode_into_the_lists_faiss_adds_them_to(dim, m, field, bounded, monkeypatch) -> None:
+    """The builder's own add (coarse assignment bounded block by block, 1-d sub-quantisers by
+    bisection) puts every row in FAISS's list with FAISS's code, but for float ties."""
+    if bounded:
+        monkeypatch.setattr(ivfpq, "DENSE", 1.0)
+    cells = shard_cells(Shard(3))  # in cell order, as a shard's rows come
+    rng = np.random.default_rng(dim + m)
+    vectors = _smooth(cells.astype(np.int64), dim) if field == "smooth" else \
+        normalize(rng.normal(size=(len(cells), dim))).astype(np.float32)
+    trained = faiss.index_factory(dim, f"IVF64,PQ{m}", faiss.METRIC_INNER_PRODUCT)
+    trained.train(vectors[rng.permutation(len(cells))[:64 * 40]])
+    book = ivfpq.Codebook.of(trained)
+    lists, codes = ivfpq.encode(book, vectors)
+    whole = faiss.clone_index(trained)
+    whole.add_with_ids(vectors, np.arange(len(cells), dtype=np.int64))
+    sizes, theirs, ids = index._lists_of(faiss.extract_index_ivf(whole).invlists)
+    their_list = np.repeat(np.arange(book.nlist), sizes)[np.argsort(ids)]
+    scores = vectors @ book.centroids.T
+    rows = np.arange(len(cells))
+    moved = lists != their_list
+    np.testing.assert_allclose(scores[rows, lists], scores.max(axis=1), atol=1e-6)  # every row at its best list
+    np.testing.assert_allclose(scores[moved, lists[moved]], scores[moved, their_list[moved]], atol=1e-6)
+    assert moved.mean() < 1e-3
+    same = ~moved
+    assert (theirs[np.argsort(ids)][same] == codes[same]).all(axis=1).mean() > 0.999
+    assert np.bincount(lists, minlength=book.nlist).sum() == len(cells)
+
+
+def test_a_floor_above_a_querys_kth_best_is_caught_and_its_top_found_exactly() -> None:
+    """Shards keep only scores above each query's floor (a bound from the training sample);
+    a floor that proves too high leaves the merged top short, and that query is found again
+    in one exact pass: never a truth with holes."""
+    import pyarrow as pa
+
+    cells = shard_cells(Shard(2))
+    vectors = _smooth(cells.astype(np.int64), 8)
+    queries = vectors[[5, 900, 3000]].copy()
+    exact = np.sort(queries @ vectors.T, axis=1)[:, -index.TOP_K:]
+    floor = np.array([-np.inf, exact[1, 0] - 0.01, 2.0], np.float32)  # none, a true one, one above every score
+    probes = Probes(queries, np.full(3, "uniform"), cells[[5, 900, 3000]], np.zeros(3), floor)
+    shard_tops = []
+    for start in range(0, len(cells), 1500):
+        top = TopK(queries, index.TOP_K, floor=probes.floor)
+        top.update(vectors[start:start + 1500], cells[start:start + 1500])
+        shard_tops.append(top.best)
+    merged = index.merged_top(shard_tops)
+    np.testing.assert_allclose(merged[:2], exact[:2], rtol=1e-6)
+    assert np.isneginf(merged[2]).all()
+    passes = []
+
+    def tables():
+        passes.append(1)
+        return [pa.table({"cell": cells[a:a + 2000], "row": np.arange(a, min(a + 2000, len(cells)))})
+                for a in range(0, len(cells), 2000)]
+
+    done = index.complete_top(merged, probes, tables, lambda t: vectors[t.column("row").to_numpy()])
+    np.testing.assert_allclose(done, exact, rtol=1e-6)
+    assert passes == [1]
+    assert index.complete_top(done, probes, tables, lambda t: vectors[t.column("row").to_numpy()]) is done
+    assert passes == [1]  # nothing short: no pass over the parts
