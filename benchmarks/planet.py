@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks._common import Row
-from benchmarks.scale import _CALL, _FIRST_LOOKUP, _drop_page_cache, _log, _run, _tree_bytes
+from benchmarks.scale import _CALL, _FIRST_LOOKUP, _measured, _tree_bytes
 from benchmarks.similar import _SEARCH, _TRUTH
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +42,20 @@ MODEL, MODEL_NAME = "benchmarks.smooth_encoder:load", "smooth16"
 JOIN_POINTS = 1_000_000
 
 _BUILD = """
+import threading
 from builder.build import build
+peak = {"anon": 0, "file": 0}
+def sample():  # peak RSS counts the pages of memory-mapped files read (page cache): split it
+    while True:
+        with open("/proc/self/status") as fh:
+            rss = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in fh) if k in ("RssAnon", "RssFile")}
+        peak["anon"], peak["file"] = max(peak["anon"], rss["RssAnon"]), max(peak["file"], rss["RssFile"])
+        time.sleep(0.5)
+threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
 summary = build(P["model"], resolutions=str(P["res"]), output=P["atlas"], device="cpu", progress=False)
-emit(cells=sum(summary.cells.values()), seconds=time.perf_counter() - start, stages=summary.seconds)
+emit(cells=sum(summary.cells.values()), seconds=time.perf_counter() - start, stages=summary.seconds,
+     anon_peak=peak["anon"], file_peak=peak["file"])
 """
 
 _VALIDATE = """
@@ -69,18 +79,9 @@ def _measure(work: Path, res: int, points: Path, full: bool) -> dict:
     out: dict = {}
 
     def step(name: str, snippet: str, cold: bool = True, **params: object) -> dict:
-        _log(f"planet res {res}: {name} ...")
-        if cold:
-            _drop_page_cache(atlas)
-        try:
-            result, rss = _run(snippet, code=REPO, scratch=work, atlas=str(atlas), res=res, **params)
-            result["rss"] = rss
-        except (RuntimeError, OSError) as exc:
-            result = {"error": str(exc)}
-        out[name] = result
-        _log(f"planet res {res}: {name}: " + ", ".join(f"{k} {v:,.4g}" for k, v in result.items()
-                                                       if isinstance(v, (int, float))))
-        return result
+        out[name] = _measured(f"planet res {res}: {name}", snippet, atlas=atlas, code=REPO, scratch=work,
+                              cold=cold, res=res, **params)
+        return out[name]
 
     if "error" in step("build", _BUILD, cold=False, model=MODEL):
         return out
@@ -117,7 +118,11 @@ def _rows(fine: int, coarse: int, got: dict[int, dict], points: int) -> list[Row
     rows = [Row("planet: build end to end", what[fine], rate(fine, value(fine, "build", "seconds")), "cells/s",
                 base, rate(coarse, value(coarse, "build", "seconds")), ">= 400,000 cells/s"),
             Row("planet: build peak RSS", what[fine], value(fine, "build", "rss", scale=1e-9), "GB",
-                base, value(coarse, "build", "rss", scale=1e-9), "< 4 GB")]
+                base, value(coarse, "build", "rss", scale=1e-9), "< 4 GB"),
+            Row("planet: build peak anonymous memory (RssAnon, sampled)", what[fine],
+                value(fine, "build", "anon_peak", scale=1e-9), "GB", base, value(coarse, "build", "anon_peak", scale=1e-9)),
+            Row("planet: build peak file pages mapped (RssFile, sampled)", what[fine],
+                value(fine, "build", "file_peak", scale=1e-9), "GB", base, value(coarse, "build", "file_peak", scale=1e-9))]
     stages = ("enumerate", "encode", "write", "index", "land", "map", "fidelity")  # the ones that grow with cells
     rows += [Row(f"planet: stage {s} (thread-summed)", what[fine], rate(fine, value(fine, "build", "stages", s)),
                  "cells/s", base, rate(coarse, value(coarse, "build", "stages", s))) for s in stages]

@@ -162,6 +162,24 @@ def _run(snippet: str, *, code: Path, scratch: Path, **params: object) -> tuple[
     return result, int(rss.group(1)) * 1024
 
 
+def _measured(label: str, snippet: str, *, atlas: Path, code: Path, scratch: Path, cold: bool = True,
+              **params: object) -> dict:
+    """:func:`_run` as one step of a benchmark: logged before and after, ``atlas`` dropped from
+    the page cache first (``cold``), peak RSS added as ``rss``; a failure is the result's
+    ``error``, so that the other steps still run."""
+    _log(f"{label} ...")
+    if cold:
+        _drop_page_cache(atlas)
+    try:
+        result, rss = _run(snippet, code=code, scratch=scratch, atlas=str(atlas), **params)
+        result["rss"] = rss
+    except (RuntimeError, OSError) as exc:
+        result = {"error": str(exc)}
+    _log(f"{label}: " + ", ".join(f"{k} {v:,.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                  for k, v in result.items() if isinstance(v, (int, float, str))))
+    return result
+
+
 def _land_points(n: int, seed: int, box: tuple[tuple[float, float], ...] | None = None) -> pa.Table:
     """``n`` points on land (so in a land-only atlas at every resolution), uniform on the sphere or in a
     ((lat0, lat1), (lon0, lon1)) box."""
@@ -212,19 +230,9 @@ class _Scale:
 
     def measure(self, name: str, key: str, snippet: str, *, cold: bool = True, **params: object) -> None:
         atlas = self.atlases[key]
-        _log(f"{name}, {atlas.label} ...")
-        if cold:
-            _drop_page_cache(atlas.path)
-        try:
-            result, rss = _run(snippet, code=atlas.code, scratch=self.work, atlas=str(atlas.path),
-                               res=atlas.res, **params)
-            result["rss"] = rss
-        except (RuntimeError, OSError) as exc:
-            result = {"error": str(exc)}
-        self.results[name, key] = result
+        self.results[name, key] = _measured(f"{name}, {atlas.label}", snippet, atlas=atlas.path, code=atlas.code,
+                                            scratch=self.work, cold=cold, res=atlas.res, **params)
         self.saved.write_text(json.dumps({f"{n}|{k}": v for (n, k), v in self.results.items()}, indent=1))
-        _log(f"{name}, {atlas.label}: " + ", ".join(
-            f"{k} {v:,.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in result.items()))
 
     def run_all(self) -> list[Row]:
         from tests.data.satclip_checkpoint import make_checkpoint

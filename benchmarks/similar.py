@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks._common import Row
-from benchmarks.scale import MODEL, REPO, _drop_page_cache, _log, _run
+from benchmarks.scale import MODEL, REPO, _drop_page_cache, _log, _measured
 
 QUERIES = 200
 
@@ -77,12 +77,16 @@ def exact(q):
         values = embedding_matrix(table.column("embedding"))
         for a in range(0, len(all_cells), 65536):
             scores = q @ normalize(values[a:a + 65536]).T
+            rows = np.flatnonzero((scores > best[:, 9:]).any(axis=1))  # only queries this chunk improves
+            if not rows.size:
+                continue
+            scores = scores[rows]
             top = np.argpartition(-scores, 10, axis=1)[:, :10] if scores.shape[1] > 10 else \\
-                np.tile(np.arange(scores.shape[1]), (len(q), 1))
-            cand = np.concatenate([best, np.take_along_axis(scores, top, 1)], 1)
-            cand_ids = np.concatenate([ids, all_cells[a:a + 65536][top]], 1)
+                np.tile(np.arange(scores.shape[1]), (len(rows), 1))
+            cand = np.concatenate([best[rows], np.take_along_axis(scores, top, 1)], 1)
+            cand_ids = np.concatenate([ids[rows], all_cells[a:a + 65536][top]], 1)
             order = np.argsort(-cand, axis=1)[:, :10]
-            best, ids = np.take_along_axis(cand, order, 1), np.take_along_axis(cand_ids, order, 1)
+            best[rows], ids[rows] = np.take_along_axis(cand, order, 1), np.take_along_axis(cand_ids, order, 1)
     return best, ids
 
 start = time.perf_counter()
@@ -222,18 +226,10 @@ class _Similar:
 
     def measure(self, name: str, key: str, snippet: str, *, cold: bool = True, **params: object) -> dict:
         res, _ = self.atlases[key]
-        _log(f"{name}, {key} ...")
-        if cold:
-            _drop_page_cache(self.path(key))
-        try:
-            result, rss = _run(snippet, code=REPO, scratch=self.work, atlas=str(self.path(key)), res=res, **params)
-            result["rss"] = rss
-        except (RuntimeError, OSError) as exc:
-            result = {"error": str(exc)}
+        result = _measured(f"{name}, {key}", snippet, atlas=self.path(key), code=REPO, scratch=self.work,
+                           cold=cold, res=res, **params)
         self.results[f"{name}|{key}"] = result
         self.saved.write_text(json.dumps(self.results))
-        _log(f"{name}, {key}: " + ", ".join(f"{k} {v:,.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
-                                            for k, v in result.items() if isinstance(v, (int, float, str))))
         return result
 
     def run_all(self) -> list[Row]:

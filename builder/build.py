@@ -40,6 +40,7 @@ from builder.encode import Quantizer
 from builder.fidelity import measure_written
 from builder.finish import finish_map, finish_resolution, finishing, train_index
 from builder.grid import Shard, cell_count, plan_shards
+from builder.landmask import release as release_land_mask
 from builder.plan import (
     EXECUTORS,
     BuildConfig,
@@ -278,6 +279,7 @@ def _build_locked(config: BuildConfig, encoder: Encoder, dataset: Store, timer: 
                 encoder_given=encoder_given, flags=flags)
     else:
         _run_shards(todo, encoder, job, land, state, timer, progress, flags)
+    release_land_mask()  # the shards are written: finishing needs their land columns, not the mask
 
     cells: dict[int, int] = {}
     res_info: dict[str, Any] = {}

@@ -66,6 +66,9 @@ INDEX_SHARE = 0.10
 # The recall queries' floors lie this far below their k-th best over the training sample: the
 # shards encode those cells again, and their stored values may round apart (float16: ~1e-3).
 FLOOR_MARGIN = 0.05
+# Lists merged between remaps of the shards' files: their pages read would otherwise stay mapped
+# (8 GB at resolution 8), a share of this many / nlist.
+REMAP_LISTS = 256
 # An index that misses the recall target is replaced by an exact one only up to this size.
 FLAT_MAX_BYTES = 2 << 30
 
@@ -435,9 +438,14 @@ class ShardLists:
         offset += 8 * self.nlist
         self.top = np.fromfile(path, np.float32, q * k, offset=offset).reshape(q, k)
         offset += 4 * q * k
-        self.codes = np.memmap(path, np.uint8, "r", offset, (self.rows * self.code_size,))
-        self.ids = np.memmap(path, np.int64, "r", offset + self.rows * self.code_size, (self.rows,))
+        self._path, self._offset = path, offset
+        self.remap()
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
+
+    def remap(self) -> None:
+        """Map the codes and ids afresh: the pages read so far leave this process's memory."""
+        self.codes = np.memmap(self._path, np.uint8, "r", self._offset, (self.rows * self.code_size,))
+        self.ids = np.memmap(self._path, np.int64, "r", self._offset + self.rows * self.code_size, (self.rows,))
 
     @classmethod
     def write(cls, path: Path, sizes: NDArray[np.int64], codes: NDArray[np.uint8], ids: NDArray[np.int64],
@@ -481,6 +489,9 @@ def merge(out: Path, trained: Any, shards: list[ShardLists]) -> int:
         f.write(b"ilar" + struct.pack("<2Q", nlist, cs) + b"full" + struct.pack("<Q", nlist))
         f.write(sizes.astype("<u8").tobytes())
         for i in range(nlist):
+            if i % REMAP_LISTS == 0:  # the shards' pages read so far are dropped: memory stays bounded
+                for shard in shards:
+                    shard.remap()
             if sizes[i]:
                 lists = [s.list(i) for s in shards]
                 f.writelines(codes for codes, _ in lists)

@@ -47,7 +47,7 @@ class Codebook:
 
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         if not isinstance(ivf, faiss.IndexIVFPQ):
-            raise ValueError(f"only IVF-PQ indexes are encoded here, not {type(ivf).__name__}")
+            raise TypeError(f"only IVF-PQ indexes are encoded here, not {type(ivf).__name__}")
         if ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError("the coarse assignment here is by inner product")
         centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)

@@ -179,7 +179,8 @@ def test_top_k_leaves_out_the_cells_a_filtered_query_excludes(bounded, monkeypat
     assert top.scores()[0] > top.scores()[1] > top.scores()[2]  # the query's own hill left out, then more
 
 
-def test_merged_shard_lists_are_the_index_faiss_would_write(tmp_path) -> None:
+def test_merged_shard_lists_are_the_index_faiss_would_write(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(index, "REMAP_LISTS", 3)  # the shards' files mapped afresh during the merge
     rng = np.random.default_rng(4)
     dim, nlist = 16, 8
     vectors = normalize(rng.normal(size=(6000, dim))).astype(np.float32)

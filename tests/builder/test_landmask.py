@@ -274,3 +274,6 @@ def test_touches_land_is_the_list_without_listing() -> None:
     misses = landmask._ocean_blocks.cache_info().misses
     np.testing.assert_array_equal(touches_land(fine[::-1], 8), first[::-1])
     assert landmask._ocean_blocks.cache_info().misses == misses
+    landmask.release()  # as a build does once its shards are written: the mask goes, answers stay
+    assert landmask._mask.cache_info().currsize == landmask._ocean_blocks.cache_info().currsize == 0
+    np.testing.assert_array_equal(touches_land(fine, 8), first)
