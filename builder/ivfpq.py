@@ -1,7 +1,7 @@
 """A shard's IVF-PQ codes computed from the trained index's parameters, without FAISS's add.
 
 FAISS's CPU add scores every vector against every coarse centroid: n x nlist dot products,
-a cost per cell that grows with the resolution's lists (8,192 at resolution 8, 7-13 us a cell
+a cost per cell that grows with the resolution's lists (8,192 at resolution 8, 7-32 us a cell
 on one core here, more than the rest of a build when the encoder is free). A grid's rows come
 in cell order, so consecutive rows are close on the sphere and, for the smooth fields
 location encoders give, close in embedding space. The assignment then shrinks with an exact
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["BLOCK", "Codebook", "balls", "encode"]
+__all__ = ["BLOCK", "Codebook", "balls", "encode", "slack"]
 
 BLOCK = 256  # rows per bounding ball: consecutive cells of a shard
 CHUNK = 1 << 20  # floats of differences worked out at once when bounding blocks
