@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -262,6 +263,16 @@ class Store:
         return f"{type(self).__name__}({self.uri!r})"
 
 
+def _remove_tree(path: Path, tries: int = 40) -> None:
+    """Remove ``path``, again while writes still in flight land in it (zarr's own I/O tasks
+    can outlive the error that stopped a build: a full disk fails one chunk, not the rest)."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.05)
+
+
 class LocalStore(Store):
     """A directory on a local (or shared, e.g. NFS) filesystem."""
 
@@ -318,7 +329,7 @@ class LocalStore(Store):
                 tmp.mkdir(parents=True)
                 yield tmp
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
             raise
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
