@@ -276,9 +276,10 @@ def add_shard(dataset: Store, trained: TrainedIndex, key: str, cells: NDArray[np
     empty, queries = load_trained(dataset, trained.res, trained.sha256)
     gpu = faiss.index_cpu_to_all_gpus(faiss.clone_index(empty), _gpu_options(faiss)) if _gpus(faiss) else None
     book = ivfpq.Codebook.of(empty)
-    top = TopK(queries.vectors, TOP_K, queries.exclusions(), queries.floor)
+    top = TopK(queries.vectors, TOP_K, queries.exclusions(), queries.floors())
     buffer = np.empty((min(len(cells), INDEX_BATCH), stored.shape[1]), np.float32)
-    lists, codes = np.empty(len(cells), np.int64), np.empty((len(cells), book.code_size), np.uint8)
+    lists = np.empty(len(cells) if gpu is None else 0, np.int64)  # the CPU encoding's, row by row
+    codes = np.empty((len(lists), book.code_size), np.uint8)
     for start in range(0, len(cells), INDEX_BATCH):
         values = stored[start:start + INDEX_BATCH]
         unit = unit_vectors(values, quantizer, buffer[:len(values)])
