@@ -198,15 +198,20 @@ def reranked_search(
         cells, exact = found, vectors @ query
         passing = np.ones(len(cells), bool)
         if expand:
-            ranked = row
+            ranked, scored = row, None
             if keep is not None:  # regions' seeds by exact score: the PQ order is noise among far
                 pool, vectors = vectors_of(np.unique(row))  # hills of nearly one height
-                ranked = pool[np.argsort(-(vectors @ query), kind="stable")]
+                scored = vectors @ query
+                ranked = pool[np.argsort(-scored, kind="stable")]
             others = _region_seeds(ranked, set(start.tolist()), SEED_REGIONS * (1 if keep is None else FILTERED_WIDEN))
             if seeds is not None:
                 own = np.setdiff1d(np.asarray(seeds[i], np.int64), start)
                 others = np.concatenate([others, own[keep(own)] if keep is not None else own])
-            more, vectors = vectors_of(np.unique(others))
+            others = np.unique(others)
+            if scored is not None:  # every candidate scored exactly may be a result, not only the seeds
+                extra = ~np.isin(pool, start) & ~np.isin(pool, others)
+                cells, exact = np.concatenate([cells, pool[extra]]), np.concatenate([exact, scored[extra]])
+            more, vectors = vectors_of(others)
             cells, exact, passing = _walk(np.concatenate([cells, more]), np.concatenate([exact, vectors @ query]),
                                           len(cells), query, k, vectors_of, keep)
         order = np.flatnonzero(passing)[np.argsort(-exact[passing], kind="stable")[:k]]
