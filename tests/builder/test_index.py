@@ -19,6 +19,7 @@ from builder.grid import Shard, cell_centers, shard_cells
 from builder.index import ShardLists, TopK, TrainedIndex, ivf_sample, pq_subquantizers
 from builder.probes import Probes
 from catalog import vector_index
+from catalog.cells import cells_to_latlng, cells_to_parent
 from catalog.errors import AtlasCorruptError
 from catalog.manifest import file_record, read_manifest
 from catalog.storage import open_store
@@ -154,6 +155,33 @@ def _smooth(ids, dim, seed=0):
     xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
     rng = np.random.default_rng(seed)
     return normalize(np.sin(xyz @ rng.normal(scale=3.0, size=(3, dim)) + rng.uniform(0, 2 * np.pi, dim)))
+
+
+def test_a_filtered_search_keeps_every_candidate_it_scored_exactly() -> None:
+    """A filtered search on a rough field (no hill to climb) whose index orders candidates
+    only roughly (as PQ codes do): the passing cells among its pool are all scored exactly,
+    so the true best that pass are found wherever in the pool they come, several a region."""
+    regions = h3i.grid_disk(h3i.latlng_to_cell(0.0, 0.0, 2), 1).tolist()
+    cells = np.sort(np.concatenate([h3i.cell_to_children(p, 5) for p in regions])).astype(np.int64)
+    rng = np.random.default_rng(5)
+    vectors = normalize(rng.normal(size=(len(cells), 16))).astype(np.float32)
+    held = dict(zip(cells.tolist(), vectors, strict=True))
+
+    def vectors_of(ids):
+        found = np.array([c for c in ids.tolist() if c in held], np.int64)
+        return found, np.array([held[c] for c in found.tolist()], np.float32).reshape(len(found), 16)
+
+    rough = faiss.IndexIDMap2(faiss.IndexFlatIP(16))  # proposes by vectors 0.3 off the stored ones
+    rough.add_with_ids(normalize(vectors + 0.3 * rng.normal(size=vectors.shape) / 4).astype(np.float32), cells)
+    query = vectors[:1]
+    def keep(ids):  # the filter: cells east of the meridian
+        return cells_to_latlng(ids.astype(np.uint64))[1] > 0
+
+    exact = np.where(keep(cells), vectors @ query[0], -np.inf)
+    truth = cells[np.argsort(-exact, kind="stable")[:10]]
+    assert len(np.unique(cells_to_parent(truth.astype(np.uint64), 2))) < 10  # several of the best share a region
+    _, found = vector_index.reranked_search(rough, query, 10, vectors_of, expand=True, keep=keep)
+    assert sorted(found[0].tolist()) == sorted(truth.tolist())
 
 
 @pytest.mark.parametrize("bounded", [False, True], ids=["as-it-comes", "every-block-bounded"])
