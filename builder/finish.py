@@ -423,14 +423,16 @@ def finish_land(res: int, job: ShardJob, state: BuildState, timer: Timer, source
 
 def _write_land(path: Path, source: ShardSource, cells: NDArray[np.uint64] | None) -> int:
     """``land/res=<r>.npy`` at ``path``: ``cells``, or the parts' cells flagged land, in
-    cell order (two passes: the count for the header, then the cells)."""
+    cell order (the count for the header from the shards' records, or a first pass over the
+    parts' land columns for shards written before records held it)."""
     if cells is not None:
         with open(path, "wb") as f:
             np.save(f, np.asarray(cells, np.uint64))
         return len(cells)
     import pyarrow.compute as pc
 
-    n = sum(pc.sum(source.read(record, ["land"]).column("land")).as_py() or 0 for record in source.records)
+    n = sum(record["land_rows"] if "land_rows" in record else
+            pc.sum(source.read(record, ["land"]).column("land")).as_py() or 0 for record in source.records)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint64, shape=(n,))
     at = 0
     for record in source.records:

@@ -152,6 +152,8 @@ def write_shard(dataset: Store, shard: Shard, cells: NDArray[np.uint64], stored:
                    land=land)
         record["files"] = [fmt.file_record(Path(), part, local=tmp_part),
                            fmt.file_record(Path(), blocks, local=tmp_blocks)]
+    if land is not None:  # the land file's length, known without reading the column back
+        record["land_rows"] = int(np.count_nonzero(land))
     return {**record, "first_cell": int(cells[0]), "last_cell": int(cells[-1])}
 
 

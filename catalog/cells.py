@@ -22,9 +22,11 @@ def latlng_to_cells(lat: NDArray[np.float64], lon: NDArray[np.float64], res: int
 
 def cells_to_latlng(cells: NDArray[np.uint64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Centres of cells in degrees: (lat, lon), float64 arrays of shape (n,)."""
-    import h3.api.numpy_int as h3i
-
-    flat = np.fromiter((v for c in np.asarray(cells, np.uint64).tolist() for v in h3i.cell_to_latlng(c)),
+    try:  # the Cython core without the public wrapper's checks: ~0.75 us a cell instead of ~0.95
+        from h3._cy import cell_to_latlng as to_latlng
+    except ImportError:
+        from h3.api.numpy_int import cell_to_latlng as to_latlng
+    flat = np.fromiter((v for c in np.asarray(cells, np.uint64).tolist() for v in to_latlng(c)),
                        dtype=np.float64, count=2 * len(cells)).reshape(-1, 2)
     return np.ascontiguousarray(flat[:, 0]), np.ascontiguousarray(flat[:, 1])
 

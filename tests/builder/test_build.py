@@ -410,3 +410,31 @@ def test_a_failure_while_a_shard_is_being_written_leaves_no_half_store(tmp_path,
     time.sleep(0.7)  # a write left running would have finished by now
     assert not list((tmp_path / "toy").rglob("*.tmpdir"))
     assert len(list((tmp_path / "toy" / "data").rglob("*.parquet"))) == 1  # the shard written is kept
+
+
+def test_the_land_file_is_counted_from_the_shards_records_or_their_parts(tmp_path) -> None:
+    """The land file's length comes from the shards' done records (no pass over the parts);
+    records written before they held it count the parts' land columns; a count that does not
+    match the parts is an error, never a short or padded file."""
+    from builder.finish import ShardSource, _write_land
+    from builder.write import write_shard
+    from catalog.errors import AtlasCorruptError
+    from catalog.storage import open_store
+
+    store = open_store(tmp_path / "atlas")
+    records, flagged = [], []
+    for shard in plan_shards([5])[:2]:
+        cells = shard_cells(shard)
+        land = np.arange(len(cells)) % 3 == 0
+        stored = np.ones((len(cells), 4), np.float16)
+        records.append(write_shard(store, shard, cells, stored, {}, land))
+        flagged.append(cells[land])
+    expected = np.concatenate(flagged)
+    assert [r["land_rows"] for r in records] == [len(f) for f in flagged]
+    for rows in (records, [{k: v for k, v in r.items() if k != "land_rows"} for r in records]):
+        out = tmp_path / "land.npy"
+        assert _write_land(out, ShardSource(store, rows, 4, "float16"), None) == len(expected)
+        np.testing.assert_array_equal(np.load(out), expected)
+    wrong = [{**records[0], "land_rows": records[0]["land_rows"] + 1}, records[1]]
+    with pytest.raises(AtlasCorruptError, match="land flags changed"):
+        _write_land(tmp_path / "bad.npy", ShardSource(store, wrong, 4, "float16"), None)
