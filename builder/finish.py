@@ -94,21 +94,31 @@ class ShardSource:
             self._buffer = np.empty((max(n, 1), dim), dtype=np.float32)
         return index.unit_vectors(values, self.quantizer, self._buffer[:n])
 
-    def gather_cells(self, wanted: NDArray[Any]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        """Cells (as int64) and unit vectors of those of ``wanted`` that the parts hold, read
-        in place: only the blocks that hold them, each checked against its CRC."""
-        from catalog.blocks import STORED_DTYPES, ResolutionReader, part_infos
+    def _resolution_reader(self) -> ResolutionReader:
+        from catalog.blocks import ResolutionReader, part_infos
 
-        wanted = np.unique(np.asarray(wanted).astype(np.uint64))
         if self._reader is None:
             files = {f["path"]: f for r in self.records for f in r["files"]}
             self._reader = ResolutionReader(self.dataset, part_infos({"parts": self.records}, files), self.dim,
                                             self.precision, str(self.dataset), cache_bytes=64 << 20)
+        return self._reader
+
+    def gather_cells(self, wanted: NDArray[Any]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """Cells (as int64) and unit vectors of those of ``wanted`` that the parts hold, read
+        in place: only the blocks that hold them, each checked against its CRC."""
+        from catalog.blocks import STORED_DTYPES
+
+        wanted = np.unique(np.asarray(wanted).astype(np.uint64))
         stored = np.empty((len(wanted), self.dim), STORED_DTYPES[self.precision])
-        found = self._reader.gather(wanted, stored)
+        found = self._resolution_reader().gather(wanted, stored)
         if not found.any():
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
         return wanted[found].astype(np.int64), self.unit_vectors(stored[found]).copy()
+
+    def block_first_cells(self) -> NDArray[np.uint64]:
+        """The first cell of every block of every part, in cell order (from the block tables)."""
+        reader = self._resolution_reader()
+        return np.concatenate([reader.part(p).first for p in range(len(reader.infos))] or [np.empty(0, np.uint64)])
 
     def release(self) -> None:
         self._buffer = self._reader = None
@@ -314,8 +324,11 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
             if written != n:
                 raise AtlasCorruptError(f"resolution {res}'s shards hold {written:,} cells in their index lists, "
                                         f"expected {n:,}; rebuild with --overwrite")
+            sample = _sample(source)
             ivf_index = faiss.read_index(str(tmp), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-            tuned, by_kind = index.tune(ivf_index, queries, top, source.gather_cells)
+            tuned, by_kind = index.tune(ivf_index, queries, top, source.gather_cells,
+                                        sample=vector_index.Sample(sample["cell"].astype(np.int64),
+                                                                   sample["vector"].astype(np.float32)))
             del ivf_index
             recall = by_kind["uniform"]["at_10"]
             params = {"type": trained["type"], "exact": False, "nlist": trained["nlist"],
@@ -340,20 +353,40 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
                 params, recall = _write_flat(tmp, source, dim), 1.0
         file = fmt.file_record(Path(), rel, local=tmp)
         directory = None if params["exact"] else _list_directory(tmp, params, n, dim)
-    lists_file = None
+    lists_file = sample_file = None
     if directory is not None:  # beside the index: what a remote search checks each list it reads against
         params["lists"] = fmt.lists_relpath(res, job.generation)
-        with dataset.staged(params["lists"]) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, directory, allow_pickle=False)
-            lists_file = fmt.file_record(Path(), params["lists"], local=tmp)
+        lists_file = _save_npy(dataset, params["lists"], directory)
+        params["sample"] = fmt.sample_relpath(res, job.generation)  # the seeds of filtered searches
+        sample_file = _save_npy(dataset, params["sample"], sample)
     params.update({"metric": "inner_product", "recall_at_10": round(recall, 4), "normalized": True,
                    "build_s": round(time.perf_counter() - start + (trained or {}).get("train_s", 0.0), 2),
                    "path": rel, "cells": n, "bytes": file["bytes"], "bytes_per_cell": round(file["bytes"] / max(n, 1), 1),
                    "share_of_embeddings": round(file["bytes"] / max(n * stored_bytes(dim, job.precision), 1), 4)})
-    state.mark(f"index-res={res}", {"index": params, "file": file, "lists_file": lists_file})
+    state.mark(f"index-res={res}", {"index": params, "file": file, "lists_file": lists_file,
+                                    "sample_file": sample_file})
     dataset.delete_tree(f"{fmt.BUILD_DIR}/index/res={res}")  # the trained index and the shards' lists
     source.release()
+
+
+def _save_npy(dataset: Store, rel: str, table: NDArray[Any]) -> dict[str, Any]:
+    """Publish ``table`` as the ``.npy`` file ``rel`` of the dataset; returns its file record."""
+    with dataset.staged(rel) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, table, allow_pickle=False)
+        return fmt.file_record(Path(), rel, local=tmp)
+
+
+def _sample(source: ShardSource) -> NDArray[Any]:
+    """The resolution's sample (:func:`catalog.vector_index.sample_dtype` rows): the first cell
+    of every few blocks, in cell order, with its unit vector, at most
+    :data:`catalog.vector_index.SAMPLE_BYTES`; read in place from the part files."""
+    firsts = source.block_first_cells()
+    cells = firsts[::vector_index.sample_stride(len(firsts), source.dim)]
+    found, vectors = source.gather_cells(cells)
+    out = np.empty(len(found), vector_index.sample_dtype(source.dim))
+    out["cell"], out["vector"] = found.astype(np.uint64), vectors
+    return out
 
 
 def _list_directory(path: Path, params: dict[str, Any], cells: int, dim: int) -> NDArray[Any]:
@@ -477,8 +510,7 @@ def finish_resolution(res: int, records: list[dict[str, Any]], encoder: Encoder,
     zarr_done, index_done = state.done(f"zarr-res={res}"), state.done(f"index-res={res}")
     info["zarr"], info["index"] = (fmt.zarr_relpath(res, job.generation) if job.zarr else None), index_done["index"]
     files += (zarr_done["files"] if job.zarr else []) + [index_done["file"]]
-    if index_done.get("lists_file"):
-        files.append(index_done["lists_file"])
+    files += [index_done[f] for f in ("lists_file", "sample_file") if index_done.get(f)]
     if land_flags:
         land = finish_land(res, job, state, timer, source, land_cells)
         info["land"] = {"path": land["file"]["path"], "cells": land["cells"]}

@@ -515,14 +515,14 @@ def merged_top(shard_tops: list[NDArray[np.float32]]) -> NDArray[np.float32]:
 
 
 def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_of: vector_index.VectorsOf,
-         expand: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+         expand: bool = True, sample: vector_index.Sample | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The cheapest (rerank, nprobe) whose recall@10 reaches the target (lower bound,
     :func:`builder.probes.wilson_bound`) for every unfiltered kind of query, else the one
     whose worst kind is best; and every kind's recall at that setting.
 
     Searched as the query layer searches: candidates re-ranked exactly, then (``expand``)
-    refined along the grid from them, from other regions and from a cell query's own cell
-    (:func:`catalog.vector_index.reranked_search`). ``top``: each query's exact best scores
+    refined along the grid from them, from other regions, from a cell query's own cell and,
+    filtered, from the resolution's ``sample`` (:func:`catalog.vector_index.reranked_search`). ``top``: each query's exact best scores
     over the resolution, best last (as :func:`merged_top` gives them); ``vectors_of`` gives
     the stored unit vectors of the cells the atlas holds, each read once. Returns the
     parameters (``met`` says whether the target was reached, ``recall_lower_bound`` is the
@@ -547,7 +547,7 @@ def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_o
             own = [np.array([queries.cells[i]], np.int64)] if queries.cells[i] else None
             keep = _outside(queries.cells[i], queries.exclude_km[i]) if queries.exclude_km[i] else None
             scores[j] = vector_index.reranked_search(index, queries.vectors[i:i + 1], k, cached, rerank=rerank,
-                                                     expand=expand, seeds=own, keep=keep)[0][0]
+                                                     expand=expand, seeds=own, keep=keep, sample=sample)[0][0]
         return probes.found_share(scores, top[rows, -k] if top.shape[1] >= k else np.full(len(rows), -np.inf))
 
     ivf = faiss.extract_index_ivf(index)

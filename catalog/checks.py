@@ -252,6 +252,11 @@ def _check_resolution(c: _Check, res: int, info: dict[str, Any], files: dict[str
         c.int(index.get("head_bytes"), f"{field}.index.head_bytes", 1, files[path])
         if not isinstance(index.get("head_sha256"), str) or not _SHA256.fullmatch(index["head_sha256"]):
             raise c.fail(f"{field}.index.head_sha256", index.get("head_sha256"), "is not a sha256")
+    if ivf and index.get("sample") is not None:
+        from catalog.vector_index import SAMPLE_BYTES, sample_dtype
+
+        sample = safe_relpath(index["sample"], field=f"{field}.index.sample", where=c.where, kind="sample")
+        _listed(c, files, sample, f"{field}.index.sample", SAMPLE_BYTES + sample_dtype(dim).itemsize + 4096)
     land = c.dict(info.get("land"), f"{field}.land", optional=True)
     if land:
         count = c.int(land.get("cells"), f"{field}.land.cells", 0, cells)

@@ -46,6 +46,7 @@ from catalog.checks import MAX_MANIFEST_BYTES, check_manifest
 from catalog.index_file import check_index_file
 from catalog.paths import safe_name
 from catalog.remote_index import read_list_directory
+from catalog.vector_index import Sample
 from catalog.errors import AtlasCorruptError, AtlasNotFoundError
 from catalog.provenance import sha256_file
 from catalog.storage import ATLAS_INDEX, Store, open_store
@@ -78,7 +79,7 @@ REBUILD_DIR = "_build.rebuild"
 # a file being written, never renamed into place by a killed build (catalog.tables.atomic_path,
 # LocalStore.staged_dir): not the dataset's, and swept by the next build
 _STAGING = re.compile(r"(^|/)\.[^/]+\.tmp$|\.tmpdir/")
-_GENERATION = re.compile(r"\.g(\d+)\.(?:parquet|blocks|faiss|lists|npy|zarr|onnx)(?:/|$)")
+_GENERATION = re.compile(r"\.g(\d+)\.(?:parquet|blocks|faiss|lists|sample|npy|zarr|onnx)(?:/|$)")
 
 
 def dataset_name(model: str) -> str:
@@ -109,6 +110,11 @@ def index_relpath(res: int, generation: int = 0) -> str:
 def lists_relpath(res: int, generation: int = 0) -> str:
     """An IVF index's list directory: each inverted list's offset, bytes and CRC-32 (remote search reads lists)."""
     return f"index/res={res}{_g(generation)}.lists"
+
+
+def sample_relpath(res: int, generation: int = 0) -> str:
+    """An IVF index's sample of cells with their vectors (the seeds of a filtered search)."""
+    return f"index/res={res}{_g(generation)}.sample"
 
 
 def land_relpath(res: int, generation: int = 0) -> str:
@@ -333,6 +339,9 @@ def validate_dataset(dataset_dir: str | Path | Store) -> list[str]:
                     lists = info["index"].get("lists")
                     if lists in present and not any(lists in p for p in problems):
                         read_list_directory(store.read_bytes(lists, limit=listed[lists]["bytes"]), layout, lists)
+                    sample = info["index"].get("sample")
+                    if sample in present and not any(sample in p for p in problems):
+                        Sample.parse(store.read_bytes(sample, limit=listed[sample]["bytes"]), dim, sample)
                 except AtlasCorruptError as exc:
                     problems.append(str(exc))
     return problems + _check_overview_files(store, manifest, present, problems)

@@ -23,7 +23,8 @@ _ZARR_V2 = frozenset({".zattrs", ".zarray", ".zgroup", ".zmetadata"})  # a Zarr 
 # where each kind of file lives in a dataset (``{r}``: its resolution) and how its name ends
 _LAYOUT = {"part": ("data/res={r}/", ".parquet"), "blocks": ("blocks/res={r}/", ".blocks"),
            "index": ("index/", ".faiss"), "land": ("land/", ".npy"), "zarr": ("zarr/", ".zarr"),
-           "encoder": ("encoder/", ".onnx"), "lists": ("index/", ".lists"), "overview": ("overview/", ".npy")}
+           "encoder": ("encoder/", ".onnx"), "lists": ("index/", ".lists"),
+           "sample": ("index/", ".sample"), "overview": ("overview/", ".npy")}
 _TOP = ("data/", "blocks/", "index/", "land/", "encoder/", "zarr/", "overview/")
 
 
@@ -36,8 +37,8 @@ def _refuse(where: str, field: str, value: Any, why: str) -> UnsafeAtlasError:
 def safe_relpath(path: Any, *, field: str, where: str, kind: str | None = None, res: int | None = None) -> str:
     """``path`` if it is a safe relative path inside the format's layout, else :class:`UnsafeAtlasError`.
 
-    ``kind`` (``part``, ``blocks``, ``index``, ``land``, ``zarr``, ``encoder``, ``overview``) and ``res``
-    narrow it to where that kind of file lives; without them any of the layout's folders.
+    ``kind`` (``part``, ``blocks``, ``index``, ``lists``, ``sample``, ``land``, ``zarr``, ``encoder``,
+    ``overview``) and ``res`` narrow it to where that kind of file lives; without them any of the layout's folders.
     """
     if not isinstance(path, str) or not path:
         raise _refuse(where, field, path, "is not a path")

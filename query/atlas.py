@@ -179,6 +179,7 @@ class Atlas:
         self._digests = digests or {}  # remote dataset name -> sha256 of the manifest read
         self._loaded: dict[tuple[str, int], _Resolution] = {}
         self._indexes: dict[tuple[str, int], Any] = {}  # FAISS indexes, opened
+        self._samples: dict[tuple[str, int], Any] = {}  # the indexes' samples of cells, read
         self._land_cells: dict[tuple[str, int], NDArray[np.uint64]] = {}  # memory-mapped
         self._exact: dict[str, Any] = {}  # dataset name -> its exported encoder (query.exact), loaded once
         self._lock = threading.Lock()
@@ -530,6 +531,32 @@ class Atlas:
                                                         f"{self._datasets[name][0]}/{info['path']}")
             return self._indexes[(name, res)], info
 
+    def _sample(self, model: str | None, res: int) -> Any:
+        """The resolution's sample of cells (:class:`catalog.vector_index.Sample`), the seeds
+        of a filtered search, read whole and checked against its sha256 on first use; None
+        for an index without one (exact, or built before samples)."""
+        import hashlib
+
+        from catalog.vector_index import Sample
+
+        name = self._name(model)
+        rel = self._manifest(name)["resolutions"][str(res)]["index"].get("sample")
+        if rel is None:
+            return None
+        with self._lock:
+            if (name, res) not in self._samples:
+                store, manifest = self._datasets[name]
+                record = {rec["path"]: rec for rec in manifest["files"]}[rel]
+                try:
+                    data = store.read_bytes(rel, limit=record["bytes"])
+                except FileNotFoundError:
+                    raise self._file_gone(name, rel) from None
+                if hashlib.sha256(data).hexdigest() != record["sha256"]:
+                    raise AtlasCorruptError(f"{store}/{rel} does not match the sha256 in its manifest; run "
+                                            f"'hexatlas validate {store}'")
+                self._samples[(name, res)] = Sample.parse(data, int(manifest["provenance"]["dim"]), f"{store}/{rel}")
+            return self._samples[(name, res)]
+
     def _in_place_index(self, name: str, res: int, info: dict[str, Any]) -> Any:
         import hashlib
 
@@ -662,7 +689,8 @@ class Atlas:
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            return _filtered_search(index, info, query, k, exact, keep, res, own)
+            return _filtered_search(index, info, query, k, exact, keep, res, own,
+                                    self._sample(model, res) if keep.active else None)
         finally:
             faiss.omp_set_num_threads(threads)
 
@@ -854,10 +882,10 @@ def _result(cells: NDArray[np.uint64], lat: Any, lon: Any, scores: Any) -> pa.Ta
 
 
 def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32], k: int, exact: Any,
-                     keep: _Filters, res: int, own: NDArray[np.int64]) -> pa.Table:
+                     keep: _Filters, res: int, own: NDArray[np.int64], sample: Any = None) -> pa.Table:
     """The index's re-ranked results that pass ``keep`` (see
     :func:`catalog.vector_index.reranked_search`); the walk along the grid also starts from
-    ``own`` (the query's cell, if any)."""
+    ``own`` (the query's cell, if any) and, filtered, from the best of ``sample`` that pass."""
     from catalog.vector_index import MAX_CANDIDATES, reranked_search
 
     def passing(ids: NDArray[np.int64]) -> NDArray[np.bool_]:
@@ -867,7 +895,7 @@ def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32
     try:
         scores, ids = reranked_search(index, query, k, exact, rerank=info["rerank"], expand=info.get("expand", False),
                                       seeds=[own], keep=passing if keep.active else None,
-                                      fallback=[keep.inside(res)] if keep.active else None)
+                                      fallback=[keep.inside(res)] if keep.active else None, sample=sample)
     except AtlasCorruptError as exc:
         raise AtlasCorruptError(f"resolution {res}: {exc}") from None
     found = ids[0] >= 0

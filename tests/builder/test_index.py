@@ -184,6 +184,38 @@ def test_a_filtered_search_keeps_every_candidate_it_scored_exactly() -> None:
     assert sorted(found[0].tolist()) == sorted(truth.tolist())
 
 
+def test_a_filtered_search_climbs_from_the_sample_where_the_index_proposes_nothing_that_passes() -> None:
+    """An index whose candidates all lie inside the excluded circle (as the hills nearest a
+    query do): the best passing cells of the resolution's sample seed climbs to the exact
+    best outside it."""
+    from catalog.interpolation import haversine_km
+
+    cells = shard_cells(Shard(3)).astype(np.int64)
+    vectors = _smooth(cells, 32, seed=4)
+    held = dict(zip(cells.tolist(), vectors, strict=True))
+
+    def vectors_of(ids):
+        found = np.array([c for c in ids.tolist() if c in held], np.int64)
+        return found, np.array([held[c] for c in found.tolist()], np.float32).reshape(len(found), 32)
+
+    lat, lon = cells_to_latlng(cells.astype(np.uint64))
+    target = int(np.flatnonzero(cells == h3i.latlng_to_cell(45.0, 10.0, 3))[0])
+    km = haversine_km(lat, lon, lat[target], lon[target])
+    near = faiss.IndexIDMap2(faiss.IndexFlatIP(32))  # proposes only cells within 1,000 km
+    near.add_with_ids(vectors[km < 1000], cells[km < 1000])
+
+    def keep(ids):
+        return haversine_km(*cells_to_latlng(ids.astype(np.uint64)), lat[target], lon[target]) >= 3000
+
+    query = vectors[target:target + 1]
+    truth = cells[np.argsort(-np.where(km >= 3000, vectors @ query[0], -np.inf), kind="stable")[:10]]
+    _, alone = vector_index.reranked_search(near, query, 10, vectors_of, expand=True, keep=keep)
+    assert (alone[0] == -1).all()
+    sample = vector_index.Sample(cells[::64], vectors[::64])
+    _, found = vector_index.reranked_search(near, query, 10, vectors_of, expand=True, keep=keep, sample=sample)
+    assert found[0].tolist() == truth.tolist()
+
+
 @pytest.mark.parametrize("bounded", [False, True], ids=["as-it-comes", "every-block-bounded"])
 def test_top_k_leaves_out_the_cells_a_filtered_query_excludes(bounded, monkeypatch) -> None:
     from catalog.cells import cells_to_latlng
@@ -324,6 +356,24 @@ def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None
     result = open_atlas(tmp_path / "atlas").similar(lat=48.85, lon=2.35, res=2, k=10)
     scores = result.column("score").to_numpy()
     assert len(result) == 10 and (np.diff(scores) <= 0).all() and scores[0] > 0.999
+    # the sample a filtered search seeds from: every block's first cell here (12 blocks), its unit vector
+    sample = vector_index.Sample.parse((dataset / info["2"]["index"]["sample"]).read_bytes(), 256, "sample")
+    firsts = np.concatenate([np.load(dataset / p["blocks"])["first_cell"] for p in info["2"]["parts"]])
+    np.testing.assert_array_equal(sample.cells, firsts.astype(np.int64))
+    rows = np.searchsorted(table.column("cell").to_numpy(), firsts)
+    stored = normalize(np.asarray(embedding_matrix(table.column("embedding")), np.float32)[rows])
+    np.testing.assert_allclose(sample.vectors, stored, atol=1e-3)
+    far = open_atlas(tmp_path / "atlas").similar(lat=48.85, lon=2.35, res=2, k=10, exclude_within_km=3000)
+    assert len(far) == 10
+    # a sample altered after publishing: filtered searches say so, unfiltered ones never read it
+    path = dataset / info["2"]["index"]["sample"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    atlas = open_atlas(tmp_path / "atlas")
+    assert len(atlas.similar(lat=48.85, lon=2.35, res=2, k=10)) == 10
+    with pytest.raises(AtlasCorruptError, match="sample does not match the sha256"):
+        atlas.similar(lat=48.85, lon=2.35, res=2, k=10, exclude_within_km=3000)
 
 
 def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatch, caplog) -> None:
