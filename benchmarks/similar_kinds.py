@@ -11,7 +11,7 @@ by brute force over every part (with the filters' masks), then for every query:
   within :data:`builder.probes.EPSILON` of the true k-th), its Wilson lower bound, and the
   warm latency of the k=10 search (p50, p99);
 - the same search without its seeds (the index's candidates and one walk from the best of
-  them: the search before this issue): recall@10 and p50;
+  them, no region seeds, no own cell, no sample: the search before this issue): recall@10 and p50;
 - exact brute force of one query over every part (what the index saves).
 """
 
@@ -170,7 +170,7 @@ def measure(atlas_dir: Path, res: int, label: str, per_kind: int = PER_KIND) -> 
     saved = (vector_index.SEED_REGIONS, vector_index.SEED_POOL, vector_index.FILTERED_WIDEN, vector_index.reranked_search)
     original = vector_index.reranked_search
 
-    def unseeded(*args, seeds=None, **kwargs):
+    def unseeded(*args, seeds=None, sample=None, **kwargs):
         return original(*args, **kwargs)
 
     vector_index.SEED_REGIONS, vector_index.SEED_POOL, vector_index.FILTERED_WIDEN = 0, 0, 1

@@ -53,7 +53,37 @@ def test_the_build_writes_a_list_directory(local) -> None:
     assert not info["exact"] and info["lists"] == "index/res=2.lists"
     assert "lists" not in manifest["resolutions"]["1"]["index"]  # a flat index has no lists
     assert info["lists"] in {r["path"] for r in manifest["files"]}
+    assert info["sample"] == "index/res=2.sample" and info["sample"] in {r["path"] for r in manifest["files"]}
     assert validate_dataset(next(local.glob("*/"))) == []
+
+
+def test_a_sample_that_lies_or_leads_outside_is_refused(local, tmp_path) -> None:
+    import hashlib
+    import shutil
+
+    from catalog.errors import UnsafeAtlasError
+
+    shutil.copytree(local, tmp_path / "copy")
+    ds = next((tmp_path / "copy").glob("*/"))
+    table = np.load(ds / "index/res=2.sample")
+    with open(ds / "index/res=2.sample", "wb") as fh:  # the vectors as float32: another row type
+        np.save(fh, np.array(table["vector"], np.float32))
+    manifest = json.loads((ds / "manifest.json").read_text())
+    for rec in manifest["files"]:
+        if rec["path"] == "index/res=2.sample":
+            data = (ds / rec["path"]).read_bytes()
+            rec["sha256"], rec["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    with nginx(tmp_path / "copy") as base:
+        far = query.open(f"{base}/atlas")
+        assert len(far.similar(lat=48.85, lon=2.35, res=2)) == 10  # unfiltered: never read
+        with pytest.raises(AtlasCorruptError, match="not cells with 256-d vectors"):
+            far.similar(lat=48.85, lon=2.35, res=2, exclude_within_km=500)
+    assert any("not cells with 256-d vectors" in p for p in validate_dataset(ds))
+    manifest["resolutions"]["2"]["index"]["sample"] = "../../outside.sample"
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnsafeAtlasError, match="index.sample"):
+        query.open(tmp_path / "copy")
 
 
 def test_remote_search_reads_lists_in_place_and_answers_as_local(local, server) -> None:
