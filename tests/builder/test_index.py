@@ -157,6 +157,17 @@ def _smooth(ids, dim, seed=0):
     return normalize(np.sin(xyz @ rng.normal(scale=3.0, size=(3, dim)) + rng.uniform(0, 2 * np.pi, dim)))
 
 
+def _vectors_of(cells, vectors):
+    """A search's ``vectors_of`` over these cells and their unit vectors."""
+    held = dict(zip(cells.tolist(), vectors, strict=True))
+
+    def vectors_of(ids):
+        found = np.array([c for c in ids.tolist() if c in held], np.int64)
+        return found, np.array([held[c] for c in found.tolist()], np.float32).reshape(len(found), vectors.shape[1])
+
+    return vectors_of
+
+
 def test_a_filtered_search_keeps_every_candidate_it_scored_exactly() -> None:
     """A filtered search on a rough field (no hill to climb) whose index orders candidates
     only roughly (as PQ codes do): the passing cells among its pool are all scored exactly,
@@ -165,11 +176,7 @@ def test_a_filtered_search_keeps_every_candidate_it_scored_exactly() -> None:
     cells = np.sort(np.concatenate([h3i.cell_to_children(p, 5) for p in regions])).astype(np.int64)
     rng = np.random.default_rng(5)
     vectors = normalize(rng.normal(size=(len(cells), 16))).astype(np.float32)
-    held = dict(zip(cells.tolist(), vectors, strict=True))
-
-    def vectors_of(ids):
-        found = np.array([c for c in ids.tolist() if c in held], np.int64)
-        return found, np.array([held[c] for c in found.tolist()], np.float32).reshape(len(found), 16)
+    vectors_of = _vectors_of(cells, vectors)
 
     rough = faiss.IndexIDMap2(faiss.IndexFlatIP(16))  # proposes by vectors 0.3 off the stored ones
     rough.add_with_ids(normalize(vectors + 0.3 * rng.normal(size=vectors.shape) / 4).astype(np.float32), cells)
@@ -192,11 +199,7 @@ def test_a_filtered_search_climbs_from_the_sample_where_the_index_proposes_nothi
 
     cells = shard_cells(Shard(3)).astype(np.int64)
     vectors = _smooth(cells, 32, seed=4)
-    held = dict(zip(cells.tolist(), vectors, strict=True))
-
-    def vectors_of(ids):
-        found = np.array([c for c in ids.tolist() if c in held], np.int64)
-        return found, np.array([held[c] for c in found.tolist()], np.float32).reshape(len(found), 32)
+    vectors_of = _vectors_of(cells, vectors)
 
     lat, lon = cells_to_latlng(cells.astype(np.uint64))
     target = int(np.flatnonzero(cells == h3i.latlng_to_cell(45.0, 10.0, 3))[0])
@@ -408,11 +411,7 @@ def test_a_search_climbs_the_grid_from_wherever_the_index_lands() -> None:
     field: the neighbour expansion walks the grid up to the best cells."""
     cells = shard_cells(Shard(3)).astype(np.int64)
     vectors = _smooth(cells, 32, seed=3)
-    held = dict(zip(cells.tolist(), vectors, strict=True))
-
-    def vectors_of(ids):
-        found = np.array([c for c in ids.tolist() if c in held], np.int64)
-        return found, np.array([held[c] for c in found.tolist()], np.float32).reshape(len(found), 32)
+    vectors_of = _vectors_of(cells, vectors)
 
     target = int(np.flatnonzero(cells == h3i.latlng_to_cell(45.0, 10.0, 3))[0])
     seed = h3i.latlng_to_cell(40.0, 20.0, 3)  # ~1,000 km away, several dozen steps
