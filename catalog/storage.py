@@ -263,13 +263,20 @@ class Store:
         return f"{type(self).__name__}({self.uri!r})"
 
 
-def _remove_tree(path: Path, tries: int = 40) -> None:
+def _remove_tree(path: Path, tries: int = 100, quiet: int = 10) -> None:
     """Remove ``path``, again while writes still in flight land in it (zarr's own I/O tasks
-    can outlive the error that stopped a build: a full disk fails one chunk, not the rest)."""
+    can outlive the error that stopped a build: a full disk fails one chunk, not the rest,
+    and a late chunk write makes the directory again): done once it has stayed absent for
+    ``quiet`` checks 50 ms apart (CI saw it come back after a first removal under load)."""
+    absent = 0
     for _ in range(tries):
-        shutil.rmtree(path, ignore_errors=True)
-        if not path.exists():
-            return
+        if path.exists():
+            absent = 0
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            absent += 1
+            if absent >= quiet:
+                return
         time.sleep(0.05)
 
 
