@@ -327,8 +327,7 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
             sample = _sample(source)
             ivf_index = faiss.read_index(str(tmp), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
             tuned, by_kind = index.tune(ivf_index, queries, top, source.gather_cells,
-                                        sample=vector_index.Sample(sample["cell"].astype(np.int64),
-                                                                   sample["vector"].astype(np.float32)))
+                                        sample=vector_index.Sample.of(sample))
             del ivf_index
             recall = by_kind["uniform"]["at_10"]
             params = {"type": trained["type"], "exact": False, "nlist": trained["nlist"],

@@ -160,10 +160,15 @@ class Sample:
         if table.dtype != sample_dtype(dim) or table.ndim != 1:
             raise AtlasCorruptError(f"{where} holds {table.dtype} rows, not cells with {dim}-d vectors; "
                                     "run 'hexatlas validate'")
-        vectors = table["vector"].astype(np.float32)
-        if not np.isfinite(vectors).all():
+        sample = cls.of(table)
+        if not np.isfinite(sample.vectors).all():
             raise AtlasCorruptError(f"{where} holds vectors that are not finite; run 'hexatlas validate'")
-        return cls(table["cell"].astype(np.int64), vectors)
+        return sample
+
+    @classmethod
+    def of(cls, table: NDArray[Any]) -> Sample:
+        """From :func:`sample_dtype` rows."""
+        return cls(table["cell"].astype(np.int64), table["vector"].astype(np.float32))
 
     def seeds(self, query: NDArray[np.float32], keep: Keep, count: int) -> NDArray[np.int64]:
         """The ``count`` best sample cells for ``query`` that ``keep`` accepts."""

@@ -535,8 +535,6 @@ class Atlas:
         """The resolution's sample of cells (:class:`catalog.vector_index.Sample`), the seeds
         of a filtered search, read whole and checked against its sha256 on first use; None
         for an index without one (exact, or built before samples)."""
-        import hashlib
-
         from catalog.vector_index import Sample
 
         name = self._name(model)
@@ -546,34 +544,37 @@ class Atlas:
         with self._lock:
             if (name, res) not in self._samples:
                 store, manifest = self._datasets[name]
-                record = {rec["path"]: rec for rec in manifest["files"]}[rel]
-                try:
-                    data = store.read_bytes(rel, limit=record["bytes"])
-                except FileNotFoundError:
-                    raise self._file_gone(name, rel) from None
-                if hashlib.sha256(data).hexdigest() != record["sha256"]:
-                    raise AtlasCorruptError(f"{store}/{rel} does not match the sha256 in its manifest; run "
-                                            f"'hexatlas validate {store}'")
-                self._samples[(name, res)] = Sample.parse(data, int(manifest["provenance"]["dim"]), f"{store}/{rel}")
+                self._samples[(name, res)] = Sample.parse(self._checked_bytes(name, rel),
+                                                          int(manifest["provenance"]["dim"]), f"{store}/{rel}")
             return self._samples[(name, res)]
 
-    def _in_place_index(self, name: str, res: int, info: dict[str, Any]) -> Any:
+    def _checked_bytes(self, name: str, rel: str) -> bytes:
+        """A small file of dataset ``name`` read whole, checked against its manifest's sha256."""
         import hashlib
 
+        store, manifest = self._datasets[name]
+        record = {rec["path"]: rec for rec in manifest["files"]}[rel]
+        try:
+            data = store.read_bytes(rel, limit=record["bytes"])
+        except FileNotFoundError:
+            raise self._file_gone(name, rel) from None
+        if hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise AtlasCorruptError(f"{store}/{rel} does not match the sha256 in its manifest; run "
+                                    f"'hexatlas validate {store}'")
+        return data
+
+    def _in_place_index(self, name: str, res: int, info: dict[str, Any]) -> Any:
         from catalog.blocks import _RemoteBytes
         from catalog.remote_index import InPlaceIndex
 
         store, manifest = self._datasets[name]
         records = {rec["path"]: rec for rec in manifest["files"]}
         where = f"{store}/{info['path']}"
+        directory = self._checked_bytes(name, info["lists"])
         try:
-            directory = store.read_bytes(info["lists"], limit=records[info["lists"]]["bytes"])
-            if hashlib.sha256(directory).hexdigest() != records[info["lists"]]["sha256"]:
-                raise AtlasCorruptError(f"{store}/{info['lists']} does not match the sha256 in its manifest; run "
-                                        f"'hexatlas validate {store}'")
             file = _RemoteBytes(store, info["path"])
-        except FileNotFoundError as exc:
-            raise self._file_gone(name, str(exc) if str(exc) in records else info["path"]) from None
+        except FileNotFoundError:
+            raise self._file_gone(name, info["path"]) from None
         if file.size != records[info["path"]]["bytes"]:
             raise AtlasCorruptError(f"{where} has {file.size:,} bytes, its manifest says "
                                     f"{records[info['path']]['bytes']:,}; run 'hexatlas validate {store}'")

@@ -229,3 +229,24 @@ def test_exact_lookup_from_s3_fetches_the_model_once_checked(built, tmp_path) ->
     model.write_bytes(model.read_bytes()[:-1] + b"\0")  # the cached copy altered: refused, not run
     with pytest.raises(AtlasCorruptError, match="sha256"):
         query.open(URI).lookup(lat, lon, exact=True)
+
+
+def test_an_unpublished_directory_is_removed_until_late_writes_stop(tmp_path) -> None:
+    """A write still in flight after the error (zarr's own I/O tasks) can make the staged
+    directory again just after its first removal: it is removed until it stays gone."""
+    import threading
+    import time
+
+    store = LocalStore(tmp_path)
+
+    def late_write() -> None:
+        time.sleep(0.15)
+        (tmp_path / "z.zarr.tmpdir" / "c").mkdir(parents=True, exist_ok=True)
+
+    writer = threading.Thread(target=late_write)
+    with pytest.raises(OSError, match="disk full"), store.staged_dir("z.zarr") as tmp:
+        (tmp / "chunk").write_bytes(b"x")
+        writer.start()
+        raise OSError("disk full")
+    writer.join()
+    assert not (tmp_path / "z.zarr.tmpdir").exists() and not (tmp_path / "z.zarr").exists()

@@ -57,8 +57,23 @@ def test_the_build_writes_a_list_directory(local) -> None:
     assert validate_dataset(next(local.glob("*/"))) == []
 
 
-def test_a_sample_that_lies_or_leads_outside_is_refused(local, tmp_path) -> None:
+def _republish(ds, rel: str, table) -> dict:
+    """Replace the dataset's file ``rel`` by ``table`` (.npy) as a publisher would, its size and
+    sha256 in the manifest to match; returns the manifest."""
     import hashlib
+
+    with open(ds / rel, "wb") as fh:
+        np.save(fh, table)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    data = (ds / rel).read_bytes()
+    for rec in manifest["files"]:
+        if rec["path"] == rel:
+            rec["sha256"], rec["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_a_sample_that_lies_or_leads_outside_is_refused(local, tmp_path) -> None:
     import shutil
 
     from catalog.errors import UnsafeAtlasError
@@ -66,14 +81,7 @@ def test_a_sample_that_lies_or_leads_outside_is_refused(local, tmp_path) -> None
     shutil.copytree(local, tmp_path / "copy")
     ds = next((tmp_path / "copy").glob("*/"))
     table = np.load(ds / "index/res=2.sample")
-    with open(ds / "index/res=2.sample", "wb") as fh:  # the vectors as float32: another row type
-        np.save(fh, np.array(table["vector"], np.float32))
-    manifest = json.loads((ds / "manifest.json").read_text())
-    for rec in manifest["files"]:
-        if rec["path"] == "index/res=2.sample":
-            data = (ds / rec["path"]).read_bytes()
-            rec["sha256"], rec["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
-    (ds / "manifest.json").write_text(json.dumps(manifest))
+    manifest = _republish(ds, "index/res=2.sample", np.array(table["vector"], np.float32))  # another row type
     with nginx(tmp_path / "copy") as base:
         far = query.open(f"{base}/atlas")
         assert len(far.similar(lat=48.85, lon=2.35, res=2)) == 10  # unfiltered: never read
@@ -119,7 +127,6 @@ def test_a_damaged_list_is_read_again_then_refused(local, server) -> None:
 
 
 def test_a_list_directory_that_lies_is_refused(local, tmp_path) -> None:
-    import hashlib
     import shutil
 
     from catalog.remote_index import LIST_DIRECTORY_DTYPE
@@ -129,14 +136,7 @@ def test_a_list_directory_that_lies_is_refused(local, tmp_path) -> None:
     table = np.load(ds / "index/res=2.lists")
     assert table.dtype == LIST_DIRECTORY_DTYPE
     table["offset"][3] += 1
-    with open(ds / "index/res=2.lists", "wb") as fh:
-        np.save(fh, table)
-    manifest = json.loads((ds / "manifest.json").read_text())
-    for rec in manifest["files"]:
-        if rec["path"] == "index/res=2.lists":
-            data = (ds / rec["path"]).read_bytes()
-            rec["sha256"], rec["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
-    (ds / "manifest.json").write_text(json.dumps(manifest))
+    _republish(ds, "index/res=2.lists", table)
     with nginx(tmp_path / "copy") as base, pytest.raises(AtlasCorruptError, match="does not describe the lists"):
         query.open(f"{base}/atlas").similar(lat=48.85, lon=2.35, res=2)
     assert any("does not describe the lists" in p for p in validate_dataset(ds))
