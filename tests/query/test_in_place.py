@@ -139,6 +139,10 @@ def test_int8_reads_in_place_and_in_sql(tmp_path) -> None:
                    "AND e.res = 2 ORDER BY p.lat").to_arrow_table()
     np.testing.assert_allclose(np.array(view.column("embedding").to_pylist(), np.float32), emb[np.argsort(lat)],
                                rtol=1e-6)
+    # one model: the function and the view give the fixed-size FLOAT[4]
+    types = con.sql("SELECT typeof(hexatlas_embedding(p.lat, p.lon, 2)), typeof(e.embedding) FROM pts p "
+                    "JOIN embeddings e ON e.cell = h3_latlng_to_cell(p.lat, p.lon, 2) AND e.res = 2").fetchall()
+    assert set(types) == {("FLOAT[4]", "FLOAT[4]")}
 
 
 def test_the_zarr_face_is_what_xdggs_decodes(tmp_path) -> None:

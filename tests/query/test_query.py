@@ -173,6 +173,37 @@ def test_land_only_keeps_the_cells_that_touch_land(atlas, stored) -> None:
     assert not np.isin(everywhere.column("cell").to_numpy(), land).all()
 
 
+def test_filters_decided_by_ancestors_equal_the_cells_own_centres(monkeypatch) -> None:
+    """A filtered search's pool is filtered by coarse ancestors where they are wholly on one
+    side (query.atlas._Filters.of): the same verdict as every cell's own centre, near poles,
+    the antimeridian and the edges, with far fewer centres computed."""
+    import query.atlas as qa
+    from builder.landmask import land_cells
+
+    rng = np.random.default_rng(11)
+    lat, lon = np.degrees(np.arcsin(rng.uniform(-1, 1, 20_000))), rng.uniform(-180, 180, 20_000)
+    near = np.concatenate([rng.uniform(85, 90, 500), rng.uniform(-60, 60, 500)]), \
+        np.concatenate([rng.uniform(-180, 180, 500), rng.uniform(179, 180, 500) * rng.choice([-1, 1], 500)])
+    lat, lon = np.concatenate([lat, near[0]]), np.concatenate([lon, near[1]])
+    cells = np.unique(np.array([h3i.latlng_to_cell(a, o, 5) for a, o in zip(lat, lon)], np.uint64))
+    land = np.sort(np.unique([h3i.cell_to_children(c, 5) for c in land_cells(2).tolist()[:40]]).astype(np.uint64))
+    computed = []
+    real = qa.cells_to_latlng
+    monkeypatch.setattr(qa, "cells_to_latlng", lambda c: (computed.append(len(c)), real(c))[1])
+    centres = real(cells)
+    cases = [(None, 1000.0, (48.85, 2.35), None), (None, 0.0, (0.0, 0.0), None), (None, 30.0, (89.9, 10.0), None),
+             (None, 15_000.0, (-45.0, 179.9), land), ((-10.0, 35.0, 30.0, 60.0), None, None, None),
+             ((170.0, 60.0, 180.0, 90.0), None, None, None), ((-180.0, -90.0, 180.0, 90.0), None, None, land),
+             ((-180.0, -1.0, -179.5, 1.0), 500.0, (0.0, -179.0), None), ((5.0, 88.0, 6.0, 90.0), None, None, None)]
+    for bbox, km, origin, flags in cases:
+        keep = qa._Filters(bbox, km, origin, flags)
+        computed.clear()
+        got = keep.of(cells)
+        np.testing.assert_array_equal(got, keep(cells, *centres), err_msg=str((bbox, km, origin)))
+        # computed: the ancestors' centres, then those of the cells near an edge (under 500 here)
+        assert computed[0] < 0.3 * len(cells) and sum(computed[1:]) < 0.03 * len(cells), (bbox, km, computed)
+
+
 def test_similar_filters_that_leave_nothing_say_so(atlas) -> None:
     with pytest.raises(InvalidArgumentError, match="passes the filters .*exclude_within_km=20100"):
         atlas.similar(lat=0.0, lon=0.0, k=5, model=MODEL, exclude_within_km=20_100)
@@ -255,6 +286,8 @@ def test_sql_embedding_function_reads_in_place_row_by_row(atlas) -> None:
         cells = got.column("c").fill_null(0).to_numpy()[rows]
         np.testing.assert_array_equal(cells, [h3i.latlng_to_cell(a, o, r) for a, o in zip(lat[rows], lon[rows])])
     assert got.column("c").null_count == 3
+    # models of different dimensions (256 and 4): one function type for both, a list
+    assert con.sql("SELECT typeof(hexatlas_embedding(10.0, 20.0, 1, 'toy'))").fetchall() == [("FLOAT[]",)]
     toy = con.sql("SELECT hexatlas_embedding(10.0, 20.0, 1, 'toy') AS e").fetchall()[0][0]
     np.testing.assert_allclose(toy, atlas.lookup([10.0], [20.0], model="toy")[0], rtol=1e-6)
     with pytest.raises(QueryError, match="holds several models .*name one as the fourth argument"):
