@@ -181,7 +181,7 @@ kth = np.array(P["kth"], np.float32)
 def vectors_of(ids):
     return ids, normalize(data.vectors(ids.astype(np.uint64)))
 
-tuned, recall = bindex.tune(index, queries, kth, vectors_of, expand=False)  # as it was searched
+tuned, recall = bindex.tune(lambda: index, queries, kth, vectors_of, expand=False)  # as it was searched
 faiss.extract_index_ivf(index).nprobe = tuned["nprobe"]
 faiss.omp_set_num_threads(1)
 exact = vectors_of

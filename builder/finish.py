@@ -325,10 +325,8 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
                 raise AtlasCorruptError(f"resolution {res}'s shards hold {written:,} cells in their index lists, "
                                         f"expected {n:,}; rebuild with --overwrite")
             sample = _sample(source)
-            ivf_index = faiss.read_index(str(tmp), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-            tuned, by_kind = index.tune(ivf_index, queries, top, source.gather_cells,
-                                        sample=vector_index.Sample.of(sample))
-            del ivf_index
+            tuned, by_kind = index.tune(lambda: faiss.read_index(str(tmp), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY),
+                                        queries, top, source.gather_cells, sample=vector_index.Sample.of(sample))
             recall = by_kind["uniform"]["at_10"]
             params = {"type": trained["type"], "exact": False, "nlist": trained["nlist"],
                       "nprobe": tuned["nprobe"], "rerank": tuned["rerank"], "expand": True,

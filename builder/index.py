@@ -58,6 +58,9 @@ RECALL_TARGET = 0.95
 RECALL_K = 10
 TOP_K = 100  # each query's exact top scores kept: recall is measured at 10 and at 100
 RECALL_QUERIES = 200
+# Searches between fresh opens of the index while tuning (see tune): at resolution 8 one
+# setting's searches touch most of an 8 GB memory-mapped index, whose pages counted in RSS.
+REOPEN_SEARCHES = 16
 RERANKS = (1, 4, 16)  # candidates per result re-ranked exactly, tried in this order
 NPROBES = (4, 8, 16, 32, 64, 128, 256)
 PQ_TRAIN_POINTS = 39 * 256  # PQ trains 256 centroids per sub-vector: faiss wants 39 points each
@@ -514,8 +517,9 @@ def merged_top(shard_tops: list[NDArray[np.float32]]) -> NDArray[np.float32]:
 
 
 
-def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_of: vector_index.VectorsOf,
-         expand: bool = True, sample: vector_index.Sample | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def tune(open_index: Callable[[], Any], queries: probes.Probes, top: NDArray[np.float32],
+         vectors_of: vector_index.VectorsOf, expand: bool = True,
+         sample: vector_index.Sample | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The cheapest (rerank, nprobe) whose recall@10 reaches the target (lower bound,
     :func:`builder.probes.wilson_bound`) for every unfiltered kind of query, else the one
     whose worst kind is best; and every kind's recall at that setting.
@@ -524,7 +528,9 @@ def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_o
     refined along the grid from them, from other regions, from a cell query's own cell and,
     filtered, from the resolution's ``sample`` (:func:`catalog.vector_index.reranked_search`). ``top``: each query's exact best scores
     over the resolution, best last (as :func:`merged_top` gives them); ``vectors_of`` gives
-    the stored unit vectors of the cells the atlas holds, each read once. Returns the
+    the stored unit vectors of the cells the atlas holds, each read once. ``open_index()``
+    gives the index, opened afresh every :data:`REOPEN_SEARCHES` searches (a memory-mapped
+    index then lets go of the pages of the lists probed before). Returns the
     parameters (``met`` says whether the target was reached, ``recall_lower_bound`` is the
     worst kind's) and :func:`builder.probes.summary`.
     """
@@ -541,26 +547,28 @@ def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_o
         return np.array(held, np.int64), np.stack([known[c] for c in held]) if held else \
             np.empty((0, queries.vectors.shape[1]), np.float32)
 
-    def found(rows: NDArray[np.int64], k: int, rerank: int) -> NDArray[np.float64]:
+    def found(rows: NDArray[np.int64], k: int, rerank: int, nprobe: int) -> NDArray[np.float64]:
         scores = np.full((len(rows), k), -np.inf, np.float32)
         for j, i in enumerate(rows.tolist()):
+            if j % REOPEN_SEARCHES == 0:
+                index = open_index()
+                faiss.extract_index_ivf(index).nprobe = nprobe
             own = [np.array([queries.cells[i]], np.int64)] if queries.cells[i] else None
             keep = _outside(queries.cells[i], queries.exclude_km[i]) if queries.exclude_km[i] else None
             scores[j] = vector_index.reranked_search(index, queries.vectors[i:i + 1], k, cached, rerank=rerank,
                                                      expand=expand, seeds=own, keep=keep, sample=sample)[0][0]
         return probes.found_share(scores, top[rows, -k] if top.shape[1] >= k else np.full(len(rows), -np.inf))
 
-    ivf = faiss.extract_index_ivf(index)
+    nlist = faiss.extract_index_ivf(open_index()).nlist
     tuned = np.flatnonzero(~np.isin(queries.kinds, probes.FILTERED))
     kinds = queries.kinds[tuned]
     best: tuple[float, dict[str, Any]] = (-1.0, {})
     for rerank in RERANKS:
         stale, ladder = 0, -1.0  # this re-rank depth's best so far
         for nprobe in NPROBES:
-            if nprobe > ivf.nlist or stale >= 2:  # probing more lists stopped helping: re-rank more
+            if nprobe > nlist or stale >= 2:  # probing more lists stopped helping: re-rank more
                 break
-            ivf.nprobe = nprobe
-            share = found(tuned, RECALL_K, rerank)
+            share = found(tuned, RECALL_K, rerank, nprobe)
             bounds = {kind: probes.wilson_bound(float(share[kinds == kind].mean()), int((kinds == kind).sum()))
                       for kind in np.unique(kinds).tolist()}
             worst = min(bounds.values())
@@ -577,9 +585,9 @@ def tune(index: Any, queries: probes.Probes, top: NDArray[np.float32], vectors_o
         if best[1].get("met"):
             break
     params = best[1]
-    ivf.nprobe = params["nprobe"]
     every = np.arange(len(queries))
-    at_10, at_100 = found(every, RECALL_K, params["rerank"]), found(every, TOP_K, params["rerank"])
+    at_10 = found(every, RECALL_K, params["rerank"], params["nprobe"])
+    at_100 = found(every, TOP_K, params["rerank"], params["nprobe"])
     return params, probes.summary(queries.kinds, at_10, at_100)
 
 

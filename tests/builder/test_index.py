@@ -287,7 +287,13 @@ def test_ivf_lists_grow_with_the_square_root() -> None:
 def test_large_resolutions_get_a_product_quantised_index_with_measured_recall(tmp_path, monkeypatch) -> None:
     ids = shard_cells(Shard(3)).astype(np.int64)  # 41,162 cells: the sample is drawn by place
     vectors = _smooth(ids, 64)
+    opened, read_index = [], faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda *a: (opened.append(a), read_index(*a))[1])
     params, record = _write_index(tmp_path, _source(tmp_path, vectors, ids), 3, len(ids), 64, monkeypatch)
+    # tuning maps the index afresh every few searches, so that the pages of lists probed go
+    # (RssFile of a 45 MB index: 75 MB once every list was probed, 29 MB reopened): two
+    # passes over the 500 queries at least
+    assert len(opened) >= 2 * 500 / index.REOPEN_SEARCHES
     assert not params["exact"] and params["type"] == f"IVF{ivf_lists(len(ids))},PQ{pq_subquantizers(64, 128)}"
     assert params["recall_at_10"] >= 0.95 and params["recall_queries"] == 500 and params["cells"] == len(ids)
     recall = params["recall"]  # a global atlas has no parts' islands or edges to draw
