@@ -575,8 +575,11 @@ class ResolutionReader:
             with self._lock:
                 if self._directory is None:
                     self._directory = _CellDirectory(self)
+        # each distinct cell is read once, into its first point's row; its other points copy
+        # that row (points cluster: 1M points in a 5 x 5 degree box hold ~43,000 cells of res 7)
+        cells, first, inverse = np.unique(cells, return_index=True, return_inverse=True)
         hit, fds, offsets = self._directory.locate(cells)
-        dest = np.flatnonzero(hit)
+        dest = first[hit]
         pread, size = os.pread, self.dim * self.dtype.itemsize
         # in slices: a million rows joined into one buffer made a 1M-point join 2x slower
         # (profiled: the join of a million bytes objects into 512 MB took 5.3 s of 11.8)
@@ -588,7 +591,11 @@ class ResolutionReader:
                 out[dest[lo:hi]] = values
             else:
                 decode(values, dest[lo:hi])
-        found[dest] = True
+        found[:] = hit[inverse]
+        again = np.flatnonzero(found & (np.arange(len(found)) != first[inverse]))
+        for lo in range(0, len(again), GATHER_ROWS):
+            rows = again[lo:lo + GATHER_ROWS]
+            out[rows] = out[first[inverse[rows]]]
 
     def _plan(self, sorted_cells: NDArray[np.uint64], part_of: NDArray[np.intp],
               ok: NDArray[np.bool_]) -> list[tuple[int, int, int, int]]:

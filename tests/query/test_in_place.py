@@ -84,6 +84,25 @@ def test_results_equal_a_plain_parquet_read(toy) -> None:
     np.testing.assert_array_equal(everything[1], stored)
 
 
+def test_points_that_share_a_cell_read_its_row_once(toy, monkeypatch) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(toy / "toy" / "data" / "res=3")
+    cells = table.column("cell").to_numpy()
+    stored = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    rng = np.random.default_rng(4)
+    pick = rng.choice(len(cells), 300, replace=False)
+    many = rng.choice(pick, 20_000)  # 20,000 points in 300 cells, with cells the atlas lacks among them
+    asked = np.concatenate([cells[many], cells[pick[:50]] + np.uint64(1), cells[many[:10]]])
+    reads, real = [], blocks.os.pread
+    monkeypatch.setattr(blocks.os, "pread", lambda fd, n, at: (reads.append(n), real(fd, n, at))[1])
+    got = query.open(toy)._data("toy", 3).vectors(asked)
+    np.testing.assert_array_equal(got[:20_000], stored[many])
+    np.testing.assert_array_equal(got[-10:], stored[many[:10]])
+    assert np.isnan(got[20_000:-10]).all()
+    assert reads.count(4 * 2) == 300  # one read of a row (4 float16s) per cell held; the rest check runs
+
+
 def test_an_altered_block_is_named_and_the_others_still_answer(copy) -> None:
     dataset = copy / "toy"
     cell = int(latlng_to_cells(np.array([48.85]), np.array([2.35]), 3)[0])
