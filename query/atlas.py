@@ -698,7 +698,7 @@ class Atlas:
         faiss.omp_set_num_threads(1)
         try:
             return _filtered_search(index, info, query, k, exact, keep, res, own,
-                                    self._sample(model, res) if keep.active else None)
+                                    self._sample(model, res) if keep.active or not own.size else None)
         finally:
             faiss.omp_set_num_threads(threads)
 
@@ -934,7 +934,8 @@ def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32
                      keep: _Filters, res: int, own: NDArray[np.int64], sample: Any = None) -> pa.Table:
     """The index's re-ranked results that pass ``keep`` (see
     :func:`catalog.vector_index.reranked_search`); the walk along the grid also starts from
-    ``own`` (the query's cell, if any) and, filtered, from the best of ``sample`` that pass."""
+    ``own`` (the query's cell, if any) and, filtered or from a vector, from the best of
+    ``sample`` (that pass)."""
     from catalog.vector_index import MAX_CANDIDATES, reranked_search
 
     def passing(ids: NDArray[np.int64]) -> NDArray[np.bool_]:

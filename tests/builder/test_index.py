@@ -219,6 +219,41 @@ def test_a_filtered_search_climbs_from_the_sample_where_the_index_proposes_nothi
     assert found[0].tolist() == truth.tolist()
 
 
+def test_a_vector_query_climbs_from_the_sample_where_the_index_proposes_only_a_lower_hill() -> None:
+    """A vector query (no place of its own) whose index proposes only cells far from its best
+    (PQ codes tie the near-equal hills a mean of two places faces): the best of the sample
+    seed climbs to the exact best; a query with a cell of its own does not need them."""
+    from catalog.interpolation import haversine_km
+
+    cells = shard_cells(Shard(3)).astype(np.int64)
+    lat, lon = cells_to_latlng(cells.astype(np.uint64))
+    # a plain with two hills in the query's direction, the higher near (45, 10), a lower one
+    # 5,000 km away: a climb from the lower one stops on its top
+    near, away = haversine_km(lat, lon, 45.0, 10.0), haversine_km(lat, lon, 10.0, 60.0)
+    height = 2.0 * np.exp(-(near / 800) ** 2) + 1.8 * np.exp(-(away / 800) ** 2)
+    rng = np.random.default_rng(2)
+    vectors = normalize(np.eye(32)[[0]] + height[:, None] * np.eye(32)[[1]]
+                        + 0.01 * rng.normal(size=(len(cells), 32))).astype(np.float32)
+    vectors_of = _vectors_of(cells, vectors)
+    target = int(np.argmin(near))
+    far = near >= 3000
+    elsewhere = faiss.IndexIDMap2(faiss.IndexFlatIP(32))  # proposes only cells 3,000 km away or more
+    elsewhere.add_with_ids(vectors[far], cells[far])
+    query = normalize(np.eye(32)[[1]] + 0.3 * np.eye(32)[[0]]).astype(np.float32)  # no cell's embedding
+    truth = cells[np.argsort(-(vectors @ query[0]), kind="stable")[:10]]
+    sample = vector_index.Sample(cells[::16], vectors[::16])
+    _, alone = vector_index.reranked_search(elsewhere, query, 10, vectors_of, expand=True)
+    assert not np.isin(truth, alone[0]).any()
+    _, found = vector_index.reranked_search(elsewhere, query, 10, vectors_of, expand=True, sample=sample)
+    assert found[0].tolist() == truth.tolist()
+    sampled = []
+    counting = vector_index.Sample(sample.cells, sample.vectors)
+    object.__setattr__(counting, "best", lambda *a: sampled.append(a) or sample.best(*a))
+    own = [np.array([cells[target]], np.int64)]
+    _, placed = vector_index.reranked_search(elsewhere, query, 10, vectors_of, expand=True, seeds=own, sample=counting)
+    assert placed[0].tolist() == truth.tolist() and not sampled  # its own cell climbs there
+
+
 @pytest.mark.parametrize("bounded", [False, True], ids=["as-it-comes", "every-block-bounded"])
 def test_top_k_leaves_out_the_cells_a_filtered_query_excludes(bounded, monkeypatch) -> None:
     from catalog.cells import cells_to_latlng
