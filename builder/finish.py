@@ -14,7 +14,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from builder.plan import BuildState, shard_step
 from builder.write import ShardJob
 from catalog import manifest as fmt
 from catalog import vector_index
+from catalog.cells import cells_to_parent
 from catalog.errors import AtlasCorruptError
 from catalog.storage import Store, settle
 from catalog.tables import embedding_matrix
@@ -114,11 +115,6 @@ class ShardSource:
         if not found.any():
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
         return wanted[found].astype(np.int64), self.unit_vectors(stored[found]).copy()
-
-    def block_first_cells(self) -> NDArray[np.uint64]:
-        """The first cell of every block of every part, in cell order (from the block tables)."""
-        reader = self._resolution_reader()
-        return np.concatenate([reader.part(p).first for p in range(len(reader.infos))] or [np.empty(0, np.uint64)])
 
     def release(self) -> None:
         self._buffer = self._reader = None
@@ -324,7 +320,7 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
             if written != n:
                 raise AtlasCorruptError(f"resolution {res}'s shards hold {written:,} cells in their index lists, "
                                         f"expected {n:,}; rebuild with --overwrite")
-            sample = _sample(source)
+            sample = _sample(source, res)
             tuned, by_kind = index.tune(lambda: faiss.read_index(str(tmp), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY),
                                         queries, top, source.gather_cells, sample=vector_index.Sample.of(sample))
             recall = by_kind["uniform"]["at_10"]
@@ -374,16 +370,47 @@ def _save_npy(dataset: Store, rel: str, table: NDArray[Any]) -> dict[str, Any]:
         return fmt.file_record(Path(), rel, local=tmp)
 
 
-def _sample(source: ShardSource) -> NDArray[Any]:
-    """The resolution's sample (:func:`catalog.vector_index.sample_dtype` rows): the first cell
-    of every few blocks, in cell order, with its unit vector, at most
-    :data:`catalog.vector_index.SAMPLE_BYTES`; read in place from the part files."""
-    firsts = source.block_first_cells()
-    cells = firsts[::vector_index.sample_stride(len(firsts), source.dim)]
-    found, vectors = source.gather_cells(cells)
+def _sample(source: ShardSource, res: int) -> NDArray[Any]:
+    """The resolution's sample (:func:`catalog.vector_index.sample_dtype` rows, in cell order):
+    :func:`sample_cells` of its parts, within :data:`catalog.vector_index.SAMPLE_BYTES`, with
+    their unit vectors, read in place."""
+    budget = max(1, vector_index.SAMPLE_BYTES // vector_index.sample_dtype(source.dim).itemsize)
+    columns = (source.read(r, ["cell"]).column("cell").to_numpy().astype(np.uint64) for r in source.records)
+    found, vectors = source.gather_cells(sample_cells(columns, res, budget))
     out = np.empty(len(found), vector_index.sample_dtype(source.dim))
     out["cell"], out["vector"] = found.astype(np.uint64), vectors
     return out
+
+
+def sample_cells(columns: Iterable[NDArray[np.uint64]], res: int, budget: int) -> NDArray[np.uint64]:
+    """The first cell under each ancestor at the finest resolution coarser than ``res`` whose
+    ancestors holding cells number at most ``budget`` (resolution 0's, cut to ``budget``, if
+    none), in cell order; ``columns``: the resolution's cells, part by part, in cell order.
+
+    Every place the resolution holds gets a cell, however few it holds: an island smaller
+    than a block lacked one in a sample of every few blocks, and a filtered search, which
+    cannot walk across the sea, missed the islands' hills (random SatCLIP land res 7, 60
+    ``exclude_within_km=1000`` queries: recall@10 0.948 -> 0.995). One pass, holding at most
+    about twice ``budget`` cells per resolution.
+    """
+    firsts: dict[int, list[NDArray[np.uint64]]] = {p: [] for p in range(res)}  # per part, under each ancestor
+    counts = dict.fromkeys(firsts, 0)
+    for cells in filter(len, columns):
+        for p in list(firsts):
+            parents = cells_to_parent(cells, p)
+            starts = np.flatnonzero(np.concatenate([[True], parents[1:] != parents[:-1]]))
+            counts[p] += len(starts)  # an ancestor two parts share is counted twice
+            if p and counts[p] > 2 * budget:  # too many here, and finer ancestors are more
+                for q in range(p, res):
+                    firsts.pop(q, None)
+                break
+            firsts[p].append(cells[starts])
+    for p in sorted(firsts, reverse=True):
+        cells = np.concatenate(firsts[p] or [np.empty(0, np.uint64)])
+        _, at = np.unique(cells_to_parent(cells, p), return_index=True)
+        if len(at) <= budget or not p:
+            return cells[at][:budget]
+    return np.empty(0, np.uint64)  # resolution 0: no coarser one
 
 
 def _list_directory(path: Path, params: dict[str, Any], cells: int, dim: int) -> NDArray[Any]:

@@ -20,8 +20,7 @@ from numpy.typing import NDArray
 
 from catalog.errors import MissingDependencyError
 
-__all__ = ["EXACT_MAX_CELLS", "Sample", "normalize", "read_index", "require_faiss", "reranked_search", "sample_dtype",
-           "sample_stride"]
+__all__ = ["EXACT_MAX_CELLS", "Sample", "normalize", "read_index", "require_faiss", "reranked_search", "sample_dtype"]
 
 # Up to this many cells an exact (flat) index is both fast enough (a search scans ~0.25 GB of
 # float32 for 256-d) and exact; it holds 4 bytes a dimension, so it is kept to small resolutions.
@@ -125,8 +124,8 @@ FILTERED_WIDEN = 4
 # exclude 1000 km recall@10 0.78 -> 0.94). So does a vector query (no place of its own): a mean
 # of two places' embeddings is nearly as close to many far hills, within the PQ codes' error
 # (the same atlas, 100 means of two: 0.955 -> 1.000 with 8 seeds, 0.990 with 4; p50 +25 ms).
-# The sample is the first cell of every few blocks with its unit vector (float16), at most
-# SAMPLE_BYTES.
+# The sample is the first cell under each ancestor at a coarser resolution (islands too) with its
+# unit vector (float16), at most SAMPLE_BYTES (see builder.finish._sample).
 SAMPLE_BYTES = 8 << 20
 SAMPLE_SEEDS = 16  # for a filtered search
 VECTOR_SAMPLE_SEEDS = 8  # for an unfiltered search without seeds of its own
@@ -138,11 +137,6 @@ Keep = Callable[[NDArray[np.int64]], NDArray[np.bool_]]  # which cells a filtere
 def sample_dtype(dim: int) -> np.dtype:
     """A row of ``index/res=<r>.sample``: a cell and its unit embedding as float16."""
     return np.dtype([("cell", "<u8"), ("vector", "<f2", (dim,))])
-
-
-def sample_stride(blocks: int, dim: int) -> int:
-    """Every how many blocks' first cell the sample takes, to stay within :data:`SAMPLE_BYTES`."""
-    return max(1, math.ceil(blocks * sample_dtype(dim).itemsize / SAMPLE_BYTES))
 
 
 @dataclass(frozen=True)

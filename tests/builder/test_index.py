@@ -379,6 +379,30 @@ def test_shards_without_lists_are_encoded_from_their_parts_into_the_same_index(t
     assert a["index"]["recall_at_10"] == b["index"]["recall_at_10"] >= 0.95
 
 
+def test_the_sample_holds_the_first_cell_under_every_ancestor_that_fits_islands_included() -> None:
+    import h3
+
+    from builder.finish import sample_cells
+
+    # two "continents" (every res-4 cell under two res-1 cells) and a one-cell "island" far away
+    lands = [h3.latlng_to_cell(48, 2, 1), h3.latlng_to_cell(10, 20, 1)]
+    island = h3.str_to_int(h3.latlng_to_cell(-50, 100, 4))
+    cells = np.sort(np.array([h3.str_to_int(c) for p in lands for c in h3.cell_to_children(p, 4)] + [island],
+                             np.uint64))
+    parts = np.array_split(cells, 5)  # parts share ancestors where they are cut
+
+    def firsts(p: int) -> np.ndarray:
+        return cells[np.unique(cells_to_parent(cells, p), return_index=True)[1]]
+
+    for p, budget in ((3, 100), (2, 50), (1, 3)):  # the finest resolution whose ancestors fit
+        assert len(firsts(p)) <= budget < len(firsts(p + 1))
+        got = sample_cells(iter(parts), 4, budget)
+        np.testing.assert_array_equal(got, firsts(p))
+        assert island in got.tolist()
+    np.testing.assert_array_equal(sample_cells(iter(parts), 4, 2), firsts(0)[:2])  # none fits: resolution 0's, cut
+    assert not len(sample_cells(iter([cells[:0]]), 4, 10))
+
+
 def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
     monkeypatch.setattr(index, "pq_subquantizers", lambda dim, stored: 8)  # trains 4x faster than 32
@@ -400,11 +424,14 @@ def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None
     result = open_atlas(tmp_path / "atlas").similar(lat=48.85, lon=2.35, res=2, k=10)
     scores = result.column("score").to_numpy()
     assert len(result) == 10 and (np.diff(scores) <= 0).all() and scores[0] > 0.999
-    # the sample a filtered search seeds from: every block's first cell here (12 blocks), its unit vector
+    # the sample filtered and vector searches seed from: the first cell under each of the 842
+    # cells of resolution 1 (all fit in its budget), with its unit vector
     sample = vector_index.Sample.parse((dataset / info["2"]["index"]["sample"]).read_bytes(), 256, "sample")
-    firsts = np.concatenate([np.load(dataset / p["blocks"])["first_cell"] for p in info["2"]["parts"]])
+    cells = table.column("cell").to_numpy()
+    firsts = cells[np.unique(cells_to_parent(cells, 1), return_index=True)[1]]
+    assert len(firsts) == 842
     np.testing.assert_array_equal(sample.cells, firsts.astype(np.int64))
-    rows = np.searchsorted(table.column("cell").to_numpy(), firsts)
+    rows = np.searchsorted(cells, firsts)
     stored = normalize(np.asarray(embedding_matrix(table.column("embedding")), np.float32)[rows])
     np.testing.assert_allclose(sample.vectors, stored, atol=1e-3)
     far = open_atlas(tmp_path / "atlas").similar(lat=48.85, lon=2.35, res=2, k=10, exclude_within_km=3000)
