@@ -159,7 +159,9 @@ def read_block_table(data: bytes, where: str, part: PartInfo | None = None, dim:
         problem = f"has blocks that are not of {size} rows (the last one at most)"
     elif int(rows.sum()) != part.rows:
         problem = f"lists {int(rows.sum())} rows, the manifest {part.rows}"
-    elif len(blocks) and ((blocks["cells_offset"] + rows * 8 > part.bytes).any()
+    # (offsets alone first: one near 2**64 would wrap past the sums' checks)
+    elif len(blocks) and ((blocks["cells_offset"] > part.bytes).any() or (blocks["values_offset"] > part.bytes).any()
+                          or (blocks["cells_offset"] + rows * 8 > part.bytes).any()
                           or (blocks["values_offset"] + rows * (dim * itemsize) > part.bytes).any()):
         problem = f"points past the end of its part ({part.bytes:,} bytes)"
     elif len(blocks) and ((first > last).any() or (first[1:] <= last[:-1]).any()

@@ -118,6 +118,11 @@ def _offsets_past_end(t: np.ndarray) -> np.ndarray:
     return t
 
 
+def _offset_that_wraps(t: np.ndarray) -> np.ndarray:
+    t["values_offset"][0] = np.uint64(2 ** 64 - 8)  # plus its rows' bytes wraps to a small number
+    return t
+
+
 def _rows_too_many(t: np.ndarray) -> np.ndarray:
     t["rows"][0] += 1 << 20
     return t
@@ -252,6 +257,8 @@ CASES = [
     # block tables: checked against their part before a read is sized or placed from them
     Case("blocks-offset-past-part", _rewrite(lambda m: _res1(m)["parts"][0]["blocks"],
                                              _blocks_table(_offsets_past_end)),
+         AtlasCorruptError, "past the end of its part", use="lookup"),
+    Case("blocks-offset-wraps", _rewrite(lambda m: _res1(m)["parts"][0]["blocks"], _blocks_table(_offset_that_wraps)),
          AtlasCorruptError, "past the end of its part", use="lookup"),
     Case("blocks-rows-too-many", _rewrite(lambda m: _res1(m)["parts"][0]["blocks"], _blocks_table(_rows_too_many)),
          AtlasCorruptError, "rows", use="lookup"),
