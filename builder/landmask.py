@@ -514,11 +514,14 @@ def touches_land(cells: ArrayLike, res: int) -> NDArray[np.bool_]:
     cells = np.asarray(cells, np.uint64)
     out = np.zeros(len(cells), bool)
     open_ = np.arange(len(cells))
+    # a shard's cells come sorted, and so do their ancestors at every level (a parent's bits
+    # are a prefix of its children's): their distinct values are the changes, no sort needed
+    ordered = bool((cells[1:] >= cells[:-1]).all())
     for k in range(res + 1):
         if not len(open_):
             break
         ancestors = cells_to_parent(cells[open_], k) if k < res else cells[open_]
-        unique, inverse = np.unique(ancestors, return_inverse=True)
+        unique, inverse = _sorted_unique(ancestors) if ordered else np.unique(ancestors, return_inverse=True)
         refine, final = np.zeros(len(unique), bool), np.zeros(len(unique), bool)
         for start in range(0, len(unique), _CHUNK_CELLS):
             part = slice(start, start + _CHUNK_CELLS)
@@ -528,6 +531,13 @@ def touches_land(cells: ArrayLike, res: int) -> NDArray[np.bool_]:
         open_ = open_[refine[inverse] & ~final[inverse]]
     out[open_] = True
     return out
+
+
+def _sorted_unique(values: NDArray[np.uint64]) -> tuple[NDArray[np.uint64], NDArray[np.intp]]:
+    """``np.unique(values, return_inverse=True)`` of sorted ``values``, in one pass."""
+    starts = np.ones(len(values), bool)
+    np.not_equal(values[1:], values[:-1], out=starts[1:])
+    return values[starts], np.cumsum(starts) - 1
 
 
 def release() -> None:
