@@ -89,12 +89,15 @@ def exact(q):
             best[rows], ids[rows] = np.take_along_axis(cand, order, 1), np.take_along_axis(cand_ids, order, 1)
     return best, ids
 
-start = time.perf_counter()
-exact(queries[:1])
-single = time.perf_counter() - start
-start = time.perf_counter()
-best, ids = exact(queries)
-emit(cells=cells.tolist(), kth=best[:, 9].tolist(), single_s=single, all_s=time.perf_counter() - start)
+if P.get("exact", True):
+    start = time.perf_counter()
+    exact(queries[:1])
+    single = time.perf_counter() - start
+    start = time.perf_counter()
+    best, ids = exact(queries)
+    emit(cells=cells.tolist(), kth=best[:, 9].tolist(), single_s=single, all_s=time.perf_counter() - start)
+else:  # the queries alone: their exact answers cost two passes over every part
+    emit(cells=cells.tolist())
 """
 
 _STATUS = """
