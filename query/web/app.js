@@ -259,6 +259,7 @@ function scheduleView(delay = DEBOUNCE_MS) {
 }
 
 async function requestView(force = false) {
+  if (!info) return; // a view change while the atlas is still described: main() asks once it is
   keepAddress();
   const want = viewRequest();
   const key = `${state.model}|${state.mode}`;

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import time
 from collections.abc import Iterator
 
 import h3
@@ -53,13 +54,15 @@ def browser():
 
 
 @contextlib.contextmanager
-def _page(browser, atlas, address: str = "") -> Iterator[tuple[object, list[str]]]:
+def _page(browser, atlas, address: str = "", info_delay_s: float = 0.0) -> Iterator[tuple[object, list[str]]]:
     """The map page of ``atlas`` (at ``address``: ``#map=...``), served with a map limit of LIMIT
-    cells, loaded and drawn."""
+    cells, loaded and drawn; ``v1/info`` answered ``info_delay_s`` late (a slow server)."""
     with running(create_app(atlas, limits=Limits(max_map_cells=LIMIT))) as url:
         tab = browser.new_page(viewport={"width": 1000, "height": 600})
         errors: list[str] = []
         tab.on("pageerror", lambda exc: errors.append(str(exc)))
+        if info_delay_s:
+            tab.route("**/v1/info", lambda route: (time.sleep(info_delay_s), route.continue_()))
         try:
             tab.goto(f"{url}/{address}")
             tab.wait_for_function("window.hexatlasState.status === 'ready'", timeout=60_000)
@@ -209,3 +212,11 @@ def test_a_link_opens_on_its_view_and_the_view_is_kept_in_the_address(browser, r
         linked.evaluate("window.location.hash = '#map=1.1/20/0'")  # typed in the address bar
         linked.wait_for_function("window.hexatlasState.res <= 3 && window.hexatlasState.status === 'ready'",
                                  timeout=30_000)
+
+
+def test_a_slow_description_costs_no_extra_map_request(browser, regional_dir) -> None:
+    # deck.gl reports a view change as it starts; were the atlas still being described when the
+    # page's debounce ran out, that view went to the server with no model, then was aborted
+    with _page(browser, query.open(regional_dir), "#map=11/46.95/7.45", info_delay_s=1.0) as (tab, errors):
+        state = tab.evaluate("window.hexatlasState")
+        assert (state["res"], state["source"], state["requests"]) == (7, "held", 1) and not errors
