@@ -350,6 +350,7 @@ def _walk(cells: NDArray[np.int64], exact: NDArray[np.float32], n_index: int, qu
     seed = np.concatenate([np.zeros(n_index, np.int64), np.arange(1, len(cells) - n_index + 1)])
     passing = keep(cells) if keep is not None else np.ones(len(cells), bool)
     seen, expanded = set(cells.tolist()), set()
+    owner = dict(zip(cells.tolist(), seed.tolist(), strict=True))  # each cell scored -> its seed
     for _ in range(EXPAND_ROUNDS):
         order = np.argsort(-exact, kind="stable")
         order = order[passing[order]]  # a filtered walk climbs only where it may return cells
@@ -360,7 +361,6 @@ def _walk(cells: NDArray[np.int64], exact: NDArray[np.float32], n_index: int, qu
         if not frontier:
             break
         expanded.update(frontier)
-        owner = dict(zip(cells.tolist(), seed.tolist(), strict=True))
         found: dict[int, int] = {}  # a new cell -> the seed whose ring found it
         for c in frontier:
             for r in _steps(h3i, c):
@@ -369,9 +369,11 @@ def _walk(cells: NDArray[np.int64], exact: NDArray[np.float32], n_index: int, qu
                     found[r] = owner[c]
         if found:
             more, vectors = vectors_of(np.fromiter(found, np.int64, len(found)))
+            owners = [found[c] for c in more.tolist()]
+            owner.update(zip(more.tolist(), owners, strict=True))
             cells = np.concatenate([cells, more])
             exact = np.concatenate([exact, vectors @ query])
-            seed = np.concatenate([seed, np.array([found[c] for c in more.tolist()], np.int64)])
+            seed = np.concatenate([seed, np.array(owners, np.int64)])
             passing = np.concatenate([passing, keep(more) if keep is not None else np.ones(len(more), bool)])
     return cells, exact, passing
 
