@@ -38,8 +38,8 @@ QUERIES = 200
 
 _BUILD = """
 from catalog import vector_index
-if P["exact_max"]:
-    vector_index.EXACT_MAX_CELLS = P["exact_max"]
+if P["exact_max_values"]:
+    vector_index.EXACT_MAX_VALUES = P["exact_max_values"]
 from builder.build import build
 start = time.perf_counter()
 summary = build(P["model"], resolutions=str(P["res"]), output=P["atlas"], checkpoint=P["checkpoint"],
@@ -222,8 +222,8 @@ emit(first=time.perf_counter() - start)
 
 
 class _Similar:
-    def __init__(self, work: Path, atlases: dict[str, tuple[int, bool]], exact_max: int | None) -> None:
-        self.work, self.exact_max = work, exact_max
+    def __init__(self, work: Path, atlases: dict[str, tuple[int, bool]], exact_max_values: int | None) -> None:
+        self.work, self.exact_max_values = work, exact_max_values
         self.atlases = atlases  # key -> (res, land_only)
         self.saved = work / "similar-results.json"
         self.results: dict[str, dict] = json.loads(self.saved.read_text()) if self.saved.is_file() else {}
@@ -247,7 +247,7 @@ class _Similar:
             if "error" in self.results.get(f"build|{key}", {"error": ""}):
                 shutil.rmtree(self.path(key), ignore_errors=True)
                 self.measure("build", key, _BUILD, cold=False, model=MODEL, checkpoint=checkpoint,
-                             land_only=land_only, exact_max=self.exact_max)
+                             land_only=land_only, exact_max_values=self.exact_max_values)
             truth = self.measure("truth", key, _TRUTH, queries=QUERIES)
             if "error" in truth:
                 continue
@@ -328,7 +328,7 @@ def run(quick: bool = False) -> list[Row]:
     _log(f"atlases in {work}")
     atlases = {"land-hi": (4, True), "global-lo": (3, False)} if quick else {"land-hi": (7, True), "global-lo": (6, False)}
     try:
-        return _Similar(work, atlases, 10_000 if quick else None).run_all()
+        return _Similar(work, atlases, 10_000 * 256 if quick else None).run_all()  # quick: IVF from 10,000 cells
     finally:
         if os.environ.get("HEXATLAS_BENCH_KEEP"):
             _log(f"kept {work} (HEXATLAS_BENCH_KEEP is set)")

@@ -267,7 +267,7 @@ def train_index(res: int, n: int, encoder: Encoder, job: ShardJob, keep: NDArray
                 state: BuildState, timer: Timer) -> index.TrainedIndex | None:
     """Before a resolution's shards are encoded: its trained IVF index (trained now, or by an
     earlier run); None for an exact resolution or one whose index is finished."""
-    if n <= vector_index.EXACT_MAX_CELLS or _index_done(res, job, state):
+    if vector_index.exact_fits(n, encoder.dim) or _index_done(res, job, state):
         return None
     step = f"index-train-res={res}"
     done = state.done(step)
@@ -306,7 +306,7 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
     rel = fmt.index_relpath(res, job.generation)
     trained = state.done(f"index-train-res={res}")
     with timer("index"), dataset.staged(rel) as tmp, tempfile.TemporaryDirectory() as fetched:
-        if n <= vector_index.EXACT_MAX_CELLS:
+        if vector_index.exact_fits(n, dim):
             params, recall = _write_flat(tmp, source, dim), 1.0
         elif trained is None:
             raise AtlasCorruptError(f"resolution {res}'s index was never trained; rebuild with --overwrite")

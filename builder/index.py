@@ -1,6 +1,6 @@
 """The FAISS index of one resolution, built shard by shard: train, add, merge, tune.
 
-An approximate resolution (more than :data:`catalog.vector_index.EXACT_MAX_CELLS` cells) is
+An approximate resolution (above :data:`catalog.vector_index.EXACT_MAX_VALUES`: cells x dimensions) is
 an ``IVF<nlist>,PQ<m>`` index over unit vectors, ids = cells:
 
 1. **train** (:func:`train`, once, before the resolution's shards): the coarse centroids and

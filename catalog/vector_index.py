@@ -20,11 +20,19 @@ from numpy.typing import NDArray
 
 from catalog.errors import MissingDependencyError
 
-__all__ = ["EXACT_MAX_CELLS", "Sample", "normalize", "read_index", "require_faiss", "reranked_search", "sample_dtype"]
+__all__ = ["EXACT_MAX_VALUES", "Sample", "exact_fits", "normalize", "read_index", "require_faiss", "reranked_search",
+           "sample_dtype"]
 
-# Up to this many cells an exact (flat) index is both fast enough (a search scans ~0.25 GB of
-# float32 for 256-d) and exact; it holds 4 bytes a dimension, so it is kept to small resolutions.
-EXACT_MAX_CELLS = 1 << 18
+# A resolution gets an exact (flat) index, fast enough and exact, while one search scans at most
+# this many float32 values (cells x dimensions): 2^18 cells of SatCLIP's 256 (~0.25 GB), 2^17 of
+# GeoCLIP's 512. The limit is the scan's work, not the cell count, so a low-dimensional encoder
+# does not train (and tune) an IVF-PQ index its few dimensions cannot quantise.
+EXACT_MAX_VALUES = (1 << 18) * 256
+
+
+def exact_fits(cells: int, dim: int) -> bool:
+    """Whether a resolution of ``cells`` embeddings of ``dim`` dimensions gets an exact index."""
+    return cells * dim <= EXACT_MAX_VALUES
 
 
 def require_faiss() -> Any:

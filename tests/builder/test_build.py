@@ -21,7 +21,6 @@ from catalog.errors import AtlasBusyError, InvalidArgumentError, UnknownResoluti
 from catalog.manifest import read_manifest, validate_dataset
 from catalog.tables import embedding_matrix
 from tests.data.faults import crash_on_shard_write
-from tests.data.toy_encoder import EXACT_RES5, exact_indexes
 from tests.data.toy_encoder import load as load_toy
 
 TOY = "tests.data.toy_encoder:load"
@@ -268,7 +267,6 @@ def test_crash_mid_build_then_resume(tmp_path, monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(b, "PARQUET_WRITERS", 1)
     _small_shards(monkeypatch)
-    exact_indexes(monkeypatch)
     restore = crash_on_shard_write(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=False, formats="zarr")
@@ -296,7 +294,6 @@ def test_shard_files_written_in_parallel_survive_a_crash(tmp_path, monkeypatch) 
 
     monkeypatch.setattr(b, "PARQUET_WRITERS", 3)  # files finish out of order; some after the crash
     _small_shards(monkeypatch)
-    exact_indexes(monkeypatch)
     restore = crash_on_shard_write(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False)
@@ -333,9 +330,7 @@ def test_a_resolution_failing_to_publish_stops_the_build_and_resumes(tmp_path, m
 
 def test_sigkill_at_any_moment_then_resume(tmp_path) -> None:
     out = tmp_path / "atlas"
-    cli = ("import sys; from catalog import vector_index; from catalog.cli import main; "
-           f"vector_index.EXACT_MAX_CELLS = {EXACT_RES5}; sys.exit(main())")  # exact_indexes, in the child
-    argv = [sys.executable, "-c", cli, "build", "--model", TOY, "--resolutions", "0,5",
+    argv = [sys.executable, "-m", "catalog.cli", "build", "--model", TOY, "--resolutions", "0,5",
             "--output", str(out), "--device", "cpu", "--no-progress"]
     for delay in (2.0, 4.0):
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -403,7 +398,7 @@ def test_a_failure_while_a_shard_is_being_written_leaves_no_half_store(tmp_path,
 
     def failing_encode(*args):
         calls["n"] += 1
-        if calls["n"] == 3:  # the first call encodes the index's training sample, the second a shard
+        if calls["n"] == 2:  # call 1 encodes a shard (no training sample: res 5 of the toy is exact)
             raise RuntimeError("encoder failed")
         return real_encode(*args)
 

@@ -101,7 +101,7 @@ def _write_index(tmp_path, source, res, n, dim, monkeypatch, trained=lambda: Non
     def vectors_of(cells):
         return source.gather_cells(cells)[1]
 
-    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", min(vector_index.EXACT_MAX_CELLS, n - 1))
+    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", min(vector_index.EXACT_MAX_VALUES, (n - 1) * dim))
     state.mark(f"index-train-res={res}", index.train(store, res, n, dim, 2 * dim, vectors_of))
     trained()
     job = write.ShardJob(store, "float16", None, {})
@@ -358,7 +358,7 @@ def test_an_index_missing_cells_is_refused(tmp_path, monkeypatch) -> None:
 def test_shards_without_lists_are_encoded_from_their_parts_into_the_same_index(tmp_path, monkeypatch) -> None:
     import builder.grid
 
-    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
     monkeypatch.setattr(builder.grid, "SINGLE_SHARD_MAX_RES", 2)
     monkeypatch.setattr(builder.grid, "SHARD_CELLS", 8000)  # res 3 in 6 shards
     monkeypatch.setattr(index, "pq_subquantizers", lambda dim, stored: 8)  # trains 4x faster than 32
@@ -404,7 +404,7 @@ def test_the_sample_holds_the_first_cell_under_every_ancestor_that_fits_islands_
 
 
 def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
     monkeypatch.setattr(index, "pq_subquantizers", lambda dim, stored: 8)  # trains 4x faster than 32
     monkeypatch.setattr(finish, "ZARR_BLOCK_CELLS", 2 * finish.ZARR_CHUNK_CELLS)  # several blocks at res 2
     monkeypatch.setenv("HEXATLAS_CACHE", str(tmp_path / "cache"))
@@ -450,7 +450,7 @@ def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None
 def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatch, caplog) -> None:
     # the toy's embeddings span a plane: thousands of cells share nearly one direction; one list
     # probed, its codes' order unchecked, misses most of the true top 10
-    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy: IVF-PQ above 1,000 cells
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
     monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 200 queries' lower bound
@@ -462,7 +462,7 @@ def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatc
 
 def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_setting(tmp_path, monkeypatch,
                                                                                       caplog) -> None:
-    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy: IVF-PQ above 1,000 cells
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
     monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 200 queries' lower bound

@@ -118,7 +118,7 @@ def test_ray_tasks_add_their_shards_to_the_index(ray_cluster, tmp_path, monkeypa
     import builder.index
     from catalog import vector_index
 
-    monkeypatch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)  # resolution 2 gets an IVF-PQ index
+    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy's resolution 2 gets IVF-PQ
     build(TOY, resolutions="2", output=tmp_path / "local", device="cpu", progress=False)
 
     def not_here(*args):

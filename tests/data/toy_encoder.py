@@ -61,19 +61,3 @@ class NumpyToy:
 
 def numpy_plugin(*, checkpoint=None, device="auto", dtype=None) -> NumpyToy:
     return NumpyToy()
-
-
-# The toy's resolutions 4 and 5 (288,122 and 2,016,842 cells) are above the exact-index limit,
-# so a build trains an IVF-PQ index for each, tunes it over the whole ladder and, its 4
-# dimensions being too few for product quantisation, keeps an exact one after all: about 75 s
-# of a 100 s build of resolution 5 on 2 cores. Tests of something else (crashes, kills, SQL,
-# readers) raise the limit instead.
-EXACT_RES5 = 1 << 21
-
-
-def exact_indexes(patch) -> None:
-    """Builds under ``patch`` (a pytest MonkeyPatch) give the toy's resolutions up to 5 exact
-    indexes (see EXACT_RES5)."""
-    from catalog import vector_index
-
-    patch.setattr(vector_index, "EXACT_MAX_CELLS", EXACT_RES5)

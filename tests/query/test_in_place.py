@@ -15,7 +15,6 @@ from catalog import blocks
 from catalog.cells import latlng_to_cells
 from catalog.errors import AtlasCorruptError
 from catalog.manifest import read_manifest
-from tests.data.toy_encoder import exact_indexes
 
 TOY = "tests.data.toy_encoder:load"
 
@@ -216,7 +215,6 @@ def test_cell_ids_kept_in_memory_stay_within_their_budget(tmp_path, monkeypatch)
     import builder.grid
 
     monkeypatch.setattr(builder.grid, "SHARD_CELLS", 7**3)  # resolution 5 in many parts
-    exact_indexes(monkeypatch)
     build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False)
     lat, lon = np.degrees(np.arcsin(np.random.default_rng(5).uniform(-1, 1, 20_000))), \
         np.random.default_rng(6).uniform(-180, 180, 20_000)

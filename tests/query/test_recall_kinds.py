@@ -40,7 +40,7 @@ def atlas(tmp_path_factory):
     root = tmp_path_factory.mktemp("recall-kinds")
     ckpt = make_checkpoint(root / "l40.ckpt", legendre_polys=40)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+        patch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
         patch.setattr(grid, "SINGLE_SHARD_MAX_RES", 2)
         patch.setattr(grid, "SHARD_CELLS", 20_000)
         build(MODEL, checkpoint=str(ckpt), resolutions=str(RES), land_only=True, output=root / "atlas", device="cpu",

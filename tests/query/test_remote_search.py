@@ -28,7 +28,7 @@ def local(tmp_path_factory):
     root = tmp_path_factory.mktemp("ivf")
     ckpt = make_checkpoint(root / "l10.ckpt", legendre_polys=10)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vector_index, "EXACT_MAX_CELLS", 1000)
+        patch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
         patch.setattr(index, "RECALL_TARGET", 0.0)  # keep the IVF index whatever its recall
         build(MODEL, checkpoint=str(ckpt), resolutions="1-2", output=root / "atlas", device="cpu", progress=False)
     return root / "atlas"

@@ -12,7 +12,6 @@ import query
 from catalog.manifest import write_atlas_index
 from tests.data.fault_proxy import FaultProxy
 from tests.data.http_server import HUB_COMMIT, HUB_REPO, nginx
-from tests.data.toy_encoder import exact_indexes
 
 TOY = "tests.data.toy_encoder:load"
 COUNTS = "SELECT res, count(*) AS n FROM embeddings GROUP BY res ORDER BY res"
@@ -34,9 +33,7 @@ def local(tmp_path_factory):
     from builder.build import build
 
     root = tmp_path_factory.mktemp("sql-served")
-    with pytest.MonkeyPatch.context() as patch:
-        exact_indexes(patch)
-        build(TOY, resolutions="0-4", output=root, device="cpu", progress=False)
+    build(TOY, resolutions="0-4", output=root, device="cpu", progress=False)
     write_atlas_index(root)
     return root
 
