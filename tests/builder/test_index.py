@@ -447,6 +447,20 @@ def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None
         atlas.similar(lat=48.85, lon=2.35, res=2, k=10, exclude_within_km=3000)
 
 
+def test_the_exact_limit_is_a_scans_work_so_a_low_dimensional_resolution_trains_nothing(tmp_path,
+                                                                                          monkeypatch) -> None:
+    assert vector_index.exact_fits(1 << 18, 256) and not vector_index.exact_fits((1 << 18) + 1, 256)
+    assert vector_index.exact_fits(1 << 17, 512) and not vector_index.exact_fits((1 << 17) + 1, 512)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an IVF-PQ index was trained for a resolution an exact scan serves")
+
+    monkeypatch.setattr(index, "train", no_training)
+    build(TOY, resolutions="4", output=tmp_path, device="cpu", progress=False)  # 288,122 cells of 4-d: > 2^18
+    info = read_manifest(tmp_path / "toy")["resolutions"]["4"]["index"]
+    assert info["exact"] and info["recall_at_10"] == 1.0
+
+
 def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatch, caplog) -> None:
     # the toy's embeddings span a plane: thousands of cells share nearly one direction; one list
     # probed, its codes' order unchecked, misses most of the true top 10
