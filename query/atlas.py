@@ -942,7 +942,7 @@ def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32
         return keep.of(ids.astype(np.uint64))
 
     try:
-        scores, ids = reranked_search(index, query, k, exact, rerank=info["rerank"], expand=info.get("expand", False),
+        scores, ids = reranked_search(index, query, k, exact, rerank=info.get("rerank", 1), expand=info.get("expand", False),
                                       seeds=[own], keep=passing if keep.active else None,
                                       fallback=[keep.inside(res)] if keep.active else None, sample=sample)
     except AtlasCorruptError as exc:

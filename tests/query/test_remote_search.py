@@ -152,3 +152,20 @@ def test_serve_over_a_remote_atlas_searches_in_place(local, server) -> None:
     assert answer.status_code == 200 and len(answer.json()["results"]) == 5
     assert far._index(None, 2)[0].lists_read > 0
     assert not (far._mirrors[far.models[0]] / "index" / "res=2.faiss").exists()
+
+
+def test_an_ivf_entry_without_rerank_searches_with_the_formats_default(local, tmp_path) -> None:
+    """``rerank`` is optional in the manifest (checked with a default of 1): a search of an
+    index entry without it uses 1, as the manifest check does, not a KeyError."""
+    import shutil
+
+    shutil.copytree(local, tmp_path / "copy")
+    ds = next((tmp_path / "copy").glob("*/"))
+    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest["resolutions"]["2"]["index"]["rerank"] = 1
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    expected = query.open(tmp_path / "copy").similar(lat=35.0, lon=139.0, res=2, exclude_within_km=500)
+    del manifest["resolutions"]["2"]["index"]["rerank"]
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    got = query.open(tmp_path / "copy").similar(lat=35.0, lon=139.0, res=2, exclude_within_km=500)
+    assert got.column("cell").to_pylist() == expected.column("cell").to_pylist()
