@@ -355,13 +355,15 @@ def test_an_index_missing_cells_is_refused(tmp_path, monkeypatch) -> None:
         _write_index(tmp_path, source, 3, len(ids), 16, monkeypatch, claim_one_more)
 
 
-def test_shards_without_lists_are_encoded_from_their_parts_into_the_same_index(tmp_path, monkeypatch) -> None:
+def test_shards_without_lists_are_encoded_from_their_parts_into_the_same_index(tmp_path, monkeypatch,
+                                                                              few_recall_queries) -> None:
     import builder.grid
 
     monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
     monkeypatch.setattr(builder.grid, "SINGLE_SHARD_MAX_RES", 2)
     monkeypatch.setattr(builder.grid, "SHARD_CELLS", 8000)  # res 3 in 6 shards
     monkeypatch.setattr(index, "pq_subquantizers", lambda dim, stored: 8)  # trains 4x faster than 32
+    monkeypatch.setattr(index, "RECALL_TARGET", 0.0)  # the first setting: the index's bytes are the point here
     ckpt = make_checkpoint(tmp_path / "satclip-l10.ckpt", legendre_polys=10)
 
     def build_into(name):
@@ -376,7 +378,7 @@ def test_shards_without_lists_are_encoded_from_their_parts_into_the_same_index(t
     a, b = (read_manifest(d)["resolutions"]["3"] for d in (streamed, replayed))
     assert not a["index"]["exact"] and len(a["parts"]) == 6
     assert (streamed / "index/res=3.faiss").read_bytes() == (replayed / "index/res=3.faiss").read_bytes()
-    assert a["index"]["recall_at_10"] == b["index"]["recall_at_10"] >= 0.95
+    assert a["index"]["recall_at_10"] == b["index"]["recall_at_10"] and a["index"]["recall"] == b["index"]["recall"]
 
 
 def test_the_sample_holds_the_first_cell_under_every_ancestor_that_fits_islands_included() -> None:
@@ -461,25 +463,25 @@ def test_the_exact_limit_is_a_scans_work_so_a_low_dimensional_resolution_trains_
     assert info["exact"] and info["recall_at_10"] == 1.0
 
 
-def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatch, caplog) -> None:
+def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatch, caplog, few_recall_queries) -> None:
     # the toy's embeddings span a plane: thousands of cells share nearly one direction; one list
     # probed, its codes' order unchecked, misses most of the true top 10
     monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy: IVF-PQ above 1,000 cells
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
-    monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 200 queries' lower bound
+    monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 20 queries' lower bound
     build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False)
     info = read_manifest(tmp_path / "toy")["resolutions"]["2"]["index"]
     assert info["exact"] and info["recall_at_10"] == 1.0
     assert "keeping an exact index" in caplog.text
 
 
-def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_setting(tmp_path, monkeypatch,
-                                                                                      caplog) -> None:
+def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_setting(tmp_path, monkeypatch, caplog,
+                                                                                      few_recall_queries) -> None:
     monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy: IVF-PQ above 1,000 cells
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
-    monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 200 queries' lower bound
+    monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 20 queries' lower bound
     monkeypatch.setattr(index, "FLAT_MAX_BYTES", 0)  # as at resolution 7, where a flat index would not fit
     build(TOY, resolutions="2", output=tmp_path, device="cpu", progress=False)
     info = read_manifest(tmp_path / "toy")["resolutions"]["2"]["index"]
@@ -521,6 +523,7 @@ def test_shard_rows_encode_into_the_lists_faiss_adds_them_to(dim, m, field, boun
     vectors = _smooth(cells.astype(np.int64), dim) if field == "smooth" else \
         normalize(rng.normal(size=(len(cells), dim))).astype(np.float32)
     trained = faiss.index_factory(dim, f"IVF64,PQ{m}", faiss.METRIC_INNER_PRODUCT)
+    faiss.downcast_index(trained).do_polysemous_training = False  # as the builder trains (30x faster here)
     trained.train(vectors[rng.permutation(len(cells))[:64 * 40]])
     book = ivfpq.Codebook.of(trained)
     lists, codes = ivfpq.encode(book, vectors)

@@ -114,11 +114,14 @@ def test_ray_build_is_identical_to_a_local_build(ray_cluster, reference, tmp_pat
     assert not (tmp_path / "toy" / "_build").exists()
 
 
-def test_ray_tasks_add_their_shards_to_the_index(ray_cluster, tmp_path, monkeypatch) -> None:
+def test_ray_tasks_add_their_shards_to_the_index(ray_cluster, tmp_path, monkeypatch, few_recall_queries) -> None:
     import builder.index
     from catalog import vector_index
 
     monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy's resolution 2 gets IVF-PQ
+    # the first setting tried is kept (the 4-d toy's recall would climb the whole ladder): the
+    # lists the tasks add are the point here, and the tuning is the driver's, tested elsewhere
+    monkeypatch.setattr(builder.index, "RECALL_TARGET", 0.0)
     build(TOY, resolutions="2", output=tmp_path / "local", device="cpu", progress=False)
 
     def not_here(*args):
@@ -127,7 +130,7 @@ def test_ray_tasks_add_their_shards_to_the_index(ray_cluster, tmp_path, monkeypa
     monkeypatch.setattr(builder.index, "add_shard", not_here)  # the tasks, in their own processes, do
     build(TOY, resolutions="2", output=tmp_path / "ray", device="cpu", progress=False, executor="ray")
     info = read_manifest(tmp_path / "ray" / "toy")["resolutions"]["2"]["index"]
-    assert not info["exact"] and info["recall_at_10"] >= 0.95
+    assert not info["exact"] and info["recall_at_10"] > 0
     index = "toy/index/res=2.faiss"
     assert (tmp_path / "ray" / index).read_bytes() == (tmp_path / "local" / index).read_bytes()
 

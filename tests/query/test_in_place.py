@@ -214,19 +214,20 @@ def test_cell_ids_kept_in_memory_stay_within_their_budget(tmp_path, monkeypatch)
     needs more blocks is located in pieces, and every answer equals that of an unbounded reader."""
     import builder.grid
 
-    monkeypatch.setattr(builder.grid, "SHARD_CELLS", 7**3)  # resolution 5 in many parts
-    build(TOY, resolutions="5", output=tmp_path, device="cpu", progress=False)
+    monkeypatch.setattr(builder.grid, "SINGLE_SHARD_MAX_RES", 2)
+    monkeypatch.setattr(builder.grid, "SHARD_CELLS", 7**3)  # resolution 4 in 840 parts
+    build(TOY, resolutions="4", output=tmp_path, device="cpu", progress=False)
     lat, lon = np.degrees(np.arcsin(np.random.default_rng(5).uniform(-1, 1, 20_000))), \
         np.random.default_rng(6).uniform(-180, 180, 20_000)
     expected = query.open(tmp_path).lookup(lat, lon)  # the default budget holds every run
-    width = query.open(tmp_path)._data("toy", 5).reader.block_size
+    width = query.open(tmp_path)._data("toy", 4).reader.block_size
     monkeypatch.setattr(blocks, "CELL_INDEX_BYTES", 3 * 8 * width)  # three blocks' runs
     atlas = query.open(tmp_path)
     for _ in range(2):
         np.testing.assert_array_equal(atlas.lookup(lat, lon), expected)
     for n in (1, 7, 500):  # small batches after big ones: rows reused, answers still exact
         np.testing.assert_array_equal(atlas.lookup(lat[:n], lon[:n]), expected[:n])
-    reader = atlas._data("toy", 5).reader
+    reader = atlas._data("toy", 4).reader
     directory = reader._directory
     assert len(reader.infos) > 100 and directory.slab.nbytes <= 3 * 8 * width
     assert (directory.slot > 0).sum() <= 3

@@ -13,6 +13,7 @@ from catalog.errors import AtlasCorruptError
 from catalog.manifest import validate_dataset
 from tests.data.fault_proxy import FaultProxy
 from tests.data.http_server import nginx
+from tests.data.recall import few_recall_queries
 from tests.data.satclip_checkpoint import make_checkpoint
 
 MODEL = "satclip-vit16-l10"
@@ -30,6 +31,7 @@ def local(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
         patch.setattr(index, "RECALL_TARGET", 0.0)  # keep the IVF index whatever its recall
+        few_recall_queries(patch)
         build(MODEL, checkpoint=str(ckpt), resolutions="1-2", output=root / "atlas", device="cpu", progress=False)
     return root / "atlas"
 

@@ -1,0 +1,16 @@
+"""Builds that measure their index on few queries: for tests where the index's bytes or the
+tuning's path are the point, not its recall (a build's final recall passes search every
+query twice, most of such a test's time)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def few_recall_queries(patch: Any) -> None:
+    """Through ``patch`` (a ``pytest.MonkeyPatch``): 20 uniform queries and 10 of each other
+    kind, not 200 and 100."""
+    from builder import index, probes
+
+    patch.setattr(index, "RECALL_QUERIES", 20)
+    patch.setattr(probes, "PER_KIND", 10)
