@@ -264,27 +264,31 @@ def _small_shards(monkeypatch) -> None:
 
 def test_crash_mid_build_then_resume(tmp_path, monkeypatch, capsys) -> None:
     import builder.build as b
+    import builder.grid
+    from builder import finish
 
     monkeypatch.setattr(b, "PARQUET_WRITERS", 1)
-    _small_shards(monkeypatch)
+    monkeypatch.setattr(builder.grid, "SINGLE_SHARD_MAX_RES", 2)
+    monkeypatch.setattr(builder.grid, "SHARD_CELLS", 7**5)  # 18 shards at resolution 4
+    monkeypatch.setattr(finish, "ZARR_BLOCK_CELLS", 2 * finish.ZARR_CHUNK_CELLS)  # res 4 in 36 Zarr writes
     restore = crash_on_shard_write(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=False, formats="zarr")
+        build(TOY, resolutions="0,4", output=tmp_path, device="cpu", progress=False, formats="zarr")
     assert not (tmp_path / "toy" / "manifest.json").exists()
     written = len(list((tmp_path / "toy" / "data").rglob("*.parquet")))
     restore()
-    summary = build(TOY, resolutions="0,5", output=tmp_path, device="cpu", progress=True, formats="zarr")
-    assert 2 <= summary.resumed_shards == written <= 3 and summary.cells == {0: 122, 5: cell_count(5)}
-    # res 5 was not streamed (a shard came from the first run): finished from its files, with a bar
-    assert "zarr res 5" in capsys.readouterr().err and summary.seconds["read back"] > 0
-    cells = pq.read_table(tmp_path / "toy" / "data/res=5", columns=["cell"]).column("cell").to_numpy()
-    assert len(cells) == len(np.unique(cells)) == cell_count(5)
+    summary = build(TOY, resolutions="0,4", output=tmp_path, device="cpu", progress=True, formats="zarr")
+    assert 2 <= summary.resumed_shards == written <= 3 and summary.cells == {0: 122, 4: cell_count(4)}
+    # res 4 was not streamed (a shard came from the first run): finished from its files, with a bar
+    assert "zarr res 4" in capsys.readouterr().err and summary.seconds["read back"] > 0
+    cells = pq.read_table(tmp_path / "toy" / "data/res=4", columns=["cell"]).column("cell").to_numpy()
+    assert len(cells) == len(np.unique(cells)) == cell_count(4)
     assert validate_dataset(tmp_path / "toy") == []
-    # res 5 spans several Zarr append blocks (sliced remainders): they must match the Parquet
+    # res 4 spans several Zarr append blocks (sliced remainders): they must match the Parquet
     import xarray as xr
 
-    _, _, _, emb = _read(tmp_path / "toy", 5)
-    ds = xr.open_zarr(tmp_path / "toy" / "zarr/res=5.zarr")
+    _, _, _, emb = _read(tmp_path / "toy", 4)
+    ds = xr.open_zarr(tmp_path / "toy" / "zarr/res=4.zarr")
     np.testing.assert_array_equal(ds.cell_ids.values, cells)
     np.testing.assert_array_equal(ds.embedding.values.astype(np.float32), emb)
 
