@@ -26,6 +26,7 @@ from catalog.storage import open_store
 from catalog.tables import embedding_matrix
 from catalog.vector_index import ivf_lists, normalize
 from query import open as open_atlas
+from tests.data.recall import few_recall_queries
 from tests.data.satclip_checkpoint import make_checkpoint
 
 TOY = "tests.data.toy_encoder:load"
@@ -355,10 +356,10 @@ def test_an_index_missing_cells_is_refused(tmp_path, monkeypatch) -> None:
         _write_index(tmp_path, source, 3, len(ids), 16, monkeypatch, claim_one_more)
 
 
-def test_shards_without_lists_are_encoded_from_their_parts_into_the_same_index(tmp_path, monkeypatch,
-                                                                              few_recall_queries) -> None:
+def test_shards_without_lists_are_encoded_from_their_parts_into_the_same_index(tmp_path, monkeypatch) -> None:
     import builder.grid
 
+    few_recall_queries(monkeypatch)
     monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
     monkeypatch.setattr(builder.grid, "SINGLE_SHARD_MAX_RES", 2)
     monkeypatch.setattr(builder.grid, "SHARD_CELLS", 8000)  # res 3 in 6 shards
@@ -463,9 +464,10 @@ def test_the_exact_limit_is_a_scans_work_so_a_low_dimensional_resolution_trains_
     assert info["exact"] and info["recall_at_10"] == 1.0
 
 
-def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatch, caplog, few_recall_queries) -> None:
+def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatch, caplog) -> None:
     # the toy's embeddings span a plane: thousands of cells share nearly one direction; one list
     # probed, its codes' order unchecked, misses most of the true top 10
+    few_recall_queries(monkeypatch)
     monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy: IVF-PQ above 1,000 cells
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
@@ -476,8 +478,9 @@ def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatc
     assert "keeping an exact index" in caplog.text
 
 
-def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_setting(tmp_path, monkeypatch, caplog,
-                                                                                      few_recall_queries) -> None:
+def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_setting(tmp_path, monkeypatch,
+                                                                                      caplog) -> None:
+    few_recall_queries(monkeypatch)
     monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy: IVF-PQ above 1,000 cells
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
