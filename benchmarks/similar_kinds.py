@@ -167,19 +167,22 @@ def measure(atlas_dir: Path, res: int, label: str, per_kind: int = PER_KIND) -> 
         atlas.similar(res=res, **q)  # the index's lists and the blocks it reads paged in
     s10, t10 = _search(atlas, res, queries, 10)
     s100, _ = _search(atlas, res, queries, 100)
-    saved = (vector_index.SEED_REGIONS, vector_index.SEED_POOL, vector_index.FILTERED_WIDEN, vector_index.reranked_search)
+    names = ("SEED_REGIONS", "VECTOR_SEED_REGIONS", "SEED_POOL", "FILTERED_WIDEN")
+    saved = {name: getattr(vector_index, name) for name in names}
     original = vector_index.reranked_search
 
     def unseeded(*args, seeds=None, sample=None, **kwargs):
         return original(*args, **kwargs)
 
-    vector_index.SEED_REGIONS, vector_index.SEED_POOL, vector_index.FILTERED_WIDEN = 0, 0, 1
+    for name, value in zip(names, (0, 0, 0, 1), strict=True):
+        setattr(vector_index, name, value)
     vector_index.reranked_search = unseeded
     try:
         o10, o_t = _search(atlas, res, queries, 10)
     finally:
-        (vector_index.SEED_REGIONS, vector_index.SEED_POOL, vector_index.FILTERED_WIDEN,
-         vector_index.reranked_search) = saved
+        for name, value in saved.items():
+            setattr(vector_index, name, value)
+        vector_index.reranked_search = original
     kinds = np.array([kind for kind, _ in queries])
     r10, r100, old = _found(s10, best[:, 9]), _found(s100, best[:, 99]), _found(o10, best[:, 9])
     t10, o_t = np.array(t10), np.array(o_t)

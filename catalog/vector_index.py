@@ -115,8 +115,13 @@ STRIDES = (8,)  # measured at resolution 7: the same recall as single steps, p50
 # SEED_REGIONS regions (the cells under one parent SEED_SPAN resolutions coarser) among the
 # index's SEED_POOL best, each climbing on its own. PQ codes tie thousands of neighbouring
 # cells, so the index's top candidates can all lie on one hill that is not the highest.
+# A query with a place of its own (a cell, a lat/lon) starts from its own cell too, so it
+# needs fewer regions than a vector query: random SatCLIP land res 7, 60 queries a kind, 4
+# regions kept recall@10 (1.000, edge 0.998) at p50 17 ms against 26-32 with 16, but GeoCLIP's
+# means of two needed 16 (docs/benchmarks.md, "Fewer region seeds for a placed query").
 SEED_POOL = 1000
-SEED_REGIONS = 16
+SEED_REGIONS = 4
+VECTOR_SEED_REGIONS = 16
 SEED_SPAN = 3
 # A filtered search widens its pool of candidates (8x, then nprobe 4x) until enough pass, up
 # to this many candidates and every list.
@@ -216,7 +221,8 @@ def reranked_search(
     of neighbouring cells share nearly one PQ code: the index finds the right places, but not
     which of their cells are best, and its best candidates can all come from one place. With
     ``expand`` the walk starts from three kinds of seed: the ``rerank * k`` candidates, the
-    best candidate of each of up to :data:`SEED_REGIONS` regions among the index's
+    best candidate of each of up to :data:`SEED_REGIONS` regions (:data:`VECTOR_SEED_REGIONS`
+    for a query without ``seeds`` of its own) among the index's
     :data:`SEED_POOL` best, and ``seeds[i]`` (a cell query's own cell). Each round scores
     exactly the ring around every unexpanded cell among the current ``k`` best (at most
     :data:`EXPAND_WIDTH`) and around each seed's own best cell (every cell belongs to the
@@ -286,11 +292,12 @@ def reranked_search(
                 pool, vectors = vectors_of(np.unique(row))  # hills of nearly one height
                 scored = vectors @ query
                 ranked = pool[np.argsort(-scored, kind="stable")]
-            others = _region_seeds(ranked, set(start.tolist()), SEED_REGIONS * (1 if keep is None else FILTERED_WIDEN))
+            placed = seeds is not None and len(seeds[i]) > 0  # a cell or point query, not a vector
+            regions = (SEED_REGIONS if placed else VECTOR_SEED_REGIONS) * (1 if keep is None else FILTERED_WIDEN)
+            others = _region_seeds(ranked, set(start.tolist()), regions)
             own = None if seeds is None else np.setdiff1d(np.asarray(seeds[i], np.int64), start)
             if own is not None:
                 others = np.concatenate([others, own[keep(own)] if keep is not None else own])
-            placed = seeds is not None and len(seeds[i]) > 0  # a cell or point query, not a vector
             if sample is not None and (keep is not None or not placed):
                 picked = sample.seeds(query, keep, SAMPLE_SEEDS) if keep is not None else \
                     sample.best(query, VECTOR_SAMPLE_SEEDS)
@@ -309,31 +316,47 @@ def reranked_search(
 
 def _candidates(index: Any, query: NDArray[np.float32], want: int, keep: Keep | None) -> NDArray[np.int64]:
     """The index's best ``want`` candidates for ``query``; with ``keep``, those it accepts,
-    the search widened until ``want`` pass or it can widen no more (see :func:`reranked_search`)."""
+    the search widened until ``want`` pass or it can widen no more (see :func:`reranked_search`).
+
+    The pool grows 8x a step; when too few pass, the search skips the steps that the share
+    passing so far says cannot be enough and answers each skipped step from the larger
+    search's first rows, so a pool that must reach :data:`MAX_CANDIDATES` costs two searches, not four.
+    """
     nprobe = base = getattr(index, "nprobe", None)
     nlist = getattr(index, "nlist", None)
     if keep is not None and nprobe is not None and nlist is not None:
         nprobe = min(nlist, nprobe * FILTERED_WIDEN)
-    pool = want
+    pool, ask = want, want
     while True:
         params = {}
         if nprobe != base:
             params["params"] = require_faiss().SearchParametersIVF(nprobe=nprobe)
-        _, found = index.search(query[None, :], pool, **params)
+        _, found = index.search(query[None, :], ask, **params)
         row = found[0][found[0] >= 0]
         if keep is None:
             return row
-        passing = row[keep(row)]
-        if len(passing) >= want:
-            return passing
-        if len(row) < pool:  # every candidate of the probed lists: probe more
+        ok = keep(row)
+        passed = np.cumsum(ok)
+        while True:  # each step of the pool up to ``ask``: its first ``pool`` rows, as if searched alone
+            top = row[:pool]
+            if len(top) and passed[len(top) - 1] >= want:
+                return top[ok[:len(top)]]
+            if len(top) < pool or pool >= ask:
+                break
+            pool = min(MAX_CANDIDATES, pool * 8)
+        passing = top[ok[:len(top)]]
+        if len(top) < pool:  # every candidate of the probed lists: probe more
             if nprobe is None or nlist is None or nprobe >= nlist:
                 return passing
             nprobe = min(nlist, nprobe * 4)
+            ask = pool
         elif pool >= MAX_CANDIDATES:
             return passing
         else:
-            pool = min(MAX_CANDIDATES, pool * 8)
+            share = len(passing) / max(1, len(top))
+            pool = ask = min(MAX_CANDIDATES, pool * 8)
+            while ask < MAX_CANDIDATES and ask * share < want:  # steps too small to be enough
+                ask = min(MAX_CANDIDATES, ask * 8)
 
 
 def _region_seeds(candidates: NDArray[np.int64], taken: set[int], regions: int) -> NDArray[np.int64]:

@@ -192,6 +192,70 @@ def test_a_filtered_search_keeps_every_candidate_it_scored_exactly() -> None:
     assert sorted(found[0].tolist()) == sorted(truth.tolist())
 
 
+class _CountingIndex:
+    """An index whose searches are counted (``ks``: the number asked for, a search)."""
+
+    def __init__(self, index) -> None:
+        self.index, self.nprobe, self.nlist, self.ks = index, index.nprobe, index.nlist, []
+
+    def search(self, query, k, **kwargs):
+        self.ks.append(k)
+        return self.index.search(query, k, **kwargs)
+
+
+def _pool_step_by_step(index, query, want, keep):
+    """A filtered search's pool as the search grows it, one 8x step a search."""
+    nprobe, pool = min(index.nlist, index.nprobe * vector_index.FILTERED_WIDEN), want
+    while True:
+        _, found = index.search(query[None, :], pool, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        row = found[0][found[0] >= 0]
+        passing = row[keep(row)]
+        if len(passing) >= want:
+            return passing
+        if len(row) < pool:
+            if nprobe >= index.nlist:
+                return passing
+            nprobe = min(index.nlist, nprobe * 4)
+        elif pool >= vector_index.MAX_CANDIDATES:
+            return passing
+        else:
+            pool = min(vector_index.MAX_CANDIDATES, pool * 8)
+
+
+@pytest.mark.parametrize("passing", ["deep", "early", "none", "few_lists"])
+def test_a_filtered_pool_skips_the_steps_its_passing_share_rules_out(monkeypatch, passing) -> None:
+    """The pool of a filtered search whose first candidates all fail the filter (an excluded
+    circle around the query) is the one the search would reach growing 8x a search, found
+    with two searches, not one a step; a pool whose share passing says the next step is
+    enough asks for that step; pools that pass never, or exhaust the lists probed, are unchanged."""
+    monkeypatch.setattr(vector_index, "MAX_CANDIDATES", 16_000)
+    rng = np.random.default_rng(3)
+    vectors = normalize(rng.normal(size=(20_000, 8))).astype(np.float32)
+    ids = np.arange(20_000, dtype=np.int64) * 7 + 11
+    quantizer = faiss.IndexFlatIP(8)
+    ivf = faiss.IndexIVFFlat(quantizer, 8, 8, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(vectors)
+    ivf.add_with_ids(vectors, ids)
+    ivf.nprobe = 1 if passing == "few_lists" else 2  # x FILTERED_WIDEN: some lists, or all 8
+    query = vectors[0]
+    _, ranked = ivf.search(query[None, :], 20_000, params=faiss.SearchParametersIVF(nprobe=8))
+    rank = dict(zip(ranked[0].tolist(), range(20_000)))
+    rule = {"deep": lambda r: r >= 6_500 and r % 2 == 0, "early": lambda r: r % 3 == 0,
+            "none": lambda r: False, "few_lists": lambda r: r >= 3_000}[passing]
+
+    def keep(cells):
+        return np.array([rule(rank[c]) for c in cells.tolist()], bool)
+
+    counted = _CountingIndex(ivf)
+    got = vector_index._candidates(counted, query, 1000, keep)
+    expected = _pool_step_by_step(ivf, query, 1000, keep)
+    assert got.tolist() == expected.tolist()
+    if passing == "deep":  # 1,000 and then 16,000 (the step of 8,000 answered from its first rows)
+        assert counted.ks == [1000, 16_000] and len(got) == 4_750
+    if passing == "early":  # a third pass: the next step is enough, and it is the one asked for
+        assert counted.ks == [1000, 8000]
+
+
 def test_a_filtered_search_climbs_from_the_sample_where_the_index_proposes_nothing_that_passes() -> None:
     """An index whose candidates all lie inside the excluded circle (as the hills nearest a
     query do): the best passing cells of the resolution's sample seed climbs to the exact
