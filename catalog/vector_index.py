@@ -117,7 +117,7 @@ STRIDES = (8,)  # measured at resolution 7: the same recall as single steps, p50
 # cells, so the index's top candidates can all lie on one hill that is not the highest.
 # A query with a place of its own (a cell, a lat/lon) starts from its own cell too, so it
 # needs fewer regions than a vector query: random SatCLIP land res 7, 60 queries a kind, 4
-# regions kept recall@10 (1.000, edge 0.998) at p50 17 ms against 26-32 with 16, but GeoCLIP's
+# regions kept recall@10 (1.000, edge 0.998) at p50 17-20 ms against 20-35 with 16, but GeoCLIP's
 # means of two needed 16 (docs/benchmarks.md, "Fewer region seeds for a placed query").
 SEED_POOL = 1000
 SEED_REGIONS = 4
