@@ -26,7 +26,7 @@ from catalog.storage import open_store
 from catalog.tables import embedding_matrix
 from catalog.vector_index import ivf_lists, normalize
 from query import open as open_atlas
-from tests.data.recall import few_recall_queries
+from tests.data.recall import approximate_above, few_recall_queries
 from tests.data.satclip_checkpoint import make_checkpoint
 
 TOY = "tests.data.toy_encoder:load"
@@ -424,7 +424,7 @@ def test_shards_without_lists_are_encoded_from_their_parts_into_the_same_index(t
     import builder.grid
 
     few_recall_queries(monkeypatch)
-    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
+    approximate_above(monkeypatch, 1000, 256)
     monkeypatch.setattr(builder.grid, "SINGLE_SHARD_MAX_RES", 2)
     monkeypatch.setattr(builder.grid, "SHARD_CELLS", 8000)  # res 3 in 6 shards
     monkeypatch.setattr(index, "pq_subquantizers", lambda dim, stored: 8)  # trains 4x faster than 32
@@ -471,7 +471,7 @@ def test_the_sample_holds_the_first_cell_under_every_ancestor_that_fits_islands_
 
 
 def test_a_built_approximate_index_serves_similar(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
+    approximate_above(monkeypatch, 1000, 256)
     monkeypatch.setattr(index, "pq_subquantizers", lambda dim, stored: 8)  # trains 4x faster than 32
     monkeypatch.setattr(finish, "ZARR_BLOCK_CELLS", 2 * finish.ZARR_CHUNK_CELLS)  # several blocks at res 2
     monkeypatch.setenv("HEXATLAS_CACHE", str(tmp_path / "cache"))
@@ -532,7 +532,7 @@ def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatc
     # the toy's embeddings span a plane: thousands of cells share nearly one direction; one list
     # probed, its codes' order unchecked, misses most of the true top 10
     few_recall_queries(monkeypatch)
-    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy: IVF-PQ above 1,000 cells
+    approximate_above(monkeypatch, 1000, 4)
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
     monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 20 queries' lower bound
@@ -545,7 +545,7 @@ def test_an_index_that_misses_the_recall_target_stays_exact(tmp_path, monkeypatc
 def test_an_index_that_misses_the_target_and_cannot_be_exact_keeps_its_best_setting(tmp_path, monkeypatch,
                                                                                       caplog) -> None:
     few_recall_queries(monkeypatch)
-    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy: IVF-PQ above 1,000 cells
+    approximate_above(monkeypatch, 1000, 4)
     monkeypatch.setattr(index, "NPROBES", (1,))
     monkeypatch.setattr(index, "RERANKS", (1,))
     monkeypatch.setattr(index, "RECALL_TARGET", 0.999)  # out of reach of 20 queries' lower bound

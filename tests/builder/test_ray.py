@@ -116,11 +116,10 @@ def test_ray_build_is_identical_to_a_local_build(ray_cluster, reference, tmp_pat
 
 def test_ray_tasks_add_their_shards_to_the_index(ray_cluster, tmp_path, monkeypatch) -> None:
     import builder.index
-    from catalog import vector_index
-    from tests.data.recall import few_recall_queries
+    from tests.data.recall import approximate_above, few_recall_queries
 
     few_recall_queries(monkeypatch)
-    monkeypatch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 4)  # the 4-d toy's resolution 2 gets IVF-PQ
+    approximate_above(monkeypatch, 1000, 4)
     # the first setting tried is kept (the 4-d toy's recall would climb the whole ladder): the
     # lists the tasks add are the point here, and the tuning is the driver's, tested elsewhere
     monkeypatch.setattr(builder.index, "RECALL_TARGET", 0.0)

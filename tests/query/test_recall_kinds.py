@@ -19,6 +19,7 @@ from catalog.cells import cells_to_latlng, latlng_to_cells
 from catalog.interpolation import haversine_km
 from catalog.tables import embedding_matrix
 from catalog.vector_index import normalize
+from tests.data.recall import approximate_above
 
 pytestmark = pytest.mark.slow  # its atlas's build and tuning take two to three minutes
 
@@ -34,13 +35,12 @@ def atlas(tmp_path_factory):
     and sparse parts as a resolution-7 land atlas has them, at a test's size."""
     from builder import grid
     from builder.build import build
-    from catalog import vector_index
     from tests.data.satclip_checkpoint import make_checkpoint
 
     root = tmp_path_factory.mktemp("recall-kinds")
     ckpt = make_checkpoint(root / "l40.ckpt", legendre_polys=40)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
+        approximate_above(patch, 1000, 256)
         patch.setattr(grid, "SINGLE_SHARD_MAX_RES", 2)
         patch.setattr(grid, "SHARD_CELLS", 20_000)
         build(MODEL, checkpoint=str(ckpt), resolutions=str(RES), land_only=True, output=root / "atlas", device="cpu",

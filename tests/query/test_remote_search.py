@@ -13,7 +13,7 @@ from catalog.errors import AtlasCorruptError
 from catalog.manifest import validate_dataset
 from tests.data.fault_proxy import FaultProxy
 from tests.data.http_server import nginx
-from tests.data.recall import few_recall_queries
+from tests.data.recall import approximate_above, few_recall_queries
 from tests.data.satclip_checkpoint import make_checkpoint
 
 MODEL = "satclip-vit16-l10"
@@ -24,12 +24,11 @@ def local(tmp_path_factory):
     """SatCLIP L=10 (256-d) at resolutions 1-2, res 2 (5,882 cells) with an IVF-PQ index."""
     from builder import index
     from builder.build import build
-    from catalog import vector_index
 
     root = tmp_path_factory.mktemp("ivf")
     ckpt = make_checkpoint(root / "l10.ckpt", legendre_polys=10)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vector_index, "EXACT_MAX_VALUES", 1000 * 256)  # IVF-PQ above 1,000 cells
+        approximate_above(patch, 1000, 256)
         patch.setattr(index, "RECALL_TARGET", 0.0)  # keep the IVF index whatever its recall
         few_recall_queries(patch)
         build(MODEL, checkpoint=str(ckpt), resolutions="1-2", output=root / "atlas", device="cpu", progress=False)
