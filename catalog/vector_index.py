@@ -336,15 +336,14 @@ def _candidates(index: Any, query: NDArray[np.float32], want: int, keep: Keep | 
         if keep is None:
             return row
         ok = keep(row)
-        passed = np.cumsum(ok)
         while True:  # each step of the pool up to ``ask``: its first ``pool`` rows, as if searched alone
             top = row[:pool]
-            if len(top) and passed[len(top) - 1] >= want:
-                return top[ok[:len(top)]]
+            passing = top[ok[:len(top)]]
+            if len(passing) >= want:
+                return passing
             if len(top) < pool or pool >= ask:
                 break
             pool = min(MAX_CANDIDATES, pool * 8)
-        passing = top[ok[:len(top)]]
         if len(top) < pool:  # every candidate of the probed lists: probe more
             if nprobe is None or nlist is None or nprobe >= nlist:
                 return passing

@@ -256,6 +256,31 @@ def test_a_filtered_pool_skips_the_steps_its_passing_share_rules_out(monkeypatch
         assert counted.ks == [1000, 8000]
 
 
+def test_a_placed_query_starts_from_fewer_regions_than_a_vector_query(monkeypatch) -> None:
+    """A cell or point query (its own cell a seed) asks for SEED_REGIONS regions, a vector
+    query for VECTOR_SEED_REGIONS, a filtered one FILTERED_WIDEN times as many."""
+    cells = shard_cells(Shard(3)).astype(np.int64)
+    vectors = _smooth(cells, 16, seed=2)
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+    flat.add_with_ids(vectors, cells)
+    asked = []
+    regions = vector_index._region_seeds
+    monkeypatch.setattr(vector_index, "_region_seeds", lambda c, t, n: asked.append(n) or regions(c, t, n))
+
+    def search(seeds, keep=None):
+        vector_index.reranked_search(flat, vectors[:1], 10, _vectors_of(cells, vectors), expand=True,
+                                     seeds=seeds, keep=keep)
+
+    search([cells[:1]])
+    search([np.empty(0, np.int64)])
+    search(None)
+    search([cells[:1]], keep=lambda ids: ids != cells[0])
+    widen = vector_index.FILTERED_WIDEN
+    assert asked == [vector_index.SEED_REGIONS, vector_index.VECTOR_SEED_REGIONS, vector_index.VECTOR_SEED_REGIONS,
+                     vector_index.SEED_REGIONS * widen]
+    assert vector_index.SEED_REGIONS < vector_index.VECTOR_SEED_REGIONS
+
+
 def test_a_filtered_search_climbs_from_the_sample_where_the_index_proposes_nothing_that_passes() -> None:
     """An index whose candidates all lie inside the excluded circle (as the hills nearest a
     query do): the best passing cells of the resolution's sample seed climbs to the exact
