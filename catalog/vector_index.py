@@ -266,8 +266,6 @@ def reranked_search(
     AtlasCorruptError
         When the index proposes a cell the atlas lacks.
     """
-    from catalog.errors import AtlasCorruptError
-
     top = max(k, k * rerank)
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
@@ -281,13 +279,11 @@ def reranked_search(
         if row.size == 0 and (sample is None or keep is None or not expand):
             continue
         start = np.unique(row[:top])
-        found, vectors = vectors_of(start)
-        if len(found) != len(start):
-            raise AtlasCorruptError("the index names cells the atlas's embeddings lack; run 'hexatlas validate'")
-        cells, exact = found, vectors @ query
-        passing = np.ones(len(cells), bool)
-        if expand:
-            ranked, scored = row, None
+        if not expand:
+            cells, exact = _scored(vectors_of, start, query, start)
+            passing = np.ones(len(cells), bool)
+        else:
+            pool, scored, ranked = np.empty(0, np.int64), np.empty(0, np.float32), row
             if keep is not None:  # regions' seeds by exact score: the PQ order is noise among far
                 pool, vectors = vectors_of(np.unique(row))  # hills of nearly one height
                 scored = vectors @ query
@@ -303,15 +299,30 @@ def reranked_search(
                     sample.best(query, VECTOR_SAMPLE_SEEDS)
                 others = np.concatenate([others, np.setdiff1d(picked, start)])
             others = np.unique(others)
-            if scored is not None:  # every candidate scored exactly may be a result, not only the seeds
-                extra = ~np.isin(pool, start) & ~np.isin(pool, others)
-                cells, exact = np.concatenate([cells, pool[extra]]), np.concatenate([exact, scored[extra]])
-            more, vectors = vectors_of(others)
-            cells, exact, passing = _walk(np.concatenate([cells, more]), np.concatenate([exact, vectors @ query]),
-                                          len(cells), query, k, vectors_of, keep)
+            # the candidates and the seeds not scored yet, read at once (remotely one round trip)
+            got, got_exact = _scored(vectors_of, np.setdiff1d(np.union1d(start, others), pool), query,
+                                     np.setdiff1d(start, pool))
+            # every candidate scored exactly may be a result; those not seeds climb as the index's
+            cells, exact = np.concatenate([pool, got]), np.concatenate([scored, got_exact])
+            first = ~np.isin(cells, others)
+            cells, exact, passing = _walk(np.concatenate([cells[first], cells[~first]]),
+                                          np.concatenate([exact[first], exact[~first]]),
+                                          int(first.sum()), query, k, vectors_of, keep)
         order = np.flatnonzero(passing)[np.argsort(-exact[passing], kind="stable")[:k]]
         scores[i, : order.size], ids[i, : order.size] = exact[order], cells[order]
     return scores, ids
+
+
+def _scored(vectors_of: VectorsOf, cells: NDArray[np.int64], query: NDArray[np.float32],
+            needed: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """The cells of ``cells`` the atlas holds and their exact scores; every one of ``needed``
+    (the index's candidates) must be held."""
+    from catalog.errors import AtlasCorruptError
+
+    found, vectors = vectors_of(cells)
+    if np.setdiff1d(needed, found).size:
+        raise AtlasCorruptError("the index names cells the atlas's embeddings lack; run 'hexatlas validate'")
+    return found, vectors @ query
 
 
 def _candidates(index: Any, query: NDArray[np.float32], want: int, keep: Keep | None) -> NDArray[np.int64]:

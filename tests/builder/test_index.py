@@ -281,6 +281,37 @@ def test_a_placed_query_starts_from_fewer_regions_than_a_vector_query(monkeypatc
     assert vector_index.SEED_REGIONS < vector_index.VECTOR_SEED_REGIONS
 
 
+def test_a_search_reads_its_candidates_and_seeds_at_once_before_the_walk(monkeypatch) -> None:
+    """The index's candidates and every seed not scored yet are read in one call (remotely
+    one round trip), so an unfiltered search reads once before its walk and a filtered one
+    twice (its pool, scored to rank the regions, then the rest)."""
+    cells = shard_cells(Shard(3)).astype(np.int64)
+    vectors = _smooth(cells, 16, seed=2)
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+    flat.add_with_ids(vectors, cells)
+    reads, before_walk = [], []
+    walk = vector_index._walk
+
+    def counted(ids):
+        reads.append(ids)
+        return _vectors_of(cells, vectors)(ids)
+
+    def first_walk(cells_, exact, n_index, *args):
+        before_walk.append(len(reads))
+        assert len(set(cells_.tolist())) == len(cells_)  # every cell scored once
+        return walk(cells_, exact, n_index, *args)
+
+    monkeypatch.setattr(vector_index, "_walk", first_walk)
+    for seeds, keep in (([cells[5:6]], None), (None, None), ([cells[5:6]], lambda ids: ids != cells[0])):
+        reads.clear()
+        got = vector_index.reranked_search(flat, vectors[5:6], 10, counted, expand=True, seeds=seeds, keep=keep)
+        exact = vectors @ vectors[5]
+        if keep is not None:
+            exact[0] = -np.inf
+        assert set(got[1][0].tolist()) == set(cells[np.argsort(-exact)[:10]].tolist())
+    assert before_walk == [1, 1, 2]
+
+
 def test_a_filtered_search_climbs_from_the_sample_where_the_index_proposes_nothing_that_passes() -> None:
     """An index whose candidates all lie inside the excluded circle (as the hills nearest a
     query do): the best passing cells of the resolution's sample seed climbs to the exact
