@@ -325,7 +325,8 @@ def finish_index(res: int, job: ShardJob, state: BuildState, timer: Timer, sourc
                                         queries, top, source.gather_cells, sample=vector_index.Sample.of(sample))
             recall = by_kind["uniform"]["at_10"]
             params = {"type": trained["type"], "exact": False, "nlist": trained["nlist"],
-                      "nprobe": tuned["nprobe"], "rerank": tuned["rerank"], "expand": True,
+                      "nprobe": tuned["nprobe"], "nprobe_placed": tuned["nprobe_placed"], "rerank": tuned["rerank"],
+                      "expand": True,
                       "recall_lower_bound": tuned["recall_lower_bound"], "recall": by_kind,
                       "recall_epsilon": probes.EPSILON,
                       "train_points": trained["train_points"], "recall_queries": len(queries)}

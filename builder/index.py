@@ -18,8 +18,9 @@ an ``IVF<nlist>,PQ<m>`` index over unit vectors, ids = cells:
 4. **tune** (:func:`tune`): the cheapest re-rank depth and nprobe whose recall@10 (searched
    as the query layer searches) reaches 0.95 (lower bound) for every unfiltered kind of query
    against exact search over the whole resolution (the shards' top-100s merged, any query a
-   floor left short found again: :func:`complete_top`); then every
-   kind's recall@10 and @100 at that setting.
+   floor left short found again: :func:`complete_top`); then the fewest lists (``nprobe_placed``)
+   with which the kinds that have a place of their own (whose cell seeds the walk) still reach
+   it; then every kind's recall@10 and @100 at that setting.
 
 Exact resolutions get a flat index written from the part files (small by definition).
 """
@@ -63,6 +64,11 @@ RECALL_QUERIES = 200
 REOPEN_SEARCHES = 16
 RERANKS = (1, 4, 16)  # candidates per result re-ranked exactly, tried in this order
 NPROBES = (4, 8, 16, 32, 64, 128, 256)
+# Tried for queries with a place of their own, below the tuned nprobe: their own cell seeds the
+# walk, so the index need only propose other regions (random SatCLIP land res 7, 60 queries a
+# kind: recall@10 the same at nprobe 1 as at 4 for uniform, per-part and edge cells; see
+# docs/benchmarks.md, "Fewer lists for a query with a place").
+PLACED_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
 PQ_TRAIN_POINTS = 39 * 256  # PQ trains 256 centroids per sub-vector: faiss wants 39 points each
 # The index (codes and 8-byte ids) stays within this share of the stored embeddings' bytes.
 INDEX_SHARE = 0.10
@@ -522,7 +528,9 @@ def tune(open_index: Callable[[], Any], queries: probes.Probes, top: NDArray[np.
          sample: vector_index.Sample | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The cheapest (rerank, nprobe) whose recall@10 reaches the target (lower bound,
     :func:`builder.probes.wilson_bound`) for every unfiltered kind of query, else the one
-    whose worst kind is best; and every kind's recall at that setting.
+    whose worst kind is best; then ``nprobe_placed``, the fewest lists (of
+    :data:`PLACED_NPROBES`, at most nprobe) with which every unfiltered kind with a cell of its
+    own still reaches the target (or does as well as at nprobe); and every kind's recall at that setting.
 
     Searched as the query layer searches: candidates re-ranked exactly, then (``expand``)
     refined along the grid from them, from other regions, from a cell query's own cell and,
@@ -547,7 +555,8 @@ def tune(open_index: Callable[[], Any], queries: probes.Probes, top: NDArray[np.
         return np.array(held, np.int64), np.stack([known[c] for c in held]) if held else \
             np.empty((0, queries.vectors.shape[1]), np.float32)
 
-    def found(rows: NDArray[np.int64], k: int, rerank: int, nprobe: int) -> NDArray[np.float64]:
+    def found(rows: NDArray[np.int64], k: int, rerank: int, nprobe: int,
+              placed: int | None = None) -> NDArray[np.float64]:
         scores = np.full((len(rows), k), -np.inf, np.float32)
         for j, i in enumerate(rows.tolist()):
             if j % REOPEN_SEARCHES == 0:
@@ -556,7 +565,8 @@ def tune(open_index: Callable[[], Any], queries: probes.Probes, top: NDArray[np.
             own = [np.array([queries.cells[i]], np.int64)] if queries.cells[i] else None
             keep = _outside(queries.cells[i], queries.exclude_km[i]) if queries.exclude_km[i] else None
             scores[j] = vector_index.reranked_search(index, queries.vectors[i:i + 1], k, cached, rerank=rerank,
-                                                     expand=expand, seeds=own, keep=keep, sample=sample)[0][0]
+                                                     expand=expand, seeds=own, keep=keep, sample=sample,
+                                                     placed_nprobe=placed)[0][0]
         return probes.found_share(scores, top[rows, -k] if top.shape[1] >= k else np.full(len(rows), -np.inf))
 
     nlist = faiss.extract_index_ivf(open_index()).nlist
@@ -585,10 +595,32 @@ def tune(open_index: Callable[[], Any], queries: probes.Probes, top: NDArray[np.
         if best[1].get("met"):
             break
     params = best[1]
+    params["nprobe_placed"] = _placed_nprobe(tuned[queries.cells[tuned] != 0], params, queries.kinds, found)
     every = np.arange(len(queries))
-    at_10 = found(every, RECALL_K, params["rerank"], params["nprobe"])
-    at_100 = found(every, TOP_K, params["rerank"], params["nprobe"])
+    at_10 = found(every, RECALL_K, params["rerank"], params["nprobe"], params["nprobe_placed"])
+    at_100 = found(every, TOP_K, params["rerank"], params["nprobe"], params["nprobe_placed"])
     return params, probes.summary(queries.kinds, at_10, at_100)
+
+
+def _placed_nprobe(rows: NDArray[np.int64], params: dict[str, Any], kinds: NDArray[Any],
+                   found: Callable[..., NDArray[np.float64]]) -> int:
+    """The fewest lists with which the queries ``rows`` (each with a cell of its own) reach
+    the target for every kind, or their worst kind's bound at ``params``'s nprobe."""
+    nprobe, rerank = params["nprobe"], params["rerank"]
+    if not rows.size:
+        return nprobe
+
+    def worst(share: NDArray[np.float64]) -> float:
+        return min(probes.wilson_bound(float(share[kinds[rows] == kind].mean()), int((kinds[rows] == kind).sum()))
+                   for kind in np.unique(kinds[rows]).tolist())
+
+    floor = min(RECALL_TARGET, worst(found(rows, RECALL_K, rerank, nprobe)))
+    for fewer in (p for p in PLACED_NPROBES if p < nprobe):
+        bound = worst(found(rows, RECALL_K, rerank, nprobe, fewer))
+        log.debug("placed queries at nprobe %d: recall@10 lower bound %.3f", fewer, bound)
+        if bound >= floor:
+            return fewer
+    return nprobe
 
 
 def _outside(cell: int, km: float) -> vector_index.Keep:

@@ -228,7 +228,9 @@ def _check_resolution(c: _Check, res: int, info: dict[str, Any], files: dict[str
         nlist = c.int(index.get("nlist"), f"{field}.index.nlist", 1, MAX_NLIST)
         if int(ivf[1]) != nlist or dim % c.int(int(ivf[2]), f"{field}.index.type's PQ", 1, dim):
             raise c.fail(f"{field}.index.type", kind, f"does not agree with nlist {nlist} and dimension {dim}")
-        c.int(index.get("nprobe"), f"{field}.index.nprobe", 1, nlist)
+        nprobe = c.int(index.get("nprobe"), f"{field}.index.nprobe", 1, nlist)
+        if "nprobe_placed" in index:
+            c.int(index["nprobe_placed"], f"{field}.index.nprobe_placed", 1, nprobe)
     c.int(index.get("rerank", 1), f"{field}.index.rerank", 1, MAX_RERANK)
     c.number(index.get("recall_at_10"), f"{field}.index.recall_at_10")
     for key in ("recall_lower_bound", "recall_epsilon", "bytes_per_cell", "share_of_embeddings", "build_s"):

@@ -213,6 +213,7 @@ def reranked_search(
     keep: Keep | None = None,
     fallback: list[NDArray[np.int64]] | None = None,
     sample: Sample | None = None,
+    placed_nprobe: int | None = None,
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Search ``index`` for ``rerank * k`` candidates, re-rank them exactly and, with
     ``expand``, climb the H3 grid from them and from other regions' seeds.
@@ -255,6 +256,9 @@ def reranked_search(
         excluded circle, points of a box): seeds too when fewer candidates pass than wanted.
     sample : Sample, optional
         The resolution's sample (see :data:`SAMPLE_BYTES`), for filtered and vector searches.
+    placed_nprobe : int, optional
+        The lists an unfiltered query with ``seeds`` of its own probes (its own cell seeds the
+        walk, so it may need fewer: the build tunes it apart); default the index's nprobe.
 
     Returns
     -------
@@ -271,7 +275,8 @@ def reranked_search(
     ids = np.full((len(queries), k), -1, dtype=np.int64)
     for i, query in enumerate(queries):
         want = max(top, SEED_POOL) if expand else top
-        row = _candidates(index, query, want, keep)[:want]
+        placed = seeds is not None and len(seeds[i]) > 0  # a cell or point query, not a vector
+        row = _candidates(index, query, want, keep, placed_nprobe if placed and keep is None else None)[:want]
         if len(row) < want and fallback is not None and len(fallback[i]):
             extra = np.setdiff1d(np.asarray(fallback[i], np.int64), row)
             extra, _ = vectors_of(extra[keep(extra)] if keep is not None else extra)  # those the atlas holds
@@ -288,7 +293,6 @@ def reranked_search(
                 pool, vectors = vectors_of(np.unique(row))  # hills of nearly one height
                 scored = vectors @ query
                 ranked = pool[np.argsort(-scored, kind="stable")]
-            placed = seeds is not None and len(seeds[i]) > 0  # a cell or point query, not a vector
             regions = (SEED_REGIONS if placed else VECTOR_SEED_REGIONS) * (1 if keep is None else FILTERED_WIDEN)
             others = _region_seeds(ranked, set(start.tolist()), regions)
             own = None if seeds is None else np.setdiff1d(np.asarray(seeds[i], np.int64), start)
@@ -325,15 +329,18 @@ def _scored(vectors_of: VectorsOf, cells: NDArray[np.int64], query: NDArray[np.f
     return found, vectors @ query
 
 
-def _candidates(index: Any, query: NDArray[np.float32], want: int, keep: Keep | None) -> NDArray[np.int64]:
-    """The index's best ``want`` candidates for ``query``; with ``keep``, those it accepts,
-    the search widened until ``want`` pass or it can widen no more (see :func:`reranked_search`).
+def _candidates(index: Any, query: NDArray[np.float32], want: int, keep: Keep | None,
+                nprobe: int | None = None) -> NDArray[np.int64]:
+    """The index's best ``want`` candidates for ``query`` (probing ``nprobe`` lists, default
+    the index's); with ``keep``, those it accepts, the search widened until ``want`` pass or
+    it can widen no more (see :func:`reranked_search`).
 
     The pool grows 8x a step; when too few pass, the search skips the steps that the share
     passing so far says cannot be enough and answers each skipped step from the larger
     search's first rows, so a pool that must reach :data:`MAX_CANDIDATES` costs two searches, not four.
     """
-    nprobe = base = getattr(index, "nprobe", None)
+    base = getattr(index, "nprobe", None)
+    nprobe = base if nprobe is None or base is None else nprobe
     nlist = getattr(index, "nlist", None)
     if keep is not None and nprobe is not None and nlist is not None:
         nprobe = min(nlist, nprobe * FILTERED_WIDEN)

@@ -797,7 +797,7 @@ def _region_summary(region: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _index_detail(index: dict[str, Any]) -> dict[str, Any]:
     """What ``info`` shows of a resolution's index: its parameters, size and measured recall."""
-    keys = ("type", "exact", "nlist", "nprobe", "rerank", "recall_at_10", "recall_lower_bound", "recall_queries",
+    keys = ("type", "exact", "nlist", "nprobe", "nprobe_placed", "rerank", "recall_at_10", "recall_lower_bound", "recall_queries",
             "recall", "recall_epsilon", "bytes", "bytes_per_cell", "share_of_embeddings", "build_s")
     return {key: index[key] for key in keys if key in index}
 
@@ -944,7 +944,8 @@ def _filtered_search(index: Any, info: dict[str, Any], query: NDArray[np.float32
     try:
         scores, ids = reranked_search(index, query, k, exact, rerank=info.get("rerank", 1), expand=info.get("expand", False),
                                       seeds=[own], keep=passing if keep.active else None,
-                                      fallback=[keep.inside(res)] if keep.active else None, sample=sample)
+                                      fallback=[keep.inside(res)] if keep.active else None, sample=sample,
+                                      placed_nprobe=info.get("nprobe_placed"))
     except AtlasCorruptError as exc:
         raise AtlasCorruptError(f"resolution {res}: {exc}") from None
     found = ids[0] >= 0

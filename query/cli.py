@@ -70,7 +70,8 @@ def run_info(args: argparse.Namespace) -> int:
             zarr = " + Zarr" if ri["zarr"] else ""
             ix = ri["index_detail"]
             size = f", {ix['bytes_per_cell']} B a cell" if "bytes_per_cell" in ix else ""
-            probe = f", nprobe {ix['nprobe']}, re-rank x{ix['rerank']}" if not ix.get("exact", True) else ""
+            placed = f" (with a place: {ix['nprobe_placed']})" if ix.get("nprobe_placed", ix.get("nprobe")) != ix.get("nprobe") else ""
+            probe = f", nprobe {ix['nprobe']}{placed}, re-rank x{ix['rerank']}" if not ix.get("exact", True) else ""
             print(f"  res {r}: {ri['cells']:,} cells in {ri['parts']} part{'s' * (ri['parts'] != 1)}{zarr}, "
                   f"index {ri['index']} (recall@10 {ri['recall_at_10']}{probe}{size}){_fidelity_text(ri.get('fidelity'))}")
             if ix.get("recall"):

@@ -193,14 +193,53 @@ def test_a_filtered_search_keeps_every_candidate_it_scored_exactly() -> None:
 
 
 class _CountingIndex:
-    """An index whose searches are counted (``ks``: the number asked for, a search)."""
+    """An index whose searches are counted (``ks``: the number asked for, ``probes``: the
+    lists probed, a search)."""
 
     def __init__(self, index) -> None:
-        self.index, self.nprobe, self.nlist, self.ks = index, index.nprobe, index.nlist, []
+        self.index, self.nprobe, self.nlist, self.ks, self.probes = index, index.nprobe, index.nlist, [], []
 
     def search(self, query, k, **kwargs):
         self.ks.append(k)
+        self.probes.append(kwargs["params"].nprobe if "params" in kwargs else self.nprobe)
         return self.index.search(query, k, **kwargs)
+
+
+def test_a_query_with_a_place_probes_its_own_number_of_lists() -> None:
+    """``placed_nprobe`` is what an unfiltered query with a cell of its own probes; a vector
+    query and a filtered one probe the index's nprobe (filtered: FILTERED_WIDEN times)."""
+    cells = shard_cells(Shard(3)).astype(np.int64)
+    vectors = _smooth(cells, 16, seed=2)
+    quantizer = faiss.IndexFlatIP(16)
+    ivf = faiss.IndexIVFFlat(quantizer, 16, 16, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(vectors)
+    ivf.add_with_ids(vectors, cells)
+    ivf.nprobe = 4
+    counted = _CountingIndex(ivf)
+    vectors_of = _vectors_of(cells, vectors)
+    exact = vectors @ vectors[7]
+    for seeds, keep in (([cells[7:8]], None), (None, None), ([cells[7:8]], lambda ids: ids != cells[0])):
+        got = vector_index.reranked_search(counted, vectors[7:8], 10, vectors_of, expand=True, seeds=seeds, keep=keep,
+                                           placed_nprobe=1)
+        assert set(got[1][0].tolist()) == set(cells[np.argsort(-exact)[:10]].tolist())
+    assert counted.probes[0] == 1 and counted.probes[1] == 4 and counted.probes[2] == 4 * vector_index.FILTERED_WIDEN
+
+
+def test_tuning_gives_queries_with_a_place_the_fewest_lists_that_keep_their_recall() -> None:
+    """``nprobe_placed``: the first of PLACED_NPROBES whose placed kinds' bound reaches the
+    target (or the bound at nprobe, if that is lower); nprobe when none does."""
+    kinds = np.array(["uniform"] * 200 + ["edge"] * 100)
+    rows = np.arange(300)
+
+    def found_at(shares):  # nprobe -> the share of each row found
+        return lambda rows_, k, rerank, nprobe, placed=None: np.full(len(rows_), shares[placed or nprobe])
+
+    params = {"nprobe": 16, "rerank": 1}
+    assert index._placed_nprobe(rows, params, kinds, found_at({1: 0.9, 2: 0.999, 4: 1.0, 8: 1.0, 16: 1.0})) == 2
+    assert index._placed_nprobe(rows, params, kinds, found_at({1: 0.9, 2: 0.9, 4: 0.9, 8: 0.9, 16: 1.0})) == 16
+    # at nprobe the bound is short of the target: fewer lists that do as well are taken
+    assert index._placed_nprobe(rows, params, kinds, found_at({1: 0.5, 2: 0.93, 4: 0.93, 8: 0.93, 16: 0.93})) == 2
+    assert index._placed_nprobe(rows[:0], params, kinds, found_at({})) == 16
 
 
 def _pool_step_by_step(index, query, want, keep):
@@ -462,6 +501,8 @@ def test_large_resolutions_get_a_product_quantised_index_with_measured_recall(tm
     assert 0 < params["bytes"] - len(ids) * (m + 8) < 100_000
     mapped = vector_index.read_index(tmp_path / params["path"], params, 64, len(ids))
     assert mapped.ntotal == len(ids) and faiss.extract_index_ivf(mapped).nprobe == params["nprobe"]
+    assert params["nprobe_placed"] in index.PLACED_NPROBES + (params["nprobe"],)
+    assert params["nprobe_placed"] <= params["nprobe"]
     assert not (tmp_path / "_build" / "index" / "res=3").exists()  # trained index and shard lists removed
 
 

@@ -246,6 +246,9 @@ CASES = [
     Case("nlist-huge", _edit(lambda m: _res1(m)["index"].update(type="IVF99999999,PQ2", exact=False,
                                                                  nlist=99999999, nprobe=1)),
          AtlasCorruptError, "nlist"),
+    Case("nprobe-placed-above-nprobe", _edit(lambda m: _res1(m)["index"].update(type="IVF8,PQ2", exact=False, nlist=8,
+                                                                              nprobe=2, nprobe_placed=3)),
+         AtlasCorruptError, "nprobe_placed"),
     Case("resolutions-a-list", _edit(lambda m: m.update(resolutions=[1, 2])), AtlasCorruptError, "not an object"),
     Case("part-without-rows", _edit(lambda m: _res1(m)["parts"][0].pop("rows")), AtlasCorruptError, "rows"),
     Case("manifest-too-large", lambda ds: (ds / "manifest.json").write_bytes(
