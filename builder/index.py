@@ -572,7 +572,7 @@ def tune(open_index: Callable[[], Any], queries: probes.Probes, top: NDArray[np.
     nlist = faiss.extract_index_ivf(open_index()).nlist
     tuned = np.flatnonzero(~np.isin(queries.kinds, probes.FILTERED))
     kinds = queries.kinds[tuned]
-    best: tuple[float, dict[str, Any]] = (-1.0, {})
+    best: tuple[float, dict[str, Any], NDArray[np.float64]] = (-1.0, {}, np.empty(0))
     for rerank in RERANKS:
         stale, ladder = 0, -1.0  # this re-rank depth's best so far
         for nprobe in NPROBES:
@@ -589,23 +589,25 @@ def tune(open_index: Callable[[], Any], queries: probes.Probes, top: NDArray[np.
             stale = 0 if worst > ladder + 0.002 else stale + 1
             ladder = max(ladder, worst)
             if worst > best[0]:
-                best = (worst, params)
+                best = (worst, params, share)
             if params["met"]:
                 break
         if best[1].get("met"):
             break
-    params = best[1]
-    params["nprobe_placed"] = _placed_nprobe(tuned[queries.cells[tuned] != 0], params, queries.kinds, found)
+    _, params, share = best
+    placed = queries.cells[tuned] != 0
+    params["nprobe_placed"] = _placed_nprobe(tuned[placed], share[placed], params, queries.kinds, found)
     every = np.arange(len(queries))
     at_10 = found(every, RECALL_K, params["rerank"], params["nprobe"], params["nprobe_placed"])
     at_100 = found(every, TOP_K, params["rerank"], params["nprobe"], params["nprobe_placed"])
     return params, probes.summary(queries.kinds, at_10, at_100)
 
 
-def _placed_nprobe(rows: NDArray[np.int64], params: dict[str, Any], kinds: NDArray[Any],
-                   found: Callable[..., NDArray[np.float64]]) -> int:
+def _placed_nprobe(rows: NDArray[np.int64], share: NDArray[np.float64], params: dict[str, Any],
+                   kinds: NDArray[Any], found: Callable[..., NDArray[np.float64]]) -> int:
     """The fewest lists with which the queries ``rows`` (each with a cell of its own) reach
-    the target for every kind, or their worst kind's bound at ``params``'s nprobe."""
+    the target for every kind, or their worst kind's bound at ``params``'s nprobe (``share``:
+    each row's recall@10 there, as the tuning found it)."""
     nprobe, rerank = params["nprobe"], params["rerank"]
     if not rows.size:
         return nprobe
@@ -614,7 +616,7 @@ def _placed_nprobe(rows: NDArray[np.int64], params: dict[str, Any], kinds: NDArr
         return min(probes.wilson_bound(float(share[kinds[rows] == kind].mean()), int((kinds[rows] == kind).sum()))
                    for kind in np.unique(kinds[rows]).tolist())
 
-    floor = min(RECALL_TARGET, worst(found(rows, RECALL_K, rerank, nprobe)))
+    floor = min(RECALL_TARGET, worst(share))
     for fewer in (p for p in PLACED_NPROBES if p < nprobe):
         bound = worst(found(rows, RECALL_K, rerank, nprobe, fewer))
         log.debug("placed queries at nprobe %d: recall@10 lower bound %.3f", fewer, bound)

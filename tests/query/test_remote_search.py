@@ -170,3 +170,38 @@ def test_an_ivf_entry_without_rerank_searches_with_the_formats_default(local, tm
     (ds / "manifest.json").write_text(json.dumps(manifest))
     got = query.open(tmp_path / "copy").similar(lat=35.0, lon=139.0, res=2, exclude_within_km=500)
     assert got.column("cell").to_pylist() == expected.column("cell").to_pylist()
+
+
+def test_a_query_with_a_place_probes_the_lists_the_build_chose_for_it(local, tmp_path, monkeypatch) -> None:
+    """A lat/lon or cell query probes the manifest's ``nprobe_placed`` lists, locally and
+    remotely; a vector query probes ``nprobe``."""
+    import shutil
+
+    from catalog import vector_index
+
+    shutil.copytree(local, tmp_path / "copy")
+    ds = next((tmp_path / "copy").glob("*/"))
+    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest["resolutions"]["2"]["index"].update(nprobe=4, nprobe_placed=1)
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    probed, candidates = [], vector_index._candidates
+
+    def counted(index, query, want, keep, nprobe=None):
+        probed.append(nprobe or index.nprobe)
+        return candidates(index, query, want, keep, nprobe)
+
+    monkeypatch.setattr(vector_index, "_candidates", counted)
+    near = query.open(tmp_path / "copy")
+    vector = near.lookup([48.85], [2.35], res=2)[0]
+    near.similar(lat=48.85, lon=2.35, res=2)
+    near.similar(cell=int(near.similar(lat=10.0, lon=20.0, res=2, k=1).column("cell")[0].as_py()), res=2)
+    near.similar(vector=vector, res=2)
+    assert probed == [1, 1, 1, 4]
+    with nginx(tmp_path / "copy") as base:
+        far = query.open(f"{base}/atlas")
+        far.similar(lat=48.85, lon=2.35, res=2)
+        searched, _ = far._index(None, 2)
+        assert searched.lists_read == 1  # the one list a placed query probes, nothing more
+        far.similar(vector=vector, res=2)
+        assert searched.lists_read >= 4
+    assert probed[4:] == [1, 4]
