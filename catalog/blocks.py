@@ -24,7 +24,6 @@ import io
 import mmap
 import os
 import threading
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from catalog.crc import crc32
 from catalog.errors import AtlasCorruptError
 from catalog.pools import map_in_pool
 from catalog.tables import dequantize, embedding_array
@@ -122,7 +122,7 @@ def write_part(path: Path, blocks_path: Path, cells: NDArray[np.uint64], values:
                     f"{path}: row group {i} is not laid out as format 2 expects (this pyarrow "
                     f"{pa.__version__} split or encoded its pages); report it with the pyarrow version"
                 )
-            blocks[i] = (cells[start], cells[stop - 1], count, c_off, v_off, zlib.crc32(c_run), zlib.crc32(v_run))
+            blocks[i] = (cells[start], cells[stop - 1], count, c_off, v_off, crc32(c_run), crc32(v_run))
             start = stop
     if start != n:
         raise AtlasCorruptError(f"{path} holds {start} rows, expected {n}")
@@ -336,7 +336,7 @@ class Part:
     def _check(self, b: int, run: str, data: Any) -> None:
         """Check block ``b``'s ``run`` ("cells" or "values") against its CRC-32."""
         entry = self.blocks[b]
-        if zlib.crc32(data) != int(entry[f"{run}_crc"]):
+        if crc32(data) != int(entry[f"{run}_crc"]):
             raise AtlasCorruptError(
                 f"{self.where}/{self.info.path}: block {b} (cells {int(entry['first_cell']):x}.."
                 f"{int(entry['last_cell']):x}) does not match its checksum ({run} altered or damaged); run "

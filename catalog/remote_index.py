@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import threading
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from catalog.crc import crc32
 from catalog.errors import AtlasCorruptError
 from catalog.index_file import PQ_NBITS, IndexLayout, check_index_file
 from catalog.pools import map_in_pool
@@ -49,7 +49,7 @@ def list_directory(layout: IndexLayout, read_at: ReadAt) -> NDArray[Any]:
     out["offset"] = layout.list_offsets
     out["bytes"] = layout.list_sizes * (layout.code_size + 8)
     for i in np.flatnonzero(out["bytes"]).tolist():
-        out["crc32"][i] = zlib.crc32(read_at(int(out["offset"][i]), int(out["bytes"][i])))
+        out["crc32"][i] = crc32(read_at(int(out["offset"][i]), int(out["bytes"][i])))
     return out
 
 
@@ -183,7 +183,7 @@ class InPlaceIndex:
             for i in group:
                 lo = int(d["offset"][i]) - start
                 chunk = data[lo:lo + int(d["bytes"][i])]
-                if len(chunk) != int(d["bytes"][i]) or zlib.crc32(chunk) != int(d["crc32"][i]):
+                if len(chunk) != int(d["bytes"][i]) or crc32(chunk) != int(d["crc32"][i]):
                     bad = i
                     break
                 chunks.append(chunk)
