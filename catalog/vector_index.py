@@ -117,13 +117,11 @@ STRIDES = (8,)  # measured at resolution 7: the same recall as single steps, p50
 # cells, so the index's top candidates can all lie on one hill that is not the highest.
 # A query with a place of its own (a cell, a lat/lon) starts from its own cell too, so it
 # needs fewer regions than a vector query: random SatCLIP land res 7, 60 queries a kind, 4
-# regions kept recall@10 (1.000, edge 0.998) at p50 17-20 ms against 20-35 with 16. A vector
-# query has no cell of its own but starts from the best of the resolution's sample too: 8
-# regions, not 16, kept its recall (SatCLIP res 7: 1.000; GeoCLIP land res 6: 0.982 against
-# 0.983) at 0.7-0.9x the p50 (docs/benchmarks.md, "Fewer region seeds for a vector query").
+# regions kept recall@10 (1.000, edge 0.998) at p50 17-20 ms against 20-35 with 16, but GeoCLIP's
+# means of two needed 16 (docs/benchmarks.md, "Fewer region seeds for a placed query").
 SEED_POOL = 1000
 SEED_REGIONS = 4
-VECTOR_SEED_REGIONS = 8
+VECTOR_SEED_REGIONS = 16
 SEED_SPAN = 3
 # A filtered search widens its pool of candidates (8x, then nprobe 4x) until enough pass, up
 # to this many candidates and every list.
