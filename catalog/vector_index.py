@@ -127,9 +127,11 @@ SEED_SPAN = 3
 # to this many candidates and every list.
 MAX_CANDIDATES = 100_000
 # A filtered search's best cells are often on other hills than the query's own, of nearly
-# equal height: it probes this many times more lists and starts from as many more regions.
-# Both kept for GeoCLIP: at land res 6, FILTERED_WIDEN 1 with a pool of 1,000 took exclude
-# 1000 km recall@10 from 0.981 to 0.290 (docs/benchmarks.md, "A sample with every place in it").
+# equal height: it starts from this many times more regions (GeoCLIP land res 6: exclude
+# 1000 km recall@10 0.970 with 4, 0.965 with 1). It probes the index's nprobe lists, as an
+# unfiltered query does, and more only when the pool exhausts them: 4x the lists as well kept
+# the same recall at 1.7x (GeoCLIP) and 1.1x (random SatCLIP res 7) the p50 (docs/benchmarks.md,
+# "Checksums through ISA-L, and the lists of a filtered search").
 FILTERED_WIDEN = 4
 
 # A filtered search also starts from the best of a sample of the resolution's cells, scored
@@ -231,7 +233,7 @@ def reranked_search(
     the walk stops when none is left to expand, or after :data:`EXPAND_ROUNDS` rounds.
 
     With ``keep``, only the cells it accepts are results, candidates and region seeds (4x as
-    many regions, chosen by exact score); the index probes 4x the lists and is asked for more
+    many regions, chosen by exact score); the index is asked for more
     candidates (then probes more lists) until :data:`SEED_POOL` pass or
     :data:`MAX_CANDIDATES` and every list have been searched; ``fallback`` cells join them
     when fewer pass; with ``sample``, its best :data:`SAMPLE_SEEDS` cells that pass are seeds
@@ -342,8 +344,6 @@ def _candidates(index: Any, query: NDArray[np.float32], want: int, keep: Keep | 
     base = getattr(index, "nprobe", None)
     nprobe = base if nprobe is None or base is None else nprobe
     nlist = getattr(index, "nlist", None)
-    if keep is not None and nprobe is not None and nlist is not None:
-        nprobe = min(nlist, nprobe * FILTERED_WIDEN)
     pool, ask = want, want
     while True:
         params = {}
