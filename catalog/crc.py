@@ -10,7 +10,7 @@ from __future__ import annotations
 
 try:
     from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover - a platform without ISA-L's wheel: zlib, same values
+except ImportError:  # a platform without ISA-L's wheel: zlib, the same values
     from zlib import crc32
 
 __all__ = ["crc32"]

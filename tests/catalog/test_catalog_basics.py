@@ -169,3 +169,20 @@ def test_the_checksum_of_runs_is_zlibs_crc32() -> None:
         assert crc32(memoryview(data)) == zlib.crc32(data)
     cells = np.arange(512, dtype="<u8")
     assert crc32(cells) == zlib.crc32(cells.tobytes())
+
+
+def test_without_isal_the_checksum_is_zlibs_own(monkeypatch) -> None:
+    """Where ISA-L is not installed, ``catalog.crc`` falls back to zlib's function."""
+    import importlib
+    import sys
+    import zlib
+
+    import catalog.crc
+
+    monkeypatch.setitem(sys.modules, "isal", None)  # import isal.isal_zlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "isal.isal_zlib", None)
+    try:
+        assert importlib.reload(catalog.crc).crc32 is zlib.crc32
+    finally:
+        monkeypatch.undo()
+        importlib.reload(catalog.crc)
