@@ -596,21 +596,29 @@ def tune(open_index: Callable[[], Any], queries: probes.Probes, top: NDArray[np.
             break
     _, params, share = best
     placed = queries.cells[tuned] != 0
-    params["nprobe_placed"] = _placed_nprobe(tuned[placed], share[placed], params, queries.kinds, found)
-    every = np.arange(len(queries))
-    at_10 = found(every, RECALL_K, params["rerank"], params["nprobe"], params["nprobe_placed"])
-    at_100 = found(every, TOP_K, params["rerank"], params["nprobe"], params["nprobe_placed"])
+    params["nprobe_placed"], placed_share = _placed_nprobe(tuned[placed], share[placed], params, queries.kinds,
+                                                           found)
+    # recall@10 at the chosen setting: the tuned kinds' as the ladder and _placed_nprobe found
+    # it, the filtered kinds' searched now
+    at_10 = np.empty(len(queries))
+    at_10[tuned] = share
+    at_10[tuned[placed]] = placed_share
+    filtered = np.flatnonzero(np.isin(queries.kinds, probes.FILTERED))
+    setting = (params["rerank"], params["nprobe"], params["nprobe_placed"])
+    at_10[filtered] = found(filtered, RECALL_K, *setting)
+    at_100 = found(np.arange(len(queries)), TOP_K, *setting)
     return params, probes.summary(queries.kinds, at_10, at_100)
 
 
 def _placed_nprobe(rows: NDArray[np.int64], share: NDArray[np.float64], params: dict[str, Any],
-                   kinds: NDArray[Any], found: Callable[..., NDArray[np.float64]]) -> int:
+                   kinds: NDArray[Any],
+                   found: Callable[..., NDArray[np.float64]]) -> tuple[int, NDArray[np.float64]]:
     """The fewest lists with which the queries ``rows`` (each with a cell of its own) reach
     the target for every kind, or their worst kind's bound at ``params``'s nprobe (``share``:
-    each row's recall@10 there, as the tuning found it)."""
+    each row's recall@10 there, as the tuning found it), and each row's recall@10 with them."""
     nprobe, rerank = params["nprobe"], params["rerank"]
     if not rows.size:
-        return nprobe
+        return nprobe, share
 
     def worst(share: NDArray[np.float64]) -> float:
         return min(probes.wilson_bound(float(share[kinds[rows] == kind].mean()), int((kinds[rows] == kind).sum()))
@@ -618,11 +626,12 @@ def _placed_nprobe(rows: NDArray[np.int64], share: NDArray[np.float64], params: 
 
     floor = min(RECALL_TARGET, worst(share))
     for fewer in (p for p in PLACED_NPROBES if p < nprobe):
-        bound = worst(found(rows, RECALL_K, rerank, nprobe, fewer))
+        got = found(rows, RECALL_K, rerank, nprobe, fewer)
+        bound = worst(got)
         log.debug("placed queries at nprobe %d: recall@10 lower bound %.3f", fewer, bound)
         if bound >= floor:
-            return fewer
-    return nprobe
+            return fewer, got
+    return nprobe, share
 
 
 def _outside(cell: int, km: float) -> vector_index.Keep:

@@ -235,14 +235,17 @@ def test_tuning_gives_queries_with_a_place_the_fewest_lists_that_keep_their_reca
         return lambda rows_, k, rerank, nprobe, placed=None: np.full(len(rows_), shares[placed or nprobe])
 
     def placed(shares):  # the tuning's share at nprobe 16 is given, never searched again
-        return index._placed_nprobe(rows, np.full(len(rows), shares.pop(16)), params, kinds, found_at(shares))
+        chosen, share = index._placed_nprobe(rows, np.full(len(rows), shares.pop(16)), params, kinds,
+                                             found_at(shares))
+        assert share.shape == (len(rows),)  # the rows' recall with the lists chosen, for the manifest
+        return chosen, float(share[0])
 
     params = {"nprobe": 16, "rerank": 1}
-    assert placed({1: 0.9, 2: 0.999, 4: 1.0, 8: 1.0, 16: 1.0}) == 2
-    assert placed({1: 0.9, 2: 0.9, 4: 0.9, 8: 0.9, 16: 1.0}) == 16
+    assert placed({1: 0.9, 2: 0.999, 4: 1.0, 8: 1.0, 16: 1.0}) == (2, 0.999)
+    assert placed({1: 0.9, 2: 0.9, 4: 0.9, 8: 0.9, 16: 1.0}) == (16, 1.0)
     # at nprobe the bound is short of the target: fewer lists that do as well are taken
-    assert placed({1: 0.5, 2: 0.93, 4: 0.93, 8: 0.93, 16: 0.93}) == 2
-    assert index._placed_nprobe(rows[:0], np.empty(0), params, kinds, found_at({})) == 16
+    assert placed({1: 0.5, 2: 0.93, 4: 0.93, 8: 0.93, 16: 0.93}) == (2, 0.93)
+    assert index._placed_nprobe(rows[:0], np.empty(0), params, kinds, found_at({}))[0] == 16
 
 
 def _pool_step_by_step(index, query, want, keep):
